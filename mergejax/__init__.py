@@ -1,0 +1,37 @@
+"""mergejax: composable, jit-compiled model merging in JAX.
+
+A merge is a `MergeTransformation` built from primitives and run with `merge`:
+
+>>> import jax.numpy as jnp, mergejax as mj
+>>> base = {'w': jnp.zeros(2)}
+>>> fts = [{'w': jnp.array([1., 2.])}, {'w': jnp.array([3., 2.])}]
+>>> mj.merge(mj.methods.task_arithmetic(lambda_=0.5), base, fts)['w']
+Array([2., 2.], dtype=float32)
+"""
+
+from mergejax._src.base import chain
+from mergejax._src.base import EmptyState
+from mergejax._src.base import identity
+from mergejax._src.base import MergeTransformation
+from mergejax._src.base import named_chain
+from mergejax._src.base import static_fn
+from mergejax._src.combine import masked
+from mergejax._src.combine import partition
+from mergejax._src.merge import merge
+from mergejax._src.merge import stack_models
+from mergejax._src.paths import layer_index
+from mergejax._src.paths import leaf_paths
+from mergejax._src.reduce import apply_updates
+from mergejax._src.reduce import mean
+from mergejax._src.reduce import scale
+from mergejax._src.reduce import task_vectors
+from mergejax._src.reduce import weighted_sum
+from mergejax._src.select import kth_largest_magnitude
+from mergejax._src.select import topk_mask
+# --- sparsify / consensus primitives (trim, elect_sign, disjoint_merge, dare, ...)
+# --- interpolation primitives (lerp, slerp, nuslerp, multislerp, karcher, ...)
+# --- end of primitives
+
+from mergejax import methods  # pylint: disable=g-bad-import-order
+
+__version__ = '0.1.0'

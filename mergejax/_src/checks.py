@@ -1,0 +1,144 @@
+"""Input validation with messages that name the leaf, the values and the fix."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mergejax._src import paths
+
+
+def is_concrete(x: Any) -> bool:
+  """True if ``x`` holds a value now (not a tracer inside jit/vmap)."""
+  return not isinstance(x, jax.core.Tracer)
+
+
+def hparam(value: Any, name: str, *, low: float | None = None,
+           high: float | None = None, low_inclusive: bool = True,
+           high_inclusive: bool = True) -> jax.Array:
+  """Converts a numeric hyperparameter to a float32 array, checking its range.
+
+  Traced values (inside ``jax.vmap``/``jit`` sweeps) cannot be checked here and
+  are passed through; concrete values outside the range raise at once.
+
+  Args:
+    value: a scalar, a per-model sequence, or an array (possibly traced).
+    name: the hyperparameter's name, used in the error message.
+    low: lower bound, or None.
+    high: upper bound, or None.
+    low_inclusive: whether ``low`` itself is allowed.
+    high_inclusive: whether ``high`` itself is allowed.
+
+  Returns:
+    ``value`` as a float32 array.
+
+  Raises:
+    ValueError: if a concrete value is NaN or outside the range.
+  """
+  arr = jnp.asarray(value, dtype=jnp.float32)
+  if is_concrete(arr):
+    v = np.asarray(arr)
+    lo_ok = True if low is None else np.all(v >= low if low_inclusive else v > low)
+    hi_ok = True if high is None else np.all(v <= high if high_inclusive else v < high)
+    if np.any(np.isnan(v)) or not (lo_ok and hi_ok):
+      lb = '-inf' if low is None else f'{low}'
+      ub = 'inf' if high is None else f'{high}'
+      rng = ('[' if low_inclusive else '(') + f'{lb}, {ub}' + (
+          ']' if high_inclusive else ')')
+      raise ValueError(f'{name} must lie in {rng}, got {v.tolist()}.')
+  return arr
+
+
+def per_model(value: jax.Array, k: int, name: str) -> jax.Array:
+  """Broadcasts a scalar or per-model hyperparameter to shape ``[k]``.
+
+  Raises:
+    ValueError: if ``value`` has a length other than 1 or ``k``.
+  """
+  value = jnp.asarray(value, jnp.float32)
+  if value.ndim == 0:
+    return jnp.broadcast_to(value, (k,))
+  if value.shape != (k,):
+    raise ValueError(
+        f'{name} has shape {value.shape} but there are {k} models: give one '
+        f'value, or one per model (shape ({k},)).')
+  return value
+
+
+def check_models(base: Any, models: Sequence[Any], *, check_finite: bool = True,
+                 base_required: bool = True) -> None:
+  """Checks that ``models`` share ``base``'s tree, shapes and dtypes.
+
+  Args:
+    base: the base model (a pytree of arrays), or None where a method has none.
+    models: the fine-tuned models.
+    check_finite: also scan values for NaN/Inf (one pass over memory).
+    base_required: whether ``base`` must be given.
+
+  Raises:
+    ValueError: naming the first offending leaf path, with shapes/dtypes and a
+      suggested fix.
+  """
+  models = list(models)
+  if not models:
+    raise ValueError('models is empty: pass at least one fine-tuned model, e.g. '
+                     'merge(tx, base=base, models=[ft_1, ft_2]).')
+  ref_name, ref = ('base', base) if base is not None else ('models[0]', models[0])
+  if base is None and base_required:
+    raise ValueError('This merge needs base=: pass the pre-trained parameters.')
+  ref_flat = paths.flatten_to_dict(ref)
+  if not ref_flat:
+    raise ValueError(f'{ref_name} has no array leaves.')
+  ref_def = jax.tree.structure(ref)
+  named = [(f'models[{i}]', m) for i, m in enumerate(models)]
+  if base is not None:
+    named = [('base', base)] + named
+  for name, tree in named:
+    if tree is not ref and jax.tree.structure(tree) != ref_def:
+      flat = paths.flatten_to_dict(tree)
+      missing = sorted(set(ref_flat) - set(flat))[:5]
+      extra = sorted(set(flat) - set(ref_flat))[:5]
+      raise ValueError(
+          f'{name} has a different tree structure from {ref_name}: missing '
+          f'leaves {missing}, extra leaves {extra}. All models must have the '
+          f'same parameters; select a common subset first.')
+    for path, x in paths.flatten_to_dict(tree).items():
+      r = ref_flat[path]
+      if not hasattr(x, 'shape') or not hasattr(x, 'dtype'):
+        raise ValueError(f'{name} leaf {path!r} is a {type(x).__name__}, not an '
+                         'array.')
+      if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(
+            f'{name} leaf {path!r} has dtype {x.dtype}; mergejax merges '
+            'floating-point leaves only. Drop integer leaves (e.g. step '
+            'counters) before merging and restore them afterwards.')
+      if x.shape != r.shape:
+        raise ValueError(
+            f'{name} leaf {path!r} has shape {tuple(x.shape)} but {ref_name} '
+            f'has {tuple(r.shape)}. Models must share every shape; align '
+            'vocabularies or crop/pad this tensor before merging.')
+      if x.dtype != r.dtype:
+        raise ValueError(
+            f'{name} leaf {path!r} has dtype {x.dtype} but {ref_name} has '
+            f'{r.dtype}. Cast the models to one dtype first, e.g. '
+            f'jax.tree.map(lambda x: x.astype(jnp.{r.dtype}), model).')
+      if check_finite and is_concrete(x) and (n_bad := _count_nonfinite(x)):
+        raise ValueError(
+            f'{name} leaf {path!r} (shape {tuple(x.shape)}, {x.dtype}) contains '
+            f'{n_bad} NaN/Inf value(s). Fix or drop that checkpoint, or pass '
+            'check_finite=False to merge anyway.')
+
+
+@jax.jit
+def _nonfinite(x):
+  return jnp.sum(~jnp.isfinite(x), dtype=jnp.int32)
+
+
+def _count_nonfinite(x: jax.Array) -> int:
+  # Concrete inputs can still be checked inside an outer jit/vmap (a sweep):
+  # compile-time evaluation keeps the count a Python int there.
+  with jax.ensure_compile_time_eval():
+    return int(_nonfinite(x))

@@ -1,0 +1,106 @@
+"""Tests of the transformation contract, combinators, checks and `merge`."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import mergejax as mj
+
+
+def _zoo(k=3, dtype=jnp.float32, seed=0):
+  rng = np.random.default_rng(seed)
+  base = {'enc': {'kernel': rng.standard_normal((4, 5)), 'bias': rng.standard_normal(5)},
+          'head': rng.standard_normal((5, 2))}
+  base = jax.tree.map(lambda x: jnp.asarray(x, dtype), base)
+  models = [jax.tree.map(lambda x: x + jnp.asarray(rng.standard_normal(x.shape), dtype), base)
+            for _ in range(k)]
+  return base, models
+
+
+def test_task_arithmetic_matches_numpy():
+  base, models = _zoo()
+  out = mj.merge(mj.methods.task_arithmetic(weight=[1., 2., 3.], lambda_=0.3), base, models)
+  ref = jax.tree.map(lambda b, *ms: b + 0.3 * sum(w * (m - b) for w, m in zip([1, 2, 3], ms)),
+                     base, *models)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), out, ref)
+
+
+def test_result_has_base_dtype_and_structure():
+  base, models = _zoo(dtype=jnp.bfloat16)
+  out = mj.merge(mj.methods.task_arithmetic(), base, models)
+  assert jax.tree.structure(out) == jax.tree.structure(base)
+  assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(out))
+
+
+def test_no_recompile_across_hyperparameters():
+  base, models = _zoo()
+  mj.merge(mj.methods.task_arithmetic(lambda_=0.1), base, models)
+  n = mj._src.merge._run._cache_size()
+  for lam in (0.2, 0.5, 1.5):
+    mj.merge(mj.methods.task_arithmetic(lambda_=lam, weight=[lam, 1., 1.]), base, models)
+  assert mj._src.merge._run._cache_size() == n
+
+
+def test_vmapped_sweep_equals_loop():
+  base, models = _zoo()
+  lams = jnp.array([0.0, 0.3, 1.0])
+  sweep = jax.jit(jax.vmap(
+      lambda l: mj.merge(mj.methods.task_arithmetic(lambda_=l), base, models)))(lams)
+  for i, lam in enumerate(lams):
+    single = mj.merge(mj.methods.task_arithmetic(lambda_=float(lam)), base, models)
+    jax.tree.map(lambda s, o: np.testing.assert_allclose(s[i], o, rtol=1e-6, atol=1e-6),
+                 sweep, single)
+
+
+def test_named_chain_state_and_partition():
+  base, models = _zoo()
+  tx = mj.named_chain(('tv', mj.task_vectors()), ('sum', mj.weighted_sum()),
+                      ('scale', mj.scale(0.5)), ('add', mj.apply_updates()))
+  _, state = mj.merge(tx, base, models, return_state=True)
+  assert float(state['scale'].factor) == 0.5
+  tx = mj.partition({'ta': mj.methods.task_arithmetic(), 'avg': mj.methods.average()},
+                    [(r'^head', 'avg'), (r'.*', 'ta')])
+  out = mj.merge(tx, base, models)
+  np.testing.assert_allclose(out['head'], np.mean([m['head'] for m in models], 0), rtol=1e-5)
+  with pytest.raises(ValueError, match='enc/bias'):
+    mj.merge(mj.partition({'avg': mj.methods.average()}, [(r'kernel', 'avg'), (r'head', 'avg')]),
+             base, models)
+
+
+def test_masked_leaves_other_leaves_alone():
+  base, models = _zoo()
+  tx = mj.chain(mj.task_vectors(), mj.masked(mj.scale(0.0), r'kernel$'), mj.mean(),
+                mj.apply_updates())
+  out = mj.merge(tx, base, models)
+  np.testing.assert_allclose(out['enc']['kernel'], base['enc']['kernel'])
+  np.testing.assert_allclose(out['head'], np.mean([m['head'] for m in models], 0), rtol=1e-5)
+
+
+@pytest.mark.parametrize('mutate, match', [
+    (lambda m: {**m, 'head': m['head'][:3]}, r"models\[1\] leaf 'head' has shape"),
+    (lambda m: {**m, 'head': m['head'].astype(jnp.bfloat16)}, r"'head' has dtype bfloat16"),
+    (lambda m: {'enc': m['enc']}, 'different tree structure'),
+    (lambda m: {**m, 'head': m['head'].at[0, 0].set(jnp.inf)}, r"'head'.*NaN/Inf"),
+])
+def test_bad_input_names_the_leaf(mutate, match):
+  base, models = _zoo()
+  models[1] = mutate(models[1])
+  with pytest.raises(ValueError, match=match):
+    mj.merge(mj.methods.task_arithmetic(), base, models)
+
+
+def test_empty_models_and_bad_weights():
+  base, models = _zoo()
+  with pytest.raises(ValueError, match='models is empty'):
+    mj.merge(mj.methods.task_arithmetic(), base, [])
+  with pytest.raises(ValueError, match=r'weights has shape \(2,\) but there are 3 models'):
+    mj.merge(mj.methods.task_arithmetic(weight=[1., 2.]), base, models)
+  with pytest.raises(ValueError, match='sum to zero'):
+    mj.methods.linear(weight=[1., -1.])
+
+
+def test_unreduced_chain_is_an_error():
+  base, models = _zoo()
+  with pytest.raises(ValueError, match='remove the model axis'):
+    mj.merge(mj.task_vectors(), base, models)
