@@ -1,0 +1,1 @@
+"""Checkpoint IO (private; public names are re-exported from `mergejax.io`)."""
