@@ -30,8 +30,20 @@ from mergejax._src.select import kth_largest_magnitude
 from mergejax._src.select import topk_mask
 # --- sparsify / consensus primitives (trim, elect_sign, disjoint_merge, dare, ...)
 # --- interpolation primitives (lerp, slerp, nuslerp, multislerp, karcher, ...)
+from mergejax._src.interpolate import arcee_fusion
+from mergejax._src.interpolate import karcher
+from mergejax._src.interpolate import lerp
+from mergejax._src.interpolate import model_stock
+from mergejax._src.interpolate import model_stock_ratio
+from mergejax._src.interpolate import multislerp
+from mergejax._src.interpolate import nearswap
+from mergejax._src.interpolate import nuslerp
+from mergejax._src.interpolate import slerp
 # --- end of primitives
 
 from mergejax import methods  # pylint: disable=g-bad-import-order
+from mergejax import distributed  # pylint: disable=g-bad-import-order
+from mergejax import sharding  # pylint: disable=g-bad-import-order
+from mergejax._src.sharding import sharded_merge  # pylint: disable=g-bad-import-order
 
 __version__ = '0.1.0'
