@@ -1,0 +1,25 @@
+"""Permutation alignment: specs, matching, PLeaS, REPAIR and barriers.
+
+Models trained from different initialisations are aligned (their hidden units
+permuted onto a reference) before they can be averaged.
+
+>>> import jax, jax.numpy as jnp
+>>> from mergejax import permute
+>>> spec = permute.mlp_spec(1)
+>>> sorted(spec.groups)
+['P_0']
+"""
+
+from mergejax._src.permute.builders import cnn_spec
+from mergejax._src.permute.builders import mlp_spec
+from mergejax._src.permute.builders import resnet_spec
+from mergejax._src.permute.builders import transformer_spec
+from mergejax._src.permute.spec import apply_permutation
+from mergejax._src.permute.spec import check_permutations
+from mergejax._src.permute.spec import check_spec
+from mergejax._src.permute.spec import compose
+from mergejax._src.permute.spec import identity_permutations
+from mergejax._src.permute.spec import inverse
+from mergejax._src.permute.spec import PermutationSpec
+from mergejax._src.permute.spec import random_permutations
+from mergejax._src.permute import models
