@@ -39,6 +39,12 @@ from mergejax._src.interpolate import multislerp
 from mergejax._src.interpolate import nearswap
 from mergejax._src.interpolate import nuslerp
 from mergejax._src.interpolate import slerp
+# --- sweeps (config overrides, vmapped hyperparameter sweeps)
+from mergejax._src.sweep import product
+from mergejax._src.sweep import run_sweep
+from mergejax._src.sweep import sweep
+from mergejax._src.sweep import zip_
+from mergejax._src.sweep import zip_sweep
 # --- end of primitives
 
 from mergejax import methods  # pylint: disable=g-bad-import-order
