@@ -1,0 +1,1 @@
+"""Experiments, launched with ``python -m experiments.main --config=... --workdir=...``."""

@@ -1,0 +1,350 @@
+"""The default experiment: merge a digits zoo with every `mergejax.methods` method.
+
+Launch with ``python -m experiments.main --config=configs/default.py
+--workdir=workdir`` (see ``configs/default.py`` for the design and the
+per-method protocols). Writes ``results.json`` and ``results.png`` into the
+work directory and caches the trained zoo there (orbax, keyed by a hash of the
+zoo config), so a second run skips training.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import os
+import time
+import traceback
+import zlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import mergejax as mj
+from mergejax import zoo
+
+# Bump when the zoo's training code changes in a way the config does not show,
+# so that stale caches are not reused.
+ZOO_VERSION = 1
+PROTOCOLS = ('models', 'no_base', 'sum_endpoint', 'fold')
+
+
+def zoo_hash(config) -> str:
+  """A short hash of everything that determines the trained zoo."""
+  spec = dict(zoo=config.zoo.to_dict(), seed=config.seed, version=ZOO_VERSION)
+  blob = json.dumps(spec, sort_keys=True, default=list)
+  return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def build_zoo(config, workdir: str):
+  """Data, tasks, model and the trained (or cached) zoo."""
+  zc = config.zoo
+  k_data, k_tasks, k_base, k_ft = jax.random.split(
+      jax.random.key(config.seed), 4)
+  digits = zoo.load_digits(k_data, **zc.data.to_dict())
+  tasks = zoo.make_tasks(digits, list(zc.tasks), k_tasks)
+  model = zoo.Classifier(width=zc.width, depth=zc.depth)
+  show = None if config.progress else False
+
+  def train():
+    base = zoo.train_base(model, digits, k_base, show=show, **zc.base.to_dict())
+    fts = zoo.finetune(model, base, tasks, k_ft, show=show,
+                       **zc.finetune.to_dict())
+    return dict(base=base, finetuned=fts)
+
+  k = len(tasks)
+  abstract_one = jax.eval_shape(lambda: zoo.init_params(model,
+                                                        jax.random.key(0)))
+  abstract = dict(
+      base=abstract_one,
+      finetuned=jax.tree.map(
+          lambda a: jax.ShapeDtypeStruct((k,) + a.shape, a.dtype),
+          abstract_one))
+  path = os.path.join(workdir, 'zoo', zoo_hash(config))
+  t0 = time.perf_counter()
+  tree, cached = zoo.load_or_train(path, train, abstract)
+  seconds = time.perf_counter() - t0
+  return (digits, tasks, model, zoo.Zoo(tree['base'], tree['finetuned']),
+          dict(path=path, cached=cached, seconds=seconds))
+
+
+def _accepted(factory, names) -> set[str]:
+  params = inspect.signature(factory).parameters
+  if any(p.kind == p.VAR_KEYWORD for p in params.values()):
+    return set(names)
+  return {n for n in names if n in params}
+
+
+def _stack(trees):
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def merge_method(name: str, entry, base, fts: list, key: jax.Array):
+  """Merges with one method entry; returns ``(backbones [S, ...], values, notes)``.
+
+  With a sweep, ``S`` is the grid size and the merge runs as one
+  ``jax.vmap``-ped call over the swept hyperparameter (one compilation);
+  otherwise ``S = 1``.
+  """
+  factory = getattr(mj.methods, name)
+  notes = []
+  kwargs = entry.kwargs.to_dict()
+  sweep = entry.sweep.to_dict()
+  if len(sweep) > 1:
+    raise ValueError(f'{name}: sweep one hyperparameter at a time, got '
+                     f'{sorted(sweep)}.')
+  ok = _accepted(factory, list(kwargs) + list(sweep) + ['weight'])
+  for n in [n for n in kwargs if n not in ok]:
+    notes.append(f'{name}() takes no {n!r}; dropped')
+    kwargs.pop(n)
+  for n in [n for n in sweep if n not in ok]:
+    notes.append(f'{name}() takes no {n!r}; not swept')
+    sweep.pop(n)
+
+  protocol = entry.protocol
+  if protocol not in PROTOCOLS:
+    raise ValueError(f'{name}: protocol {protocol!r} is not one of '
+                     f'{PROTOCOLS}.')
+  if protocol == 'fold':
+    if sweep:
+      raise ValueError(f'{name}: the fold protocol has no sweep.')
+    m = fts[0]
+    for i, ft in enumerate(fts[1:], start=2):
+      kw = dict(kwargs, weight=[float(i - 1), 1.0]) if 'weight' in ok else kwargs
+      m = mj.merge(factory(**kw), base, [m, ft], key=jax.random.fold_in(key, i))
+    return _stack([m]), None, notes
+  if protocol == 'models':
+    b, models = base, fts
+  elif protocol == 'no_base':
+    b, models = None, fts
+  else:  # sum_endpoint
+    b = base
+    models = [jax.tree.map(lambda x0, *xs: x0 + sum(x - x0 for x in xs),
+                           base, *fts)]
+
+  if not sweep:
+    return _stack([mj.merge(factory(**kwargs), b, models, key=key)]), None, notes
+  (pname, values), = sweep.items()
+  values = [float(v) for v in values]
+
+  def one(v):
+    return mj.merge(factory(**kwargs, **{pname: v}), b, models, key=key)
+
+  try:
+    out = jax.vmap(one)(jnp.asarray(values, jnp.float32))
+  except (jax.errors.ConcretizationTypeError,
+          jax.errors.TracerBoolConversionError) as e:
+    # A factory that branches in Python on a numeric hyperparameter breaks
+    # the contract; still report it, one merge per value.
+    notes.append(f'{pname} is not traceable in {name} ({type(e).__name__}); '
+                 'swept with a Python loop')
+    out = _stack([one(v) for v in values])
+  return out, (pname, values), notes
+
+
+def _row(acc, ft_acc, names):
+  acc = np.asarray(acc, np.float64)
+  return dict(accuracy={n: float(a) for n, a in zip(names, acc)},
+              avg_accuracy=float(acc.mean()),
+              avg_normalized=float(zoo.normalized(acc, ft_acc).mean()))
+
+
+def _fmt_table(rows: list[tuple[str, str, dict]], names) -> str:
+  short = [n[:7] for n in names]
+  head = (f'{"model":<22}{"setting":<16}' + ''.join(f'{s:>8}' for s in short)
+          + f'{"avg":>8}{"norm":>8}')
+  lines = [head, '-' * len(head)]
+  for label, setting, r in rows:
+    if r is None:
+      lines.append(f'{label:<22}{setting}')
+      continue
+    accs = ''.join(f'{r["accuracy"][n]:>8.3f}' for n in names)
+    lines.append(f'{label:<22}{setting:<16}{accs}{r["avg_accuracy"]:>8.3f}'
+                 f'{r["avg_normalized"]:>8.3f}')
+  return '\n'.join(lines)
+
+
+def _plot(path: str, methods: dict, baselines: dict):
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  ok = [(n, r['avg_normalized']) for n, r in methods.items()
+        if r['status'] == 'ok']
+  fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * len(ok) + 2.0), 4.0))
+  xs = np.arange(len(ok))
+  ax.bar(xs, [v for _, v in ok], color='tab:blue')
+  ax.set_xticks(xs, [n for n, _ in ok], rotation=60, ha='right')
+  for label, key, style in (('base model', 'base', 'tab:red'),
+                            ('base backbone + task heads',
+                             'base_backbone_task_heads', 'tab:orange')):
+    ax.axhline(baselines[key]['avg_normalized'], color=style, ls='--',
+               label=label)
+  ax.axhline(0.8, color='gray', ls=':', label='80% of fine-tuned')
+  ax.axhline(1.0, color='black', lw=0.8, label='fine-tuned')
+  ax.set_ylabel('avg normalized accuracy (test)')
+  ax.set_title('Merging the digits zoo: backbone merged, task heads kept')
+  ax.set_ylim(0, 1.1)
+  ax.legend(loc='lower right', fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def _jsonable(x):
+  if isinstance(x, (tuple, list)):
+    return [_jsonable(v) for v in x]
+  if isinstance(x, dict):
+    return {k: _jsonable(v) for k, v in x.items()}
+  if isinstance(x, (np.floating, np.integer)):
+    return x.item()
+  return x
+
+
+def main(config, workdir: str) -> dict[str, Any]:
+  """Runs the experiment; returns (and writes) the results dictionary."""
+  t_start = time.perf_counter()
+  os.makedirs(workdir, exist_ok=True)
+  digits, tasks, model, z, zoo_info = build_zoo(config, workdir)
+  del digits
+  names = [t.name for t in tasks]
+  print(f'zoo: {len(names)} tasks {names}, width {config.zoo.width}; '
+        f'{"restored from cache" if zoo_info["cached"] else "trained"} in '
+        f'{zoo_info["seconds"]:.1f}s ({zoo_info["path"]})', flush=True)
+
+  sub = config.merge.params
+  heads = z.finetuned['head']
+  ev = zoo.TaskEvaluator(model, tasks, heads)
+  base_bb = z.base[sub]
+  ft_bbs = [jax.tree.map(lambda x, i=i: x[i], z.finetuned[sub])
+            for i in range(len(names))]
+
+  # Baselines.
+  ft_matrix = ev.accuracies(z.finetuned[sub], 'test')  # [K models, K tasks]
+  ft_acc = np.diag(ft_matrix)
+  base_heads = jax.tree.map(lambda h: jnp.broadcast_to(h, (len(names),) +
+                                                       h.shape), z.base['head'])
+  one_base = jax.tree.map(lambda x: x[None], base_bb)
+  baselines = {
+      'base': _row(ev.accuracies(one_base, 'test', heads=base_heads)[0],
+                   ft_acc, names),
+      'base_backbone_task_heads': _row(ev.accuracies(one_base, 'test')[0],
+                                       ft_acc, names),
+      'finetuned': _row(ft_acc, ft_acc, names),
+  }
+  for i, n in enumerate(names):
+    baselines[f'finetune/{n}'] = _row(ft_matrix[i], ft_acc, names)
+
+  # Merges.
+  order = [m.strip() for m in config.methods_to_run.split(',') if m.strip()]
+  order = order or sorted(config.methods)
+  unknown = [m for m in order if m not in config.methods]
+  if unknown:
+    raise ValueError(f'methods_to_run names {unknown}, which have no entry in '
+                     f'config.methods; valid: {sorted(config.methods)}.')
+  merge_key = jax.random.fold_in(jax.random.key(config.seed), 1)
+  methods = {}
+  for name in order:
+    entry = config.methods[name]
+    rec = dict(protocol=entry.protocol, kwargs=entry.kwargs.to_dict())
+    if not hasattr(mj.methods, name):
+      rec.update(status='skipped',
+                 note=f'mergejax.methods has no {name!r} yet')
+      print(f'  skip {name}: not in mergejax.methods', flush=True)
+      methods[name] = rec
+      continue
+    t0 = time.perf_counter()
+    try:
+      key = jax.random.fold_in(merge_key, zlib.crc32(name.encode()))
+      bbs, sweep, notes = merge_method(name, entry, base_bb, ft_bbs, key)
+      val = ev.accuracies(bbs, 'val').mean(axis=1)
+      test = ev.accuracies(bbs, 'test')
+      best = int(np.argmax(val))  # first best: the smallest value on ties
+      rec.update(status='ok', **_row(test[best], ft_acc, names))
+      if sweep is not None:
+        pname, values = sweep
+        rec['selected'] = {pname: values[best]}
+        rec['sweep'] = dict(param=pname, values=values,
+                            val_avg_accuracy=val.tolist(),
+                            test_avg_accuracy=test.mean(axis=1).tolist())
+      if notes:
+        rec['note'] = '; '.join(notes)
+    except Exception as e:  # pylint: disable=broad-except
+      if config.strict:
+        raise
+      rec.update(status='error', error=f'{type(e).__name__}: {e}',
+                 traceback=traceback.format_exc(limit=6))
+      print(f'  ERROR {name}: {type(e).__name__}: {str(e)[:300]}', flush=True)
+    rec['seconds'] = time.perf_counter() - t0
+    if rec['status'] == 'ok':
+      sel = ', '.join(f'{k}={v:g}' for k, v in rec.get('selected', {}).items())
+      print(f'  {name:<18} avg acc {rec["avg_accuracy"]:.3f}  normalized '
+            f'{rec["avg_normalized"]:.3f}  {sel}  ({rec["seconds"]:.1f}s)'
+            + (f'  [{rec["note"]}]' if 'note' in rec else ''), flush=True)
+    methods[name] = rec
+
+  # Summary, table, files.
+  ok = {n: r for n, r in methods.items() if r['status'] == 'ok'}
+  base_avg = baselines['base']['avg_accuracy']
+  ft_avg = baselines['finetuned']['avg_accuracy']
+  best = max(ok, key=lambda n: ok[n]['avg_accuracy']) if ok else None
+  summary = dict(
+      base_avg_accuracy=base_avg,
+      base_backbone_task_heads_avg_accuracy=baselines[
+          'base_backbone_task_heads']['avg_accuracy'],
+      finetuned_avg_accuracy=ft_avg,
+      best_method=best,
+      best_avg_accuracy=ok[best]['avg_accuracy'] if best else None,
+      best_over_finetuned=(ok[best]['avg_accuracy'] / ft_avg) if best else None,
+      all_merges_beat_base=all(r['avg_accuracy'] > base_avg
+                               for r in ok.values()),
+      merges_below_base=sorted(n for n, r in ok.items()
+                               if r['avg_accuracy'] <= base_avg),
+      methods_ok=sorted(ok),
+      skipped=[n for n, r in methods.items() if r['status'] == 'skipped'],
+      errors=[n for n, r in methods.items() if r['status'] == 'error'],
+  )
+  rows = [('base model', 'own head', baselines['base']),
+          ('base backbone', 'task heads', baselines['base_backbone_task_heads'])]
+  rows += [(f'fine-tune {n}', 'task heads', baselines[f'finetune/{n}'])
+           for n in names]
+  rows += [('fine-tuned (own task)', '', baselines['finetuned'])]
+  for n, r in methods.items():
+    if r['status'] == 'ok':
+      sel = ', '.join(f'{k}={v:g}' for k, v in r.get('selected', {}).items())
+      rows.append((n, sel or '-', r))
+    else:
+      rows.append((n, f'({r["status"]})', None))
+  table = _fmt_table(rows, names)
+  total = time.perf_counter() - t_start
+  results = dict(
+      experiment='default', workdir=os.path.abspath(workdir),
+      config=_jsonable(config.to_dict()), tasks=names,
+      zoo=dict(hash=zoo_hash(config), **zoo_info,
+               backbone_params=int(sum(x.size for x in
+                                       jax.tree.leaves(base_bb)))),
+      baselines=baselines, methods=methods, summary=summary, table=table,
+      seconds=dict(total=total, zoo=zoo_info['seconds'],
+                   merges=sum(r.get('seconds', 0.0) for r in methods.values())),
+      jax=dict(version=jax.__version__, backend=jax.default_backend()))
+  print('\nTest accuracy per task (merged backbone + each task\'s fine-tuned '
+        'head); norm = mean of acc / fine-tuned acc\n' + table, flush=True)
+  print(f'\nbase avg {base_avg:.3f} | fine-tuned avg {ft_avg:.3f} | best merge '
+        f'{best} {summary["best_avg_accuracy"] or float("nan"):.3f} '
+        f'({(summary["best_over_finetuned"] or float("nan")):.1%} of '
+        f'fine-tuned) | every merge beats base: '
+        f'{summary["all_merges_beat_base"]}')
+  if summary['skipped']:
+    print(f'skipped (not in mergejax.methods yet): {summary["skipped"]}')
+  if summary['errors']:
+    print(f'errors (see results.json): {summary["errors"]}')
+  tmp = os.path.join(workdir, 'results.json.tmp')
+  with open(tmp, 'w') as f:
+    json.dump(results, f, indent=1, default=str)
+  os.replace(tmp, os.path.join(workdir, 'results.json'))
+  _plot(os.path.join(workdir, 'results.png'), methods, baselines)
+  print(f'wrote {os.path.join(workdir, "results.json")} and results.png '
+        f'in {total:.1f}s total')
+  return results
+

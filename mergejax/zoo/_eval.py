@@ -1,0 +1,65 @@
+"""Evaluating (merged) backbones on every task with that task's head."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mergejax.zoo import _data
+from mergejax.zoo import _models
+
+Params = Any
+
+
+class TaskEvaluator:
+  """Accuracies of backbones on K tasks, each read out by its own head.
+
+  ``accuracies(backbones, split)`` takes backbones with a leading batch axis S
+  (a sweep, or K fine-tunes) and returns ``[S, K]`` accuracies in one jitted,
+  vmapped call: every backbone on every task.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from mergejax import zoo
+    >>> d = zoo.load_digits(jax.random.key(0))
+    >>> tasks = zoo.make_tasks(d, ['rot90', 'invert'], jax.random.key(1))
+    >>> model = zoo.Classifier(width=8)
+    >>> p = zoo.init_params(model, jax.random.key(2))
+    >>> heads = jax.tree.map(lambda h: jnp.stack([h, h]), p['head'])
+    >>> ev = zoo.TaskEvaluator(model, tasks, heads)
+    >>> bbs = jax.tree.map(lambda x: x[None], p['backbone'])
+    >>> ev.accuracies(bbs, 'test').shape
+    (1, 2)
+  """
+
+  def __init__(self, model: _models.Classifier, tasks: Sequence[_data.Task],
+               heads: Params):
+    self.model = model
+    self.names = [t.name for t in tasks]
+    self.heads = heads
+    self._data = {
+        split: (jnp.asarray(np.stack([getattr(t, split).x for t in tasks])),
+                jnp.asarray(np.stack([getattr(t, split).y for t in tasks])))
+        for split in ('train', 'val', 'test')}
+
+    def one(backbone, heads, x, y):
+      # One backbone on all K tasks: vmap over (head, task data).
+      return jax.vmap(lambda h, xx, yy: _models.accuracy(model, backbone, h,
+                                                         xx, yy))(heads, x, y)
+
+    self._many = jax.jit(jax.vmap(one, in_axes=(0, None, None, None)))
+
+  def accuracies(self, backbones: Params, split: str = 'test',
+                 heads: Params | None = None) -> np.ndarray:
+    """``[S, K]`` accuracies of S stacked backbones on the K tasks."""
+    x, y = self._data[split]
+    h = self.heads if heads is None else heads
+    return np.asarray(self._many(backbones, h, x, y))
+
+
+def normalized(acc: np.ndarray, finetuned: np.ndarray) -> np.ndarray:
+  """Accuracy relative to each task's fine-tuned model, ``acc / ft_acc``."""
+  return np.asarray(acc) / np.maximum(np.asarray(finetuned), 1e-12)
