@@ -29,6 +29,13 @@ from mergejax._src.reduce import weighted_sum
 from mergejax._src.select import kth_largest_magnitude
 from mergejax._src.select import topk_mask
 # --- sparsify / consensus primitives (trim, elect_sign, disjoint_merge, dare, ...)
+from mergejax._src.consensus import disjoint_merge
+from mergejax._src.consensus import elect_sign
+from mergejax._src.select import topk_masks
+from mergejax._src.sparsify import breadcrumbs
+from mergejax._src.sparsify import dare
+from mergejax._src.sparsify import della
+from mergejax._src.sparsify import trim
 # --- interpolation primitives (lerp, slerp, nuslerp, multislerp, karcher, ...)
 from mergejax._src.interpolate import arcee_fusion
 from mergejax._src.interpolate import karcher

@@ -86,21 +86,62 @@ def topk_mask(x: jax.Array, k: jax.Array, *, exact: bool = True) -> jax.Array:
 
   Returns:
     A bool array shaped like ``x``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> topk_mask(jnp.array([0.5, -3., 2., 2.]), 2)
+    Array([False,  True,  True, False], dtype=bool)
   """
-  n = x.size
-  k = jnp.clip(jnp.asarray(k, jnp.int32), 0, n)
-  bits = magnitude_bits(x)
-  t = kth_largest_bits([bits], jnp.maximum(k, 1))
-  above = bits > t
-  at = bits == t
+  return topk_masks([x], k, exact=exact)[0]
+
+
+def topk_masks(xs: Sequence[jax.Array], k: jax.Array, *,
+               exact: bool = True) -> list[jax.Array]:
+  """`topk_mask` over several arrays at once (a global top-k).
+
+  The ``k`` largest magnitudes among all entries of all ``xs`` are kept; the
+  histograms of the leaves are summed, so no concatenation happens. With
+  ``exact``, ties at the threshold go to the lowest position in the order
+  "leaf by leaf, then flat index".
+
+  Args:
+    xs: arrays of any shapes, at most ``2**32 - 1`` entries in total.
+    k: number of entries to keep (int, may be traced), clipped to
+      ``[0, total size]``.
+    exact: keep exactly ``k`` entries (see `topk_mask`).
+
+  Returns:
+    A list of bool arrays shaped like ``xs``.
+  """
+  sizes = [x.size for x in xs]
+  n = sum(sizes)
+  if n >= (1 << 32) - 1:
+    raise ValueError(f'topk_masks: {n} entries in total; at most 2**32 - 2 '
+                     'are supported (split the selection).')
+  k = jnp.clip(jnp.asarray(k, jnp.int32), 0, min(n, (1 << 31) - 1))
+  bits = [magnitude_bits(x) for x in xs]
+  t = kth_largest_bits(bits, jnp.maximum(k, 1))
+  above = [b > t for b in bits]
+  at = [b == t for b in bits]
   if exact:
     # Keep the `need` lowest-index ties. A cumsum over the tensor costs ~3x a
     # histogram pass on CPU, so pick the need-th smallest index among the ties
     # with the same radix select, applied to the complemented index (~i > 0 for
     # every real index, so the zeros standing in for non-ties rank last).
-    need = k - jnp.sum(above, dtype=jnp.int32)
-    idx = ~jnp.arange(n, dtype=jnp.uint32)
-    cut = kth_largest_bits([jnp.where(at, idx, 0)], jnp.maximum(need, 1))
-    at = at & (idx >= cut) & (need > 0)
-  keep = (above | at) & (k > 0)
-  return keep.reshape(x.shape)
+    # With continuous data the threshold is usually held by one entry only, so
+    # the two extra passes are skipped when the ties fit (a `cond` outside
+    # vmap; under vmap both branches run).
+    need = k - sum(jnp.sum(a, dtype=jnp.int32) for a in above)
+    n_at = sum(jnp.sum(a, dtype=jnp.int32) for a in at)
+    offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+
+    def break_ties(at):
+      idx = [~(jnp.arange(s, dtype=jnp.uint32) + jnp.uint32(o))
+             for s, o in zip(sizes, offsets)]
+      cut = kth_largest_bits([jnp.where(a, i, 0) for a, i in zip(at, idx)],
+                             jnp.maximum(need, 1))
+      return [a & (i >= cut) & (need > 0) for a, i in zip(at, idx)]
+
+    at = jax.lax.cond(n_at > need, break_ties, list, at)
+  return [((a | b) & (k > 0)).reshape(x.shape)
+          for a, b, x in zip(above, at, xs)]

@@ -9,6 +9,17 @@ from mergejax._src.methods_classic import linear
 from mergejax._src.methods_classic import task_arithmetic
 from mergejax._src.methods_classic import average
 # --- TIES family (ties, dare_*, breadcrumbs*, della*, sce, magmax, ram)
+from mergejax._src.methods_ties import breadcrumbs
+from mergejax._src.methods_ties import breadcrumbs_ties
+from mergejax._src.methods_ties import dare_linear
+from mergejax._src.methods_ties import dare_ties
+from mergejax._src.methods_ties import della
+from mergejax._src.methods_ties import della_linear
+from mergejax._src.methods_ties import magmax
+from mergejax._src.methods_ties import ram
+from mergejax._src.methods_ties import ramplus_tl
+from mergejax._src.methods_ties import sce
+from mergejax._src.methods_ties import ties
 # --- interpolation methods (slerp, nuslerp, multislerp, karcher, model_stock, nearswap)
 from mergejax._src.methods_interp import slerp
 from mergejax._src.methods_interp import nuslerp
