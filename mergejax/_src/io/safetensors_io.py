@@ -192,18 +192,31 @@ class CheckpointReader:
         self._fds[file] = os.open(file, os.O_RDONLY)
       return self._fds[file]
 
-  def read(self, name: str) -> np.ndarray:
-    """Reads one tensor (its own copy; thread-safe; releases the GIL on IO)."""
+  def read(self, name: str, rows: int | None = None) -> np.ndarray:
+    """Reads one tensor (its own copy; thread-safe; releases the GIL on IO).
+
+    Args:
+      name: the tensor.
+      rows: read only the first ``rows`` entries of axis 0 (a prefix of the
+        bytes), e.g. to crop an embedding to a common vocabulary.
+    """
     info = self._info(name)
-    buf = bytearray(info.nbytes)
+    shape = info.shape
+    nbytes = info.nbytes
+    if rows is not None:
+      if not shape or rows > shape[0]:
+        raise ValueError(f'Cannot read {rows} rows of {name!r} {shape}.')
+      shape = (rows,) + tuple(shape[1:])
+      nbytes = int(np.prod(shape, dtype=np.int64)) * info.dtype.itemsize
+    buf = bytearray(nbytes)
     view = memoryview(buf)
     fd, got = self._fd(info.file), 0
-    while got < info.nbytes:
+    while got < nbytes:
       n = os.preadv(fd, [view[got:]], info.start + got)
       if n <= 0:
         raise OSError(f'Short read of {name!r} from {info.file}.')
       got += n
-    return np.frombuffer(buf, dtype=info.dtype).reshape(info.shape)
+    return np.frombuffer(buf, dtype=info.dtype).reshape(shape)
 
   def read_all(self) -> dict[str, np.ndarray]:
     return {k: self.read(k) for k in self.tensors}
