@@ -52,6 +52,15 @@ from mergejax._src.sweep import run_sweep
 from mergejax._src.sweep import sweep
 from mergejax._src.sweep import zip_
 from mergejax._src.sweep import zip_sweep
+# --- subspace / mask primitives (svd_basis, project, layer_scale, masks)
+from mergejax._src.layerwise import layer_scale
+from mergejax._src.masks import consensus_mask
+from mergejax._src.masks import magnitude_mask
+from mergejax._src.masks import tall_masks
+from mergejax._src.subspace import from_basis
+from mergejax._src.subspace import project
+from mergejax._src.subspace import svd_basis
+from mergejax._src.subspace import SVDBasis
 # --- end of primitives
 
 from mergejax import methods  # pylint: disable=g-bad-import-order

@@ -29,4 +29,18 @@ from mergejax._src.methods_interp import model_stock
 from mergejax._src.methods_interp import nearswap
 from mergejax._src.methods_interp import arcee_fusion
 # --- subspace / mask methods (issue: subspace merges)
+from mergejax._src.methods_subspace import consensus
+from mergejax._src.methods_subspace import emr
+from mergejax._src.methods_subspace import iso_c
+from mergejax._src.methods_subspace import iso_cts
+from mergejax._src.methods_subspace import knots
+from mergejax._src.methods_subspace import lines
+from mergejax._src.methods_subspace import pcb
+from mergejax._src.methods_subspace import reconstruct
+from mergejax._src.methods_subspace import reversible
+from mergejax._src.methods_subspace import tall_masks
+from mergejax._src.methods_subspace import tsv
+from mergejax._src.methods_subspace import twin
+from mergejax._src.methods_subspace import twin_mix
+from mergejax._src.methods_subspace import widen
 # --- end of methods
