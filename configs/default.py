@@ -70,15 +70,17 @@ def get_config(arg=None):
 
   config.zoo = ml_collections.ConfigDict()
   config.zoo.tasks = ('rot90', 'invert', 'permute') if smoke else TASKS
-  config.zoo.width = 16 if smoke else 512
+  config.zoo.width = 32 if smoke else 512
   config.zoo.depth = 2
   config.zoo.data = dict(pretrain_frac=0.4, val_frac=0.1, test_frac=0.3)
   config.zoo.base = dict(
-      steps=40 if smoke else 1000, batch_size=128, lr=1e-3, weight_decay=0.0,
+      steps=60 if smoke else 1000, batch_size=128, lr=3e-3 if smoke else 1e-3,
+      weight_decay=0.0,
       augment_copies=1 if smoke else 8,
       augment=dict(max_shift=1, noise=0.1, contrast=0.2))
   config.zoo.finetune = dict(
-      steps=20 if smoke else 400, batch_size=128, lr=3e-4, head_lr=3e-3,
+      steps=30 if smoke else 400, batch_size=128, lr=1e-3 if smoke else 3e-4,
+      head_lr=3e-3,
       weight_decay=0.0, fresh_head=False)
 
   # Shared merge settings, referenced by the method entries below, so that

@@ -12,7 +12,9 @@ as ``--config.merge.densty=0.3``) is an error that lists the valid fields.
 
 from __future__ import annotations
 
-import importlib
+import difflib
+import importlib.util
+import sys
 
 from absl import app
 from absl import flags
@@ -25,6 +27,54 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string('workdir', None,
                                'Directory for caches and results.')
 flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def _load_config(spec: str):
+  path, _, arg = spec.partition(':')
+  module_spec = importlib.util.spec_from_file_location('_config_module', path)
+  if module_spec is None:
+    raise app.UsageError(f'--config={spec}: no config file at {path!r}.')
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg or None)
+
+
+def check_overrides(argv) -> str | None:
+  """Returns an error naming the valid fields if an override has a typo.
+
+  ml_collections rejects an unknown field of a locked config too, but only with
+  a traceback and a single suggestion; this lists the fields that do exist at
+  that level.
+  """
+  spec = next((a.split('=', 1)[1] for a in argv
+               if a.startswith('--config=')), None)
+  overrides = [a[len('--config.'):].split('=', 1)[0] for a in argv
+               if a.startswith('--config.')]
+  if spec is None or not overrides:
+    return None
+  config = _load_config(spec)
+  for override in overrides:
+    node, walked = config, 'config'
+    for part in override.split('.'):
+      if '[' in part or not hasattr(node, 'keys'):
+        break  # indexing into sequences is left to ml_collections
+      if part not in node:
+        valid = sorted(node.keys())
+        near = difflib.get_close_matches(part, valid, n=1)
+        hint = f' Did you mean {walked}.{near[0]}?' if near else ''
+        return (f'--config.{override}: {walked} has no field {part!r} (the '
+                f'config is locked, so typos are errors). Valid fields of '
+                f'{walked}: {", ".join(valid)}.{hint}')
+      node, walked = node[part], f'{walked}.{part}'
+  return None
+
+
+def _parse_flags(argv):
+  error = check_overrides(argv)
+  if error:
+    print(f'FATAL: {error}', file=sys.stderr)
+    sys.exit(2)
+  return app.parse_flags_with_usage(argv)
 
 
 def run(config, workdir: str):
@@ -43,4 +93,4 @@ def _main(argv):
 
 
 if __name__ == '__main__':
-  app.run(_main)
+  app.run(_main, flags_parser=_parse_flags)
