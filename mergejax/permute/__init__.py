@@ -23,3 +23,10 @@ from mergejax._src.permute.spec import inverse
 from mergejax._src.permute.spec import PermutationSpec
 from mergejax._src.permute.spec import random_permutations
 from mergejax._src.permute import models
+from mergejax._src.permute.align import permute_align
+from mergejax._src.permute.align import PermuteAlignState
+from mergejax._src.permute.matching import MatchingResult
+from mergejax._src.permute.matching import objective
+from mergejax._src.permute.matching import weight_matching
+from mergejax._src.permute.solvers import sinkhorn
+from mergejax._src.permute.solvers import solve_assignment
