@@ -53,7 +53,15 @@ from mergejax._src.sweep import sweep
 from mergejax._src.sweep import zip_
 from mergejax._src.sweep import zip_sweep
 # --- subspace / mask primitives (svd_basis, project, layer_scale, masks)
+from mergejax._src.continual import opcm_init
+from mergejax._src.continual import opcm_params
+from mergejax._src.continual import opcm_update
+from mergejax._src.continual import OPCMState
 from mergejax._src.layerwise import layer_scale
+from mergejax._src.lora import check_lora
+from mergejax._src.lora import LoRA
+from mergejax._src.lora import lora_delta
+from mergejax._src.lora import merge_lora
 from mergejax._src.masks import consensus_mask
 from mergejax._src.masks import magnitude_mask
 from mergejax._src.masks import tall_masks

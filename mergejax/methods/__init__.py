@@ -29,6 +29,9 @@ from mergejax._src.methods_interp import model_stock
 from mergejax._src.methods_interp import nearswap
 from mergejax._src.methods_interp import arcee_fusion
 # --- subspace / mask methods (issue: subspace merges)
+from mergejax._src.continual import opcm
+from mergejax._src.lora import lora_lego
+from mergejax._src.lora import lora_svd
 from mergejax._src.methods_subspace import consensus
 from mergejax._src.methods_subspace import emr
 from mergejax._src.methods_subspace import iso_c
