@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Sequence
 
 import jax
@@ -45,19 +46,24 @@ class TaskEvaluator:
                 jnp.asarray(np.stack([getattr(t, split).y for t in tasks])))
         for split in ('train', 'val', 'test')}
 
-    def one(backbone, heads, x, y):
-      # One backbone on all K tasks: vmap over (head, task data).
-      return jax.vmap(lambda h, xx, yy: _models.accuracy(model, backbone, h,
-                                                         xx, yy))(heads, x, y)
-
-    self._many = jax.jit(jax.vmap(one, in_axes=(0, None, None, None)))
-
   def accuracies(self, backbones: Params, split: str = 'test',
                  heads: Params | None = None) -> np.ndarray:
     """``[S, K]`` accuracies of S stacked backbones on the K tasks."""
     x, y = self._data[split]
     h = self.heads if heads is None else heads
-    return np.asarray(self._many(backbones, h, x, y))
+    s = jax.tree.leaves(backbones)[0].shape[0]
+    # A loop over S rather than a vmap: one compilation per split serves every
+    # sweep size (and is shared between evaluators of the same model).
+    return np.stack([
+        np.asarray(_task_accuracies(self.model, jax.tree.map(
+            lambda b, i=i: b[i], backbones), h, x, y)) for i in range(s)])
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _task_accuracies(model, backbone, heads, x, y):
+  # One backbone on all K tasks: vmap over (head, task data).
+  return jax.vmap(lambda h, xx, yy: _models.accuracy(model, backbone, h, xx,
+                                                     yy))(heads, x, y)
 
 
 def normalized(acc: np.ndarray, finetuned: np.ndarray) -> np.ndarray:

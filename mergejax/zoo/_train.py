@@ -9,8 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import tqdm
 
+from mergejax._src import progress
 from mergejax.zoo import _data
 from mergejax.zoo import _models
 
@@ -40,13 +40,6 @@ def _loss(model, params, x, y):
   return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
 
-def _progress(total: int, desc: str, show: bool | None):
-  # disable=None: tqdm turns itself off when stderr is not a terminal, so logs
-  # of non-interactive runs stay clean.
-  return tqdm.tqdm(total=total, desc=desc, disable=None if show is None else
-                   not show, leave=False, dynamic_ncols=True)
-
-
 def _fit(model, params, opt, x, y, key, *, steps, batch_size, chunk, desc,
          show, num_models=None):
   """Minibatch training in jitted chunks of ``chunk`` steps (lax.scan).
@@ -74,7 +67,9 @@ def _fit(model, params, opt, x, y, key, *, steps, batch_size, chunk, desc,
     state = jax.vmap(opt.init)(params)
   x, y = jnp.asarray(x), jnp.asarray(y)
   done, loss = 0, None
-  with _progress(steps, desc, show) as bar:
+  # Shown in terminals and notebooks only (see mergejax._src.progress), so
+  # non-interactive logs stay clean; show=True/False forces it on/off.
+  with progress.bar(steps, desc=desc, enable=show, leave=False) as bar:
     for k in jax.random.split(key, -(-steps // chunk)):
       n = min(chunk, steps - done)
       keys = jax.random.split(k, n if num_models is None else (n, num_models))
