@@ -343,7 +343,7 @@ class ShardedWriter:
     if name != spec.name:
       raise ValueError(f'Tensors must be written in plan order: expected '
                        f'{spec.name!r}, got {name!r}.')
-    array = np.ascontiguousarray(array)
+    array = np.asarray(array, order='C')
     if array.shape != spec.shape or array.dtype != np.dtype(spec.dtype):
       raise ValueError(f'{name!r}: planned {spec.shape} {spec.dtype}, got '
                        f'{array.shape} {array.dtype}.')
