@@ -21,6 +21,7 @@ factory's keyword arguments; `build_method` turns it into a transformation.
 
 from __future__ import annotations
 
+import ast
 import csv
 import dataclasses
 import functools
@@ -127,6 +128,41 @@ def zip_(*axes: Axis) -> list[Overrides]:
 
 
 zip_sweep = zip_
+
+
+def parse_sweep(product_spec: str = '', zip_spec: str = '') -> list[Overrides]:
+  """Parses sweep strings from a config (so they can be set on the command line).
+
+  Each string is ``'name=values; name=values'`` with ``values`` a Python
+  literal tuple or list. Entries of ``product_spec`` are crossed; entries of
+  ``zip_spec`` are zipped into one axis, crossed with the others.
+
+  Example:
+    >>> from mergejax._src.sweep import parse_sweep
+    >>> parse_sweep('merge.density=(0.1, 0.2)', 'merge.lambda_=(1.,);seed=(3,)')
+    [{'merge.lambda_': 1.0, 'seed': 3, 'merge.density': 0.1}, {'merge.lambda_': 1.0, 'seed': 3, 'merge.density': 0.2}]
+  """
+  def entries(spec):
+    out = []
+    for item in (spec or '').split(';'):
+      if not item.strip():
+        continue
+      name, eq, values = item.partition('=')
+      try:
+        vals = ast.literal_eval(values.strip()) if eq else None
+      except (ValueError, SyntaxError):
+        vals = None
+      if not isinstance(vals, (tuple, list)):
+        raise ValueError(f'Cannot parse sweep entry {item.strip()!r}: write '
+                         "'name=(v1, v2, ...)', entries separated by ';'.")
+      out.append(sweep(name.strip(), vals))
+    return out
+
+  axes = entries(product_spec)
+  zipped = entries(zip_spec)
+  if zipped:
+    axes = [zip_(*zipped)] + axes
+  return product(*axes) if axes else [{}]
 
 
 def apply_overrides(config: ml_collections.ConfigDict,

@@ -1,0 +1,41 @@
+r"""Karcher (Riemannian) mean of the fine-tuned models.
+
+``mergekit``: max_iter 10, tol 1e-5, uniform weights, no base (protocol
+``no_base``).
+
+Run the default sweep over the digits zoo, or one point (``sweep=False``):
+
+  python -m experiments.main --config=configs/methods/karcher.py --workdir=workdir
+  python -m experiments.main \
+      --config=configs/methods/karcher.py:variant=mergekit,zoo=smoke,sweep=False \
+      --workdir=/tmp/karcher \
+      --config.merge.tol=5e-06
+"""
+
+import importlib.util
+import os
+
+
+# The default sweep (``:sweep=False`` turns it off); floats vmap in one call.
+SWEEP = dict(
+    product='merge.max_iter=(1, 3, 10)',
+)
+
+
+def _common():
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), '_common.py')
+  spec = importlib.util.spec_from_file_location('_mergejax_cfg_common', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def get_config(arg=None):
+  c = _common()
+  variants = dict(
+      mergekit=dict(
+          max_iter=10,
+          tol=1e-05),
+  )
+  return c.method_config('karcher', variants, arg, sweep=SWEEP,
+                         protocol='no_base')

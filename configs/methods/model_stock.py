@@ -1,0 +1,41 @@
+r"""Model Stock (Jang et al., 2024): interpolate toward the base by the task-vector angle.
+
+``mergekit``: mean of pairwise cosines, whole tensors. ``fusionbench``: cosine
+of the mean pairwise angle.
+Other presets: ``:variant=fusionbench``.
+
+Run the default sweep over the digits zoo, or one point (``sweep=False``):
+
+  python -m experiments.main --config=configs/methods/model_stock.py --workdir=workdir
+  python -m experiments.main \
+      --config=configs/methods/model_stock.py:variant=mergekit,zoo=smoke,sweep=False \
+      --workdir=/tmp/model_stock
+"""
+
+import importlib.util
+import os
+
+
+SWEEP = {}  # nothing numeric worth sweeping by default
+
+
+def _common():
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), '_common.py')
+  spec = importlib.util.spec_from_file_location('_mergejax_cfg_common', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def get_config(arg=None):
+  c = _common()
+  variants = dict(
+      mergekit=dict(
+          filter_wise=False,
+          convention='mergekit'),
+      fusionbench=dict(
+          filter_wise=False,
+          convention='fusionbench'),
+  )
+  return c.method_config('model_stock', variants, arg, sweep=SWEEP,
+                         protocol='models')
