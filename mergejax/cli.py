@@ -219,7 +219,7 @@ def _global_trim_hook(cfg, tasks, jobs):
       n = int(np.prod(job.spec().shape))
       dens = [task.per_model[j]['density'] for j in range(len(task.inputs))
               if j != task.base_index]
-      keep.append(np.array([int(d * n) for d in dens], np.int64))
+      keep.append(np.array([d * n for d in dens], np.float64))
     thr = stream.global_thresholds(jobs, keep, pool=pool)
     thr_j = jnp.asarray(thr, jnp.uint32)
     for task, job in zip(tasks, jobs):

@@ -43,6 +43,8 @@ from mergejax._src.io import atomic
 from mergejax._src.io import safetensors_io as st
 
 _LEAF = 'w'  # one fixed leaf name, so tree structure never forces a recompile
+# Seconds to sleep after each tensor write: lets tests kill a run mid-write.
+_DELAY_ENV = 'MERGEJAX_DEBUG_WRITE_DELAY'
 
 
 @dataclasses.dataclass
@@ -164,15 +166,17 @@ def global_thresholds(jobs: Sequence[Job], keep: Sequence[np.ndarray],
 
   Args:
     jobs: jobs with a base; their non-base inputs are the K models.
-    keep: per job, ``[K]`` numbers of entries each model would keep in that
-      tensor (density x size); their sums are the global k per model.
+    keep: per job, ``[K]`` (fractional) numbers of entries each model keeps
+      in that tensor (density x size); ``int`` of their sum is the global k
+      per model (``int(density x total size)`` for a constant density, as
+      an in-memory global trim counts).
     pool: thread pool for reads.
     progress: show a progress bar.
 
   Returns:
     ``[K]`` uint32 threshold bit patterns (keep ``bits >= threshold``).
   """
-  k_total = np.sum(np.stack(keep), axis=0).astype(np.int64)
+  k_total = np.floor(np.sum(np.stack(keep), axis=0) + 1e-9).astype(np.int64)
   k_total = np.maximum(k_total, 1)
   hi = None
   bucket = None
@@ -294,6 +298,8 @@ def run_jobs(jobs: Sequence[Job], out_dir: str, *,
     cv = threading.Condition()
     err: list[BaseException] = []
 
+    delay = float(os.environ.get(_DELAY_ENV, 0) or 0)
+
     def write_loop():
       try:
         while True:
@@ -306,6 +312,8 @@ def run_jobs(jobs: Sequence[Job], out_dir: str, *,
           name, arr = item
           host = np.asarray(arr)  # blocks until the computation is done
           writer.write(name, host)
+          if delay:
+            time.sleep(delay)
           with cv:
             q.popleft()
             cv.notify_all()
