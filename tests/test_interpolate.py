@@ -13,7 +13,7 @@ import mergejax as mj
 from mergejax._src import merge as merge_lib
 
 SHAPES = [(6,), (2, 3, 2)]
-settings = hypothesis.settings(max_examples=8, deadline=None, derandomize=True)
+settings = hypothesis.settings(max_examples=6, deadline=None, derandomize=True)
 seeds = st.integers(0, 2**31 - 1)
 shapes = st.sampled_from(SHAPES)
 
@@ -387,9 +387,7 @@ def _zoo(k, seed=0, dtype=jnp.float32):
 METHODS = [
     (lambda: mj.methods.slerp(t=0.3), 1),
     (lambda: mj.methods.nuslerp(weight=[1., 2.], nuslerp_flatten=False), 2),
-    (lambda: mj.methods.multislerp(weight=[1., 2., 3.]), 3),
-    (lambda: mj.methods.karcher(), 3),
-    (lambda: mj.methods.model_stock(filter_wise=True), 3),
+    (lambda: mj.methods.karcher(), 3),  # while_loop vs a Python loop
 ]
 
 
@@ -408,12 +406,11 @@ def test_jit_equals_eager(make, k):
 
 
 def test_result_keeps_base_structure_and_dtype():
-  for make, k in [(lambda: mj.methods.slerp(t=0.3), 1),
-                  (lambda: mj.methods.nuslerp(nuslerp_flatten=False), 2)]:
-    base16, models16 = _zoo(k, dtype=jnp.bfloat16)
-    out = mj.merge(make(), base16, models16)
-    assert jax.tree.structure(out) == jax.tree.structure(base16)
-    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(out))
+  # (The parity tests check every method's output dtype with bf16 inputs.)
+  base16, models16 = _zoo(2, dtype=jnp.bfloat16)
+  out = mj.merge(mj.methods.nuslerp(nuslerp_flatten=False), base16, models16)
+  assert jax.tree.structure(out) == jax.tree.structure(base16)
+  assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(out))
 
 
 SWEEPS = [
