@@ -1,0 +1,247 @@
+"""`mergejax merge` CLI and the mergekit YAML reader."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
+
+import numpy as np
+import pytest
+import yaml
+
+from mergejax import cli
+from mergejax._src import mergekit_config as mc
+from mergejax._src.io import safetensors_io as st
+from mergejax._src.io import synthetic
+
+
+# ------------------------------------------------------------- YAML reader --
+
+def test_gradient_interpolation_matches_reference_example():
+  # shared/reference §20.8: layer 20 of 40 with density [1, 0.7, 0.1].
+  t = 20 / 39
+  v = mc.evaluate_setting([1, 0.7, 0.1], t, 'model.layers.20.mlp.x')
+  assert v == pytest.approx(0.7 - (2 * t - 1) * 0.6)
+  assert mc.evaluate_setting([1, 0.7, 0.1], 0.0, 'x') == 1
+  assert mc.evaluate_setting([1, 0.7, 0.1], 1.0, 'x') == 0.1
+  # Non-numeric lists pick without interpolation.
+  assert mc.evaluate_setting([True, False], 0.6, 'x') is True
+  assert mc.evaluate_setting([], 0.5, 'x') is mc._MISSING  # pylint: disable=protected-access
+
+
+def test_filters_first_match_wins_and_nest():
+  s = [{'filter': 'self_attn', 'value': [0.0, 1.0]},
+       {'filter': 'mlp', 'value': 0.5}, {'value': 0.1}]
+  assert mc.evaluate_setting(s, 0.5, 'model.layers.3.self_attn.q') == 0.5
+  assert mc.evaluate_setting(s, 0.5, 'model.layers.3.mlp.up') == 0.5
+  assert mc.evaluate_setting(s, 0.5, 'model.norm.weight') == 0.1
+  # An unfiltered entry first shadows everything after it.
+  assert mc.evaluate_setting([{'value': 2}, {'filter': 'mlp', 'value': 3}],
+                             0, 'mlp') == 2
+  assert mc.evaluate_setting({'filter': 'x', 'value': 1}, 0, 'y') is mc._MISSING  # pylint: disable=protected-access
+
+
+@pytest.fixture(scope='module')
+def tiny(tmp_path_factory):
+  root = tmp_path_factory.mktemp('cli')
+  conf = synthetic.llama_config(layers=4, dtype='bfloat16')
+  paths = {'base': str(root / 'base')}
+  synthetic.write_random_llama(paths['base'], conf, seed=0)
+  for i in (1, 2):
+    paths[f'ft{i}'] = str(root / f'ft{i}')
+    synthetic.write_random_llama(paths[f'ft{i}'], conf, seed=i, base_seed=0)
+  return paths
+
+
+def _names(path):
+  return st.CheckpointReader(path).keys()
+
+
+def _plan(cfg):
+  parsed = mc.load_config(cfg)
+  readers = {m: st.CheckpointReader(m) for m in parsed.referenced_models()}
+  return mc.plan(parsed, lambda m: readers[m].keys(),
+                 lambda m: readers[m].config())
+
+
+def test_precedence_and_layer_position(tiny):
+  cfg = {'merge_method': 'ties', 'base_model': tiny['base'],
+         'slices': [{'sources': [
+             {'model': tiny['base'], 'layer_range': [0, 3]},
+             {'model': tiny['ft1'], 'layer_range': [1, 4],
+              'parameters': {'density': [0.2, 0.8]}},
+             {'model': tiny['ft2'], 'layer_range': [0, 3]}],
+                     'parameters': {'weight': 0.5, 'lambda': 2.0}}],
+         'parameters': {'weight': 0.9, 'density': 0.4, 'lambda': 3.0,
+                        'normalize': False}}
+  tasks, n_layers = _plan(cfg)
+  assert n_layers == 3
+  by = {t.out_name: t for t in tasks}
+  t = by['model.layers.1.mlp.up_proj.weight']
+  assert t.t == 0.5
+  # ft1 reads its layer 2; the base and ft2 read layer 1.
+  assert [n for _, n in t.inputs] == ['model.layers.1.mlp.up_proj.weight',
+                                      'model.layers.2.mlp.up_proj.weight',
+                                      'model.layers.1.mlp.up_proj.weight']
+  assert t.base_index == 0 and t.per_model[0] == {}
+  # Source > slice > top level > default.
+  assert t.per_model[1]['density'] == pytest.approx(0.5)
+  assert t.per_model[2]['density'] == 0.4
+  assert t.per_model[1]['weight'] == t.per_model[2]['weight'] == 0.5
+  assert t.shared['lambda'] == 2.0 and t.shared['normalize'] is False
+  assert t.shared['rescale'] is False  # the method default
+  # Non-layer tensors: t = 0.
+  assert by['model.embed_tokens.weight'].t == 0
+  assert by['model.embed_tokens.weight'].per_model[1]['density'] == 0.2
+  assert by['model.layers.2.self_attn.q_proj.weight'].t == 1.0
+  assert [t.out_name for t in tasks][0] == 'model.embed_tokens.weight'
+  assert tasks[-1].out_name in ('lm_head.weight', 'model.norm.weight')
+
+
+def test_unknown_parameter_warns_and_required_missing_raises(tiny):
+  cfg = {'merge_method': 'task_arithmetic', 'base_model': tiny['base'],
+         'models': [{'model': tiny['ft1'], 'parameters': {'weigth': 1.0}}]}
+  with pytest.warns(UserWarning, match="'weigth' is not used"):
+    parsed = mc.load_config(cfg)
+  del parsed
+  with warnings.catch_warnings():
+    warnings.simplefilter('ignore')
+    with pytest.raises(ValueError, match="needs parameter 'weight' for model"):
+      _plan(cfg)
+  with pytest.raises(ValueError, match='Unknown merge_method'):
+    mc.load_config({'merge_method': 'tie', 'models': []})
+  with pytest.raises(ValueError, match='exactly one of'):
+    mc.load_config({'merge_method': 'ties'})
+  with pytest.raises(FileNotFoundError, match='does not download'):
+    mc.load_config({'merge_method': 'linear', 'models': [
+        {'model': 'org/not-here', 'parameters': {'weight': 1}}]})
+
+
+# --------------------------------------------------------------------- CLI --
+
+def _write_cfg(tmp_path, cfg):
+  p = tmp_path / 'cfg.yml'
+  p.write_text(yaml.safe_dump(cfg))
+  return str(p)
+
+
+def test_cli_layout_dtype_and_shards(tiny, tmp_path):
+  cfg = {'merge_method': 'linear',
+         'models': [{'model': tiny['ft1'], 'parameters': {'weight': 1.0}},
+                    {'model': tiny['ft2'], 'parameters': {'weight': 3.0}}],
+         'dtype': 'bfloat16'}
+  out = str(tmp_path / 'out')
+  rc = cli.main(['merge', _write_cfg(tmp_path, cfg), out, '--dtype',
+                 'float16', '--out-shard-size', '40K', '--quiet'])
+  assert rc == 0
+  files = sorted(os.listdir(out))
+  assert st.INDEX_NAME in files and 'config.json' in files
+  assert any(f.startswith('model-00001-of-') for f in files)
+  conf = json.load(open(os.path.join(out, 'config.json')))
+  assert conf['torch_dtype'] == 'float16'
+  r = st.CheckpointReader(out)
+  assert {r.dtype(k) for k in r.keys()} == {np.dtype(np.float16)}
+  a = st.load_checkpoint(tiny['ft1'], dtype='float32')
+  b = st.load_checkpoint(tiny['ft2'], dtype='float32')
+  k = 'model.layers.2.mlp.up_proj.weight'
+  np.testing.assert_allclose(r.read(k).astype(np.float32),
+                             (a[k] + 3 * b[k]) / 4, rtol=2**-8, atol=1e-3)
+  # The output exists: a second run refuses without --overwrite.
+  assert cli.main(['merge', _write_cfg(tmp_path, cfg), out, '--quiet']) == 2
+  assert cli.main(['merge', _write_cfg(tmp_path, cfg), out, '--quiet',
+                   '--overwrite']) == 0
+
+
+def _variant(tiny, tmp_path, name, drop=(), vocab=None, tie=False):
+  """A copy of ft1 with tensors dropped or a different vocabulary."""
+  src = st.load_checkpoint(tiny['ft1'])
+  conf = st.CheckpointReader(tiny['ft1']).config()
+  for k in drop:
+    src.pop(k)
+  if vocab is not None:
+    for k in ('model.embed_tokens.weight', 'lm_head.weight'):
+      src[k] = np.resize(src[k], (vocab, src[k].shape[1]))
+    conf = {**conf, 'vocab_size': vocab}
+  if tie:
+    conf = {**conf, 'tie_word_embeddings': True}
+  out = str(tmp_path / name)
+  st.save_checkpoint(out, src, config=conf)
+  return out
+
+
+def test_missing_tied_and_vocab_mismatch(tiny, tmp_path, capsys):
+  def run(ft, *flags):
+    cfg = {'merge_method': 'task_arithmetic', 'base_model': tiny['base'],
+           'models': [{'model': ft, 'parameters': {'weight': 1.0}}]}
+    return cli.main(['merge', _write_cfg(tmp_path, cfg),
+                     str(tmp_path / 'out'), '--quiet', '--overwrite', *flags])
+
+  # Tied embeddings: a model without lm_head uses its embedding, so with
+  # weight 1 the merged lm_head is base + (embedding - base) = the embedding.
+  tied = _variant(tiny, tmp_path, 'tied', drop=['lm_head.weight'], tie=True)
+  assert run(tied) == 0
+  out = st.load_checkpoint(str(tmp_path / 'out'), dtype='float32')
+  ft = st.load_checkpoint(tied, dtype='float32')
+  np.testing.assert_allclose(out['lm_head.weight'],
+                             ft['model.embed_tokens.weight'], atol=1e-2)
+  # A missing tensor with no tied partner.
+  missing = _variant(tiny, tmp_path, 'miss',
+                     drop=['model.layers.1.mlp.up_proj.weight'])
+  assert run(missing) == 2
+  assert "'model.layers.1.mlp.up_proj.weight'" in capsys.readouterr().err
+  # Vocabulary mismatch: explicit error, or crop with the unsafe flag.
+  big = _variant(tiny, tmp_path, 'big', vocab=300)
+  assert run(big) == 2
+  err = capsys.readouterr().err
+  assert 'Vocabulary size mismatch' in err and '300' in err
+  with pytest.warns(UserWarning, match='keeping the first 256 rows'):
+    assert run(big, '--unsafe-truncate-embeddings') == 0
+  assert st.CheckpointReader(str(tmp_path / 'out')).shape(
+      'model.embed_tokens.weight') == (256, 64)
+
+
+def test_killed_merge_leaves_nothing_complete_and_rerun_succeeds(tiny,
+                                                                 tmp_path):
+  cfg = {'merge_method': 'task_arithmetic', 'base_model': tiny['base'],
+         'models': [{'model': tiny['ft1'], 'parameters': {'weight': 1.0}},
+                    {'model': tiny['ft2'], 'parameters': {'weight': 0.5}}]}
+  path = _write_cfg(tmp_path, cfg)
+  out = tmp_path / 'out'
+  env = {**os.environ, 'MERGEJAX_DEBUG_WRITE_DELAY': '0.05',
+         'JAX_PLATFORMS': 'cpu'}
+  proc = subprocess.Popen(
+      [sys.executable, '-m', 'mergejax.cli', 'merge', path, str(out),
+       '--quiet', '--out-shard-size', '30K'], env=env,
+      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  tmp = tmp_path / f'.out.mergejax-tmp-{proc.pid}'
+  deadline = time.time() + 60
+  # Wait until at least two shards have been started, then kill -9.
+  while time.time() < deadline:
+    if tmp.exists() and len([f for f in os.listdir(tmp)
+                             if f.endswith('.safetensors')]) >= 2:
+      break
+    assert proc.poll() is None, proc.stderr.read().decode()
+    time.sleep(0.01)
+  else:
+    pytest.fail('the merge never started writing')
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert not out.exists()  # nothing at OUT_DIR that could look complete
+  assert tmp.exists()  # the partial write stayed in the hidden directory
+  with pytest.raises(Exception):
+    st.CheckpointReader(str(tmp))  # and it is not a readable checkpoint
+  # A rerun succeeds and removes the dead run's temporary directory.
+  assert cli.main(['merge', path, str(out), '--quiet']) == 0
+  assert sorted(os.listdir(tmp_path)) == ['cfg.yml', 'out']
+  assert len(st.CheckpointReader(str(out)).keys()) == len(_names(tiny['base']))
+
+
+def test_parse_size():
+  assert cli.parse_size('5B') == 5 * 10**9
+  assert cli.parse_size('2G') == 2 * 10**9
+  assert cli.parse_size('500M') == 500 * 10**6
+  assert cli.parse_size('2GiB') == 2 * 2**30
+  assert cli.parse_size('1e9') == 10**9
