@@ -30,3 +30,6 @@ from mergejax._src.permute.matching import objective
 from mergejax._src.permute.matching import weight_matching
 from mergejax._src.permute.solvers import sinkhorn
 from mergejax._src.permute.solvers import solve_assignment
+from mergejax._src.permute.infer import describe_difference
+from mergejax._src.permute.infer import infer_spec
+from mergejax._src.permute.infer import same_groups

@@ -1,0 +1,205 @@
+"""Tests of permutation specs, builders, infer_spec, solvers, weight matching and permute_align."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import optimize
+
+import mergejax as mj
+from mergejax import permute
+from mergejax.permute import models as M
+
+KEY = jax.random.key(0)
+IMG = jax.random.normal(KEY, (2, 8, 8, 3))
+SEQ = jax.random.normal(KEY, (2, 8, 5))
+
+# (name, module, hand-written spec, spec for infer_spec comparison, inputs)
+CASES = {
+    'mlp': (M.MLP((16, 12)), permute.mlp_spec(2), None, (jnp.ones((3, 5)),)),
+    'cnn': (M.CNN(), permute.cnn_spec(2, 2), None, (IMG,)),
+    'cnn_bn': (M.CNN(norm='batch'), permute.cnn_spec(2, 2, norm='batch'), None, (IMG,)),
+    'resnet_ln': (M.ResNet(), permute.resnet_spec((2, 2)), None, (IMG,)),
+    'resnet_bn': (M.ResNet(norm='batch'), permute.resnet_spec((2, 2), norm='batch'), None,
+                  (IMG,)),
+    'resnet_gn': (M.ResNet(norm='group'), permute.resnet_spec((2, 2), norm='group'), None,
+                  (IMG,)),
+    'transformer': (M.Transformer(num_heads=4), permute.transformer_spec(2),
+                    permute.transformer_spec(2, per_head=False), (SEQ,)),
+}
+
+
+def _variables(name, noise=0.1):
+  module, _, _, inputs = CASES[name]
+  v = module.init(KEY, *inputs)
+  # Perturb so that norms and BatchNorm statistics are not at their init values.
+  leaves, treedef = jax.tree.flatten(v)
+  keys = jax.random.split(jax.random.key(7), len(leaves))
+  return jax.tree.unflatten(treedef, [x + noise * jax.random.normal(k, x.shape)
+                                      for x, k in zip(leaves, keys)])
+
+
+def _max_diff(a, b):
+  return max(float(jnp.max(jnp.abs(x - y))) for x, y in
+             zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+@pytest.mark.parametrize('name', list(CASES))
+def test_permuted_model_computes_same_outputs(name):
+  module, spec, _, inputs = CASES[name]
+  permute.check_spec(spec, module.apply, _variables(name), *inputs, key=KEY, trials=2)
+
+
+def test_check_spec_detects_wrong_spec():
+  # Giving every ResNet block its own stream permutation breaks the residual adds.
+  module, spec, _, inputs = CASES['resnet_ln']
+  axes = spec.axes
+  axes['stage0_block1/conv2/kernel'] = (None, None, 'P_stage0_block1', 'P_wrong')
+  axes['stage0_block1/norm2/scale'] = ('P_wrong',)
+  axes['stage0_block1/norm2/bias'] = ('P_wrong',)
+  with pytest.raises(AssertionError, match='changed the outputs'):
+    permute.check_spec(permute.PermutationSpec(axes), module.apply, _variables('resnet_ln'),
+                       *inputs, key=KEY)
+
+
+@pytest.mark.parametrize('name', ['mlp', 'cnn', 'resnet_bn', 'transformer'])
+def test_planted_permutation_recovered(name):
+  _, spec, _, _ = CASES[name]
+  a = _variables(name)
+  planted = permute.random_permutations(spec, a, jax.random.key(3))
+  noisy = jax.tree.map(lambda x: x + 1e-3 * jax.random.normal(jax.random.key(5), x.shape), a)
+  b = permute.apply_permutation(spec, planted, noisy)
+  res = permute.weight_matching(spec, a, b, key=jax.random.key(2), return_costs=True)
+  back = permute.apply_permutation(spec, res.permutations, b)
+  assert _max_diff(back, noisy) == 0.0  # exactly the planted units
+  assert int(res.sweeps) <= 3
+  inv = permute.inverse({g: p for g, p in planted.items() if g not in spec.nested})
+  for g, p in inv.items():
+    np.testing.assert_array_equal(res.permutations[g], p)
+
+
+def test_planted_recovery_jax_solver_mlp():
+  _, spec, _, _ = CASES['mlp']
+  a = _variables('mlp')
+  b = permute.apply_permutation(spec, permute.random_permutations(spec, a, KEY), a)
+  perms = jax.jit(lambda a, b: permute.weight_matching(spec, a, b, key=KEY,
+                                                       solver='hungarian'))(a, b)
+  assert _max_diff(permute.apply_permutation(spec, perms, b), a) == 0.0
+
+
+@pytest.mark.parametrize('name', list(CASES))
+def test_infer_spec_equals_hand_written(name):
+  module, spec, infer_ref, inputs = CASES[name]
+  inferred = permute.infer_spec(module, *inputs)
+  ref = infer_ref or spec
+  assert permute.same_groups(inferred, ref), permute.describe_difference(inferred, ref)
+
+
+def test_infer_spec_nnx():
+  from flax import nnx
+
+  class Net(nnx.Module):
+
+    def __init__(self, rngs):
+      self.l1 = nnx.Linear(4, 8, rngs=rngs)
+      self.l2 = nnx.Linear(8, 3, rngs=rngs)
+
+    def __call__(self, x):
+      return self.l2(nnx.relu(self.l1(x)))
+
+  spec = permute.infer_spec(Net(nnx.Rngs(0)), jnp.ones((2, 4)), strip_collection=False)
+  (group,) = spec.groups.values()
+  assert set(group) == {('l1/kernel', 1), ('l1/bias', 0), ('l2/kernel', 0)}
+
+
+def test_spec_errors():
+  spec = permute.mlp_spec(1)
+  p = M.MLP((6,)).init(KEY, jnp.ones((1, 4)))['params']
+  with pytest.raises(ValueError, match='does not cover.*extra'):
+    permute.apply_permutation(spec, {}, {**p, 'extra': jnp.ones(3)})
+  bad = dict(p, Dense_1=dict(p['Dense_1'], kernel=jnp.ones((5, 10))))
+  with pytest.raises(ValueError, match="inconsistent axis sizes.*'Dense_1/kernel' axis 0 has size 5"):
+    permute.weight_matching(spec, bad, bad)
+  with pytest.raises(ValueError, match="group 'P_0' has shape \\(5,\\) but the group has size"):
+    permute.apply_permutation(spec, {'P_0': jnp.arange(5)}, p)
+  with pytest.raises(ValueError, match='unknown group'):
+    permute.apply_permutation(spec, {'P_9': jnp.arange(6)}, p)
+  with pytest.raises(ValueError, match='has 1 axes'):
+    permute.apply_permutation(permute.PermutationSpec(
+        {**spec.axes, 'Dense_0/kernel': (None,)}), {}, p)
+
+
+def test_spec_covers_variables_with_batch_stats():
+  spec = permute.cnn_spec(2, 2, norm='batch')
+  v = _variables('cnn_bn')
+  assert set(v) == {'params', 'batch_stats'}
+  resolved = spec.resolve(v)
+  assert resolved['batch_stats/Norm_0/mean'] == ('P_Conv_0',)
+
+
+@pytest.mark.parametrize('solver', ['hungarian', 'sinkhorn'])
+def test_solvers_agree_with_scipy(solver):
+  rng = np.random.default_rng(0)
+  costs = rng.standard_normal((6, 12, 12)).astype(np.float32)
+  perms = np.asarray(jax.jit(lambda c: permute.solve_assignment(c, solver))(costs))
+  for c, p in zip(costs, perms):
+    assert sorted(p.tolist()) == list(range(12))
+    r, col = optimize.linear_sum_assignment(c, maximize=True)
+    best = c[r, col].sum()
+    if solver == 'hungarian':
+      np.testing.assert_allclose(c[np.arange(12), p].sum(), best, rtol=1e-5)
+    else:  # entropic: near-optimal
+      assert c[np.arange(12), p].sum() >= best - 0.05 * abs(best)
+
+
+def test_scipy_solver_inside_jit_via_callback():
+  c = jax.random.normal(KEY, (3, 7, 7))
+  np.testing.assert_array_equal(
+      jax.jit(lambda c: permute.solve_assignment(c, 'scipy'))(c),
+      permute.solve_assignment(c, 'hungarian'))
+
+
+def test_sinkhorn_is_doubly_stochastic_and_differentiable():
+  c = jax.random.normal(KEY, (5, 5))
+  p = permute.sinkhorn(c, tau=0.5, n_iter=200)
+  np.testing.assert_allclose(p.sum(0), 1, atol=1e-4)
+  np.testing.assert_allclose(p.sum(1), 1, atol=1e-4)
+  g = jax.grad(lambda c: jnp.sum(permute.sinkhorn(c, tau=0.5) * c))(c)
+  assert jnp.all(jnp.isfinite(g))
+
+
+def test_incremental_host_matching_equals_plain():
+  # Independently initialised wide-ish MLPs: many sweeps, many partial updates.
+  spec = permute.mlp_spec(3)
+  m = M.MLP((48, 48, 48))
+  a = m.init(jax.random.key(1), jnp.ones((1, 20)))['params']
+  b = m.init(jax.random.key(2), jnp.ones((1, 20)))['params']
+  fast = permute.weight_matching(spec, a, b, key=KEY, return_costs=True)
+  slow = permute.weight_matching(spec, a, b, key=KEY, return_costs=True, incremental=False)
+  np.testing.assert_allclose(fast.objective, slow.objective, rtol=1e-5)
+  assert float(fast.objective) > float(permute.objective(spec, a, b))
+  for g in fast.costs:  # the cost matrices are the true ones at the end
+    np.testing.assert_allclose(fast.costs[g], slow.costs[g], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('solver', ['scipy', 'hungarian'])
+def test_permute_align_in_merge(solver):
+  spec = permute.mlp_spec(2)
+  base = _variables('mlp')['params']
+  models = [permute.apply_permutation(spec, permute.random_permutations(
+      spec, base, jax.random.key(i)), base) for i in range(3)]
+  tx = mj.chain(permute.permute_align(spec, solver=solver), mj.mean())
+  out, state = mj.merge(tx, base, models, key=KEY, return_state=True)
+  assert _max_diff(out, base) < 1e-5
+  assert state[0].permutations['P_0'].shape == (3, 16)
+  # Without alignment the average is far from the base.
+  assert _max_diff(mj.merge(mj.mean(), None, models), base) > 0.1
+
+
+def test_permute_align_first_reference_no_base():
+  spec = permute.mlp_spec(2)
+  a = _variables('mlp')['params']
+  b = permute.apply_permutation(spec, permute.random_permutations(spec, a, KEY), a)
+  out = mj.merge(mj.chain(permute.permute_align(spec, reference='first'), mj.mean()),
+                 None, [a, b])
+  assert _max_diff(out, a) < 1e-5
