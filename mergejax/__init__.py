@@ -75,5 +75,6 @@ from mergejax import methods  # pylint: disable=g-bad-import-order
 from mergejax import distributed  # pylint: disable=g-bad-import-order
 from mergejax import sharding  # pylint: disable=g-bad-import-order
 from mergejax._src.sharding import sharded_merge  # pylint: disable=g-bad-import-order
+from mergejax import permute  # pylint: disable=g-bad-import-order
 
 __version__ = '0.1.0'

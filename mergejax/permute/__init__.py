@@ -33,3 +33,10 @@ from mergejax._src.permute.solvers import solve_assignment
 from mergejax._src.permute.infer import describe_difference
 from mergejax._src.permute.infer import infer_spec
 from mergejax._src.permute.infer import same_groups
+from mergejax._src.permute.evaluate import activation_matching
+from mergejax._src.permute.evaluate import activation_statistics
+from mergejax._src.permute.evaluate import Barrier
+from mergejax._src.permute.evaluate import interpolation_barrier
+from mergejax._src.permute.evaluate import lerp
+from mergejax._src.permute.evaluate import repair
+from mergejax._src.permute.evaluate import reset_batch_stats
