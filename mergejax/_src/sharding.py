@@ -380,6 +380,24 @@ def sharded_merge(transformation: base_lib.MergeTransformation,
     >>> out['w']
     Array([0.5, 1. , 1.5, 2. ], dtype=float32)
   """
+  fn, args = prepare_sharded_merge(
+      transformation, base, models, key, mesh=mesh, rules=rules,
+      model_axis=model_axis, check_finite=check_finite)
+  out, state = fn(*args)
+  return (out, state) if return_state else out
+
+
+def prepare_sharded_merge(transformation: base_lib.MergeTransformation,
+                          base: Any, models: Sequence[Any],
+                          key: jax.Array | None = None, *, mesh: Mesh,
+                          rules: Rules = DEFAULT_RULES,
+                          model_axis: str = MODEL_AXIS,
+                          check_finite: bool = True):
+  """Places the inputs and returns ``(compiled_fn, args)``; see `sharded_merge`.
+
+  ``compiled_fn(*args)`` returns ``(merged, state)``. Useful to time the merge
+  step alone, or to re-run it on the same placed inputs.
+  """
   models = list(models)
   checks.check_models(base, models, check_finite=False, base_required=False)
   mesh = _auto(mesh)
@@ -409,8 +427,7 @@ def sharded_merge(transformation: base_lib.MergeTransformation,
       jax.tree.structure(ref), tuple(jax.tree.leaves(specs, is_leaf=is_spec)),
       tuple(jnp.dtype(x.dtype) for x in jax.tree.leaves(ref)), mesh,
       _impl_name(key_impl))
-  out, state = fn(stacked, state, base_arr, key_data)
-  return (out, state) if return_state else out
+  return fn, (stacked, state, base_arr, key_data)
 
 
 def _impl_name(impl: str | None) -> str | None:
