@@ -36,6 +36,15 @@ maps one numeric hyperparameter to its grid (vmapped, chosen on validation);
 * ``fold``: for methods of exactly two fine-tunes (``nuslerp``): an iterated
   pairwise merge ``m_1 = ft_1``, ``m_i = method(m_{i-1}, ft_i)`` with weights
   ``[i - 1, 1]``, i.e. the running (spherical) mean of the task vectors.
+* ``per_task``: for methods that store per-task masks, scalars or bases and
+  rebuild one model per task (``tall_masks``, ``emr``, ``twin`` with an
+  oracle router, ``reversible``): task ``i`` is evaluated with
+  ``mergejax.methods.reconstruct(state, base, i)``.
+* ``not_applicable``: listed but not run (LoRA factor merges on a dense zoo).
+
+An optional ``inner = dict(arg=..., name=..., kwargs=...)`` passes another
+method, ``mergejax.methods.<name>(**kwargs)``, as the factory's ``arg`` (e.g.
+the merge whose update ``lines`` rescales).
 """
 
 import ml_collections
@@ -45,11 +54,11 @@ import ml_collections
 METHODS = (
     'linear', 'average', 'task_arithmetic', 'ties', 'dare_linear', 'dare_ties',
     'breadcrumbs', 'breadcrumbs_ties', 'della', 'della_linear', 'sce', 'magmax',
-    'model_stock', 'slerp', 'nuslerp', 'multislerp', 'karcher', 'nearswap',
-    'arcee_fusion',
-    # Subspace and mask methods.
-    'tsv', 'iso_c', 'iso_cts', 'knots', 'tall_masks', 'consensus', 'pcb',
-    'lines', 'widen', 'emr', 'ram', 'reversible', 'twin', 'opcm', 'lora_lego',
+    'ram', 'ramplus_tl', 'model_stock', 'slerp', 'nuslerp', 'multislerp',
+    'karcher', 'nearswap', 'arcee_fusion',
+    # Subspace, mask and continual methods.
+    'tsv', 'iso_c', 'iso_cts', 'knots', 'consensus', 'pcb', 'lines', 'widen',
+    'opcm', 'tall_masks', 'emr', 'twin', 'reversible', 'lora_lego', 'lora_svd',
 )
 
 TASKS = ('rot90', 'rot180', 'rot270', 'hflip', 'vflip', 'transpose', 'invert',
@@ -104,10 +113,13 @@ def get_config(arg=None):
   density = m.get_ref('density')
   lam = dict(lambda_=m.get_ref('lambdas'))
 
-  def entry(kwargs=None, sweep=None, protocol='models'):
-    return ml_collections.ConfigDict(dict(kwargs=kwargs or {},
-                                          sweep=sweep or {}, protocol=protocol))
+  def entry(kwargs=None, sweep=None, protocol='models', inner=None):
+    e = dict(kwargs=kwargs or {}, sweep=sweep or {}, protocol=protocol)
+    if inner:
+      e['inner'] = inner
+    return ml_collections.ConfigDict(e)
 
+  k = len(config.zoo.tasks)
   methods = dict(
       linear=entry(protocol='no_base'),
       average=entry(),
@@ -121,8 +133,10 @@ def get_config(arg=None):
       della=entry(dict(density=density, epsilon=m.get_ref('epsilon')), lam),
       della_linear=entry(dict(density=density, epsilon=m.get_ref('epsilon')),
                          lam),
-      sce=entry(sweep=lam),
+      sce=entry(),
       magmax=entry(sweep=lam),
+      ram=entry(),
+      ramplus_tl=entry(),
       model_stock=entry(),
       slerp=entry(sweep=dict(t=m.get_ref('ts')), protocol='sum_endpoint'),
       nuslerp=entry(protocol='fold'),
@@ -131,11 +145,33 @@ def get_config(arg=None):
       nearswap=entry(sweep=dict(t=m.get_ref('thresholds')),
                      protocol='sum_endpoint'),
       arcee_fusion=entry(protocol='sum_endpoint'),
+      tsv=entry(sweep=dict(alpha=m.get_ref('lambdas'))),
+      iso_c=entry(sweep=dict(alpha=m.get_ref('lambdas'))),
+      iso_cts=entry(sweep=dict(alpha=m.get_ref('lambdas'))),
+      knots=entry(sweep=lam),
+      consensus=entry(sweep=lam),
+      pcb=entry(sweep=lam),
+      # LiNeS rescales the update of an inner merge run at scale 1.
+      lines=entry(sweep=dict(beta=m.get_ref('lambdas')),
+                  inner=dict(arg='method', name='task_arithmetic', kwargs={})),
+      widen=entry(),
+      opcm=entry(),
+      # Methods that store per-task information and rebuild one model per
+      # task (`mergejax.methods.reconstruct`); twin with an oracle router.
+      tall_masks=entry(sweep=dict(tall_lambda=(0.2, 0.3, 0.4, 0.5, 0.6)),
+                       protocol='per_task'),
+      emr=entry(protocol='per_task'),
+      twin=entry(protocol='per_task'),
+      reversible=entry(dict(budget=max(1, k // 2)), protocol='per_task'),
+      # LoRA factor merges: the zoo's fine-tunes are dense.
+      lora_lego=entry(protocol='not_applicable'),
+      lora_svd=entry(protocol='not_applicable'),
   )
   for name in METHODS:
     methods.setdefault(name, entry(sweep=lam))
   config.methods = ml_collections.ConfigDict(methods)
   # Comma-separated methods to run, in this order ('' runs every entry).
-  config.methods_to_run = ('linear,average,task_arithmetic,ties,slerp,nuslerp'
+  # The smoke subset covers every protocol with methods that compile fast.
+  config.methods_to_run = ('linear,task_arithmetic,slerp,nuslerp,emr,lora_lego'
                            if smoke else ','.join(METHODS))
   return config

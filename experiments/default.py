@@ -28,7 +28,8 @@ from mergejax import zoo
 # Bump when the zoo's training code changes in a way the config does not show,
 # so that stale caches are not reused.
 ZOO_VERSION = 1
-PROTOCOLS = ('models', 'no_base', 'sum_endpoint', 'fold')
+PROTOCOLS = ('models', 'no_base', 'sum_endpoint', 'fold', 'per_task',
+             'not_applicable')
 
 
 def zoo_hash(config) -> str:
@@ -82,11 +83,15 @@ def _stack(trees):
 
 
 def merge_method(name: str, entry, base, fts: list, key: jax.Array):
-  """Merges with one method entry; returns ``(backbones [S, ...], values, notes)``.
+  """Merges with one method entry.
 
-  With a sweep, ``S`` is the grid size and the merge runs as one
-  ``jax.vmap``-ped call over the swept hyperparameter (one compilation);
-  otherwise ``S = 1``.
+  With a sweep, the merge runs as one ``jax.vmap``-ped call over the swept
+  hyperparameter (one compilation); otherwise once.
+
+  Returns:
+    ``(backbones, sweep, notes)``: ``backbones`` has a leading axis S (the
+    grid, or 1), and for the ``per_task`` protocol a second axis K (task i's
+    rebuilt model); ``sweep`` is ``(name, values)`` or None.
   """
   factory = getattr(mj.methods, name)
   notes = []
@@ -95,6 +100,9 @@ def merge_method(name: str, entry, base, fts: list, key: jax.Array):
   if len(sweep) > 1:
     raise ValueError(f'{name}: sweep one hyperparameter at a time, got '
                      f'{sorted(sweep)}.')
+  if 'inner' in entry:
+    inner = entry.inner
+    kwargs[inner.arg] = getattr(mj.methods, inner.name)(**inner.kwargs.to_dict())
   ok = _accepted(factory, list(kwargs) + list(sweep) + ['weight'])
   for n in [n for n in kwargs if n not in ok]:
     notes.append(f'{name}() takes no {n!r}; dropped')
@@ -115,7 +123,7 @@ def merge_method(name: str, entry, base, fts: list, key: jax.Array):
       kw = dict(kwargs, weight=[float(i - 1), 1.0]) if 'weight' in ok else kwargs
       m = mj.merge(factory(**kw), base, [m, ft], key=jax.random.fold_in(key, i))
     return _stack([m]), None, notes
-  if protocol == 'models':
+  if protocol in ('models', 'per_task'):
     b, models = base, fts
   elif protocol == 'no_base':
     b, models = None, fts
@@ -124,23 +132,28 @@ def merge_method(name: str, entry, base, fts: list, key: jax.Array):
     models = [jax.tree.map(lambda x0, *xs: x0 + sum(x - x0 for x in xs),
                            base, *fts)]
 
+  def one(**hp):
+    tx = factory(**kwargs, **hp)
+    if protocol != 'per_task':
+      return mj.merge(tx, b, models, key=key)
+    _, state = mj.merge(tx, b, models, key=key, return_state=True)
+    return _stack([mj.methods.reconstruct(state, b, i)
+                   for i in range(len(models))])
+
   if not sweep:
-    return _stack([mj.merge(factory(**kwargs), b, models, key=key)]), None, notes
+    return _stack([one()]), None, notes
   (pname, values), = sweep.items()
   values = [float(v) for v in values]
-
-  def one(v):
-    return mj.merge(factory(**kwargs, **{pname: v}), b, models, key=key)
-
   try:
-    out = jax.vmap(one)(jnp.asarray(values, jnp.float32))
+    out = jax.vmap(lambda v: one(**{pname: v}))(jnp.asarray(values,
+                                                           jnp.float32))
   except (jax.errors.ConcretizationTypeError,
           jax.errors.TracerBoolConversionError) as e:
     # A factory that branches in Python on a numeric hyperparameter breaks
     # the contract; still report it, one merge per value.
     notes.append(f'{pname} is not traceable in {name} ({type(e).__name__}); '
                  'swept with a Python loop')
-    out = _stack([one(v) for v in values])
+    out = _stack([one(**{pname: v}) for v in values])
   return out, (pname, values), notes
 
 
@@ -248,18 +261,26 @@ def main(config, workdir: str) -> dict[str, Any]:
   for name in order:
     entry = config.methods[name]
     rec = dict(protocol=entry.protocol, kwargs=entry.kwargs.to_dict())
-    if not hasattr(mj.methods, name):
-      rec.update(status='skipped',
-                 note=f'mergejax.methods has no {name!r} yet')
-      print(f'  skip {name}: not in mergejax.methods', flush=True)
+    if not hasattr(mj.methods, name) or entry.protocol == 'not_applicable':
+      why = ('not applicable to this zoo' if hasattr(mj.methods, name) else
+             f'mergejax.methods has no {name!r} yet')
+      rec.update(status='skipped', note=why)
+      print(f'  skip {name}: {why}', flush=True)
       methods[name] = rec
       continue
     t0 = time.perf_counter()
     try:
       key = jax.random.fold_in(merge_key, zlib.crc32(name.encode()))
       bbs, sweep, notes = merge_method(name, entry, base_bb, ft_bbs, key)
-      val = ev.accuracies(bbs, 'val').mean(axis=1)
-      test = ev.accuracies(bbs, 'test')
+      if entry.protocol == 'per_task':
+        s_ = jax.tree.leaves(bbs)[0].shape[0]
+        per = [jax.tree.map(lambda x, i=i: x[i], bbs) for i in range(s_)]
+        val = np.stack([ev.own_task_accuracies(p, 'val') for p in per])
+        test = np.stack([ev.own_task_accuracies(p, 'test') for p in per])
+        val = val.mean(axis=1)
+      else:
+        val = ev.accuracies(bbs, 'val').mean(axis=1)
+        test = ev.accuracies(bbs, 'test')
       best = int(np.argmax(val))  # first best: the smallest value on ties
       rec.update(status='ok', **_row(test[best], ft_acc, names))
       if sweep is not None:
@@ -336,7 +357,8 @@ def main(config, workdir: str) -> dict[str, Any]:
         f'fine-tuned) | every merge beats base: '
         f'{summary["all_merges_beat_base"]}')
   if summary['skipped']:
-    print(f'skipped (not in mergejax.methods yet): {summary["skipped"]}')
+    print(f'skipped (not in mergejax.methods yet, or not applicable): '
+          f'{summary["skipped"]}')
   if summary['errors']:
     print(f'errors (see results.json): {summary["errors"]}')
   tmp = os.path.join(workdir, 'results.json.tmp')

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
+import os
 import sys
 
 from absl import app
@@ -89,6 +90,11 @@ def _main(argv):
   if not flags.FLAGS['verbosity'].present:
     # Orbax logs every checkpoint step at INFO; keep the output to the table.
     logging.set_verbosity(logging.WARNING)
+  # Compiled merges are cached on disk next to the zoo, so a second run of the
+  # same experiment skips most compilation too.
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.config.update('jax_compilation_cache_dir',
+                    os.path.join(os.path.abspath(_WORKDIR.value), 'jax_cache'))
   run(_CONFIG.value, _WORKDIR.value)
 
 

@@ -41,12 +41,14 @@ def test_smoke_run_writes_results_and_plot(smoke_run):
   requested = default_config.get_config('smoke').methods_to_run.split(',')
   assert list(on_disk['methods']) == requested
   for name, rec in on_disk['methods'].items():
-    if hasattr(mj.methods, name):
+    if hasattr(mj.methods, name) and rec['protocol'] != 'not_applicable':
       assert rec['status'] == 'ok', (name, rec.get('error'))
       assert set(rec['accuracy']) == set(names)
       assert 0.0 <= rec['avg_accuracy'] <= 1.0
     else:
       assert rec['status'] == 'skipped'
+  if hasattr(mj.methods, 'emr'):  # per-task protocol
+    assert on_disk['methods']['emr']['status'] == 'ok'
   ta = on_disk['methods']['task_arithmetic']
   assert ta['sweep']['param'] == 'lambda_'
   assert len(ta['sweep']['val_avg_accuracy']) == len(ta['sweep']['values'])

@@ -58,6 +58,19 @@ class TaskEvaluator:
         np.asarray(_task_accuracies(self.model, jax.tree.map(
             lambda b, i=i: b[i], backbones), h, x, y)) for i in range(s)])
 
+  def own_task_accuracies(self, backbones: Params, split: str = 'test'
+                          ) -> np.ndarray:
+    """``[K]`` accuracies of K per-task backbones, backbone i on task i."""
+    x, y = self._data[split]
+    return np.asarray(_own_task_accuracies(self.model, backbones, self.heads,
+                                           x, y))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _own_task_accuracies(model, backbones, heads, x, y):
+  return jax.vmap(lambda b, h, xx, yy: _models.accuracy(model, b, h, xx, yy))(
+      backbones, heads, x, y)
+
 
 @functools.partial(jax.jit, static_argnums=0)
 def _task_accuracies(model, backbone, heads, x, y):
