@@ -11,11 +11,15 @@ import numpy as np
 import pytest
 
 import mergejax as mj
-from configs import default as default_config
-from experiments import default as experiment
 from mergejax import zoo
 
+# configs/ and experiments/ live at the repository root (not installed); make
+# them importable however pytest was started.
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+  sys.path.insert(0, ROOT)
+from configs import default as default_config  # pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments import default as experiment  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 @pytest.fixture(scope='module')
