@@ -310,6 +310,21 @@ def test_karcher_identities():
          np_karcher([a, b], max_iter=0), 1e-5)
 
 
+@pytest.mark.parametrize('max_iter', [1, 10])
+def test_karcher_batched_leaves_keep_their_own_stopping_rule(max_iter):
+  # Same-size leaves share one vmapped while_loop; each must still stop on
+  # its own (identical directions converge at once, random ones iterate).
+  a, b, c = _rand(9, (3, 4), 3)
+  d = _rand(10, (5,), 3)
+  models = [{'x': a, 'y': a * s, 'z': d[i], 'v': v}
+            for i, (s, v) in enumerate([(1., a), (2., b), (3., c)])]
+  got = mj.merge(mj.karcher(max_iter=max_iter), None,
+                 [jax.tree.map(jnp.asarray, m) for m in models])
+  for name in ('x', 'y', 'z', 'v'):
+    want = np_karcher([m[name] for m in models], max_iter=max_iter)
+    _close(np.asarray(got[name]), want, 1e-4)
+
+
 @settings
 @hypothesis.given(seed=seeds, shape=shapes, k=st.integers(2, 3),
                   filter_wise=st.booleans(),

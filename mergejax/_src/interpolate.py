@@ -448,43 +448,70 @@ def karcher(*, weights: Weights = None, max_iter: int | jax.Array = 10,
                                   base.static_fn.of(_karcher_update))
 
 
-def karcher_vectors(x: jax.Array, alphas: jax.Array, max_iter: jax.Array,
-                    tol: jax.Array) -> jax.Array:
-  """Karcher mean of the rows of ``x`` ``[K, n]`` with weights ``alphas`` ``[K]``."""
-  norms = _norm(x, keepdims=True)  # [K, 1]
-  units = jnp.where(norms == 0, 0.0, x / jnp.where(norms == 0, 1.0, norms))
-  valid = norms[:, 0] > tol
-  va = jnp.where(valid, alphas, 0.0)
-  vsum = jnp.sum(va)
-  any_valid = jnp.any(valid)
-  na = va / jnp.where(any_valid, vsum, 1.0)
-  mean = jnp.sum(units * na[:, None], axis=0)
-  mnorm = _norm(mean)
-  first = units[jnp.argmax(valid)]
-  mean = jnp.where(mnorm < tol, first, mean / jnp.where(mnorm < tol, 1.0, mnorm))
+def karcher_vectors(xs: Sequence[jax.Array], alphas: jax.Array,
+                    max_iter: jax.Array, tol: jax.Array) -> list[jax.Array]:
+  """Karcher means of several stacks ``x`` ``[K, n]`` (one per leaf), weights ``[K]``.
 
-  def cond(carry):
-    i, _, done = carry
-    return (i < max_iter) & ~done
+  Each stack is its own problem with its own stopping rule, but stacks of the
+  same size are batched (``vmap``) and all of them iterate in **one**
+  ``lax.while_loop`` (a finished stack is frozen): compile time grows with the
+  number of distinct leaf sizes, not the number of leaves.
+  """
+  groups: dict[int, list[int]] = {}
+  for idx, x in enumerate(xs):
+    groups.setdefault(x.shape[-1], []).append(idx)
+  order = list(groups.values())
 
-  def body(carry):
-    i, mu, _ = carry
+  def prepare(x):
+    norms = _norm(x, keepdims=True)  # [K, 1]
+    units = jnp.where(norms == 0, 0.0, x / jnp.where(norms == 0, 1.0, norms))
+    valid = norms[:, 0] > tol
+    va = jnp.where(valid, alphas, 0.0)
+    any_valid = jnp.any(valid)
+    na = va / jnp.where(any_valid, jnp.sum(va), 1.0)
+    mean = jnp.sum(units * na[:, None], axis=0)
+    mnorm = _norm(mean)
+    first = units[jnp.argmax(valid)]
+    mean = jnp.where(mnorm < tol, first,
+                     mean / jnp.where(mnorm < tol, 1.0, mnorm))
+    return norms[:, 0], units, valid, na, any_valid, mean
+
+  def step(mu, done, units, valid, na):
     dot = jnp.clip(units @ mu, -1.0, 1.0)  # [K]
     theta = jnp.arccos(dot)
     use = valid & (theta >= tol)
     coef = jnp.where(use, na * theta / jnp.where(use, jnp.sin(theta), 1.0), 0.0)
     tangent = jnp.sum(coef[:, None] * (units - dot[:, None] * mu[None]), axis=0)
     tn = _norm(tangent)
-    done = tn < tol
-    step = jnp.cos(tn) * mu + jnp.sin(tn) * (tangent / jnp.where(done, 1.0, tn))
-    un = _norm(step)
-    step = jnp.where(un > tol, step / jnp.where(un > tol, un, 1.0), step)
-    return i + 1, jnp.where(done, mu, step), done
+    fin = tn < tol
+    new = jnp.cos(tn) * mu + jnp.sin(tn) * (tangent / jnp.where(fin, 1.0, tn))
+    un = _norm(new)
+    new = jnp.where(un > tol, new / jnp.where(un > tol, un, 1.0), new)
+    return jnp.where(done | fin, mu, new), done | fin
 
-  _, mean, _ = jax.lax.while_loop(cond, body,
-                                  (jnp.int32(0), mean, jnp.bool_(False)))
-  scale = jnp.sum(alphas * norms[:, 0])
-  return jnp.where(any_valid, scale * mean, 0.0)
+  prep = [jax.vmap(prepare)(jnp.stack([xs[i] for i in g])) for g in order]
+  vstep = jax.vmap(step)
+
+  def cond(carry):
+    i, _, dones = carry
+    return (i < max_iter) & ~jnp.all(jnp.concatenate(dones))
+
+  def body(carry):
+    i, mus, dones = carry
+    new = [vstep(mu, done, p[1], p[2], p[3])
+           for mu, done, p in zip(mus, dones, prep)]
+    return (i + 1, tuple(n[0] for n in new), tuple(n[1] for n in new))
+
+  init = (jnp.int32(0), tuple(p[5] for p in prep),
+          tuple(jnp.zeros(len(g), bool) for g in order))
+  _, means, _ = jax.lax.while_loop(cond, body, init)
+  out: list[jax.Array] = [None] * len(xs)  # type: ignore[list-item]
+  for g, mean, (norms, _, _, _, any_valid, _) in zip(order, means, prep):
+    scale = jnp.sum(alphas[None] * norms, axis=1, keepdims=True)  # [G, 1]
+    res = jnp.where(any_valid[:, None], scale * mean, 0.0)
+    for row, idx in enumerate(g):
+      out[idx] = res[row]
+  return out
 
 
 def _karcher_update(updates, state, params=None, *, key=None):
@@ -492,15 +519,13 @@ def _karcher_update(updates, state, params=None, *, key=None):
   k = _num_models(updates)
   w = checks.per_model(state.weights, k, 'karcher weights')
   alphas = w / jnp.sum(w)
-
-  def fn(u):
-    if k == 1:
-      return u[0].astype(F32)  # mergekit returns a single input unchanged
-    x = u.astype(F32).reshape(k, -1)
-    return karcher_vectors(x, alphas, state.max_iter, state.tol).reshape(
-        u.shape[1:])
-
-  return jax.tree.map(fn, updates), state
+  leaves, treedef = jax.tree.flatten(updates)
+  if k == 1:  # mergekit returns a single input unchanged
+    return jax.tree.unflatten(treedef, [u[0].astype(F32) for u in leaves]), state
+  means = karcher_vectors([u.astype(F32).reshape(k, -1) for u in leaves],
+                          alphas, state.max_iter, state.tol)
+  out = [m.reshape(u.shape[1:]) for m, u in zip(means, leaves)]
+  return jax.tree.unflatten(treedef, out), state
 
 
 # ----------------------------------------------------------------------------
