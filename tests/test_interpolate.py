@@ -257,6 +257,19 @@ def test_nuslerp_zero_weight_sum_and_endpoints():
   _close(_merge(mj.nuslerp([0., 1.]), base, [a, b]), b, 1e-5)
 
 
+def test_use_base_false_composes_with_task_vectors():
+  # The "relative to base" forms are the base-less primitives between
+  # task_vectors and apply_updates.
+  base, a, b, c = _rand(11, (3, 4), 4)
+  for rel, absolute, models in [
+      (mj.nuslerp([1., 2.], flatten=False), mj.nuslerp([1., 2.], flatten=False,
+                                                      use_base=False), [a, b]),
+      (mj.multislerp([1., 2., 3.]), mj.multislerp([1., 2., 3.], use_base=False),
+       [a, b, c])]:
+    chained = mj.chain(mj.task_vectors(), absolute, mj.apply_updates())
+    _close(_merge(chained, base, models), _merge(rel, base, models), 1e-5)
+
+
 @settings
 @hypothesis.given(seed=seeds, k=st.integers(2, 3), with_base=st.booleans(),
                   normalize=st.booleans())
