@@ -512,3 +512,8 @@ def test_bad_hyperparameters_raise():
     mj.karcher(weights=[1., -1.])
   with pytest.raises(ValueError, match='t must'):
     mj.slerp(float('nan'))
+  with pytest.raises(ValueError, match='sum to zero'):
+    mj.multislerp([1., -1.])
+  with pytest.raises(ValueError, match='sum to zero'):
+    mj.karcher(weights=[0., 0.])
+  mj.multislerp([1., -1.], normalize_weights=False)  # fine unnormalized

@@ -75,6 +75,13 @@ def _check_count(name: str, k: int, *, exactly: int | None = None,
         f'{what}')
 
 
+def _check_weight_sum(w: jax.Array, name: str) -> None:
+  # Concrete weights only: traced sweeps cannot be checked before running.
+  if checks.is_concrete(w) and w.ndim and abs(float(jnp.sum(w))) < 1e-12:
+    raise ValueError(f'{name}: weights {w.tolist()} sum to zero, so normalizing '
+                     'them divides by zero.')
+
+
 def _need_base(name: str, params: Any) -> None:
   if params is None:
     raise ValueError(f'{name}: ' + base.NO_PARAMS_MSG)
@@ -356,6 +363,8 @@ def multislerp(weight: Weights = None, *, normalize_weights: bool = True,
     Array([1.414..., 1.414...], dtype=float32)
   """
   w = checks.hparam(1.0 if weight is None else weight, 'weight')
+  if normalize_weights:
+    _check_weight_sum(w, 'multislerp')
   e = checks.hparam(eps, 'eps', low=0.0)
   return base.MergeTransformation(
       lambda params: MultislerpState(w, e),
@@ -440,6 +449,7 @@ def karcher(*, weights: Weights = None, max_iter: int | jax.Array = 10,
     Array([2.121..., 2.121...], dtype=float32)
   """
   w = checks.hparam(1.0 if weights is None else weights, 'weights', low=0.0)
+  _check_weight_sum(w, 'karcher')
   it = jnp.asarray(max_iter, jnp.int32)
   if checks.is_concrete(it) and int(it) < 0:
     raise ValueError(f'max_iter must be >= 0, got {int(it)}.')
