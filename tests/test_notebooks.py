@@ -15,7 +15,8 @@ NOTEBOOKS = sorted(glob.glob(os.path.join(ROOT, 'colab', '*.ipynb')))
 def test_there_are_notebooks():
   names = {os.path.basename(p) for p in NOTEBOOKS}
   assert {'01_quickstart.ipynb', '02_custom_pipeline.ipynb',
-          '03_sweep_vmap.ipynb'} <= names
+          '03_sweep_vmap.ipynb', '04_rebasin.ipynb',
+          '05_llm_safetensors_sharded.ipynb'} <= names
 
 
 @pytest.mark.parametrize('path', NOTEBOOKS, ids=os.path.basename)
