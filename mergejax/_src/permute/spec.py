@@ -327,12 +327,14 @@ def check_spec(spec: PermutationSpec, apply_fn, variables: Any, *inputs: Any,
     AssertionError: naming the largest output difference if the permuted
       model computes something else (the spec misses a symmetry constraint).
   """
+  apply_fn = jax.jit(apply_fn)
+  permute_fn = jax.jit(lambda p, v: apply_permutation(spec, p, v))
   ref = apply_fn(variables, *inputs)
   scale = max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(ref)) or 1.0
   perms = {}
   for k in jax.random.split(key, trials):
     perms = random_permutations(spec, variables, k)
-    out = apply_fn(apply_permutation(spec, perms, variables), *inputs)
+    out = apply_fn(permute_fn(perms, variables), *inputs)
     for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(out)):
       err = float(jnp.max(jnp.abs(a - b)))
       if not err <= atol * scale + rtol * float(jnp.max(jnp.abs(a))):
