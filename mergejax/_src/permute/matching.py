@@ -362,7 +362,9 @@ def objective(spec: PermutationSpec, reference: Any, other: Any,
 def _seed(key) -> int:
   if key is None:
     return 0
-  return int(np.asarray(jax.random.bits(key, dtype=jnp.uint32)))
+  # Host-side hash of the key bits: no device computation (nothing to compile).
+  data = np.asarray(jax.random.key_data(key)).astype(np.uint64).ravel()
+  return int(np.bitwise_xor.reduce(data * np.uint64(0x9E3779B1)) % (2**32))
 
 
 def weight_matching(spec: PermutationSpec, reference: Any, other: Any, *,
@@ -436,6 +438,7 @@ def weight_matching(spec: PermutationSpec, reference: Any, other: Any, *,
     perms, costs, sweeps = _host_matching(spec, resolved, ref_flat, oth_flat,
                                           perms0, _seed(key), max_iter,
                                           incremental=incremental)
+    obj = _host_objective(resolved, ref_flat, oth_flat, perms, spec.nested)
     perms = {g: jnp.asarray(p) for g, p in perms.items()}
     costs = {g: jnp.asarray(c, jnp.float32) for g, c in costs.items()}
   else:
@@ -443,7 +446,9 @@ def weight_matching(spec: PermutationSpec, reference: Any, other: Any, *,
     perms, sweeps = _jax_matching(spec, resolved, ref_flat, oth_flat, perms0,
                                   key, max_iter, solver)
     costs = None
+    obj = None
     if return_costs:
+      obj = objective(spec, reference, other, perms)
       plan = _plan(spec, resolved)
       costs = {}
       for g in plan.groups:
@@ -451,8 +456,16 @@ def weight_matching(spec: PermutationSpec, reference: Any, other: Any, *,
         costs[g] = c
   if not return_costs:
     return perms
-  return MatchingResult(perms, costs, objective(spec, reference, other, perms),
-                        sweeps)
+  return MatchingResult(perms, costs, obj, sweeps)
+
+
+def _host_objective(resolved, a_flat, b_flat, perms, nested):
+  total = 0.0
+  for path, ax in resolved.items():
+    if any(g is not None for g in ax):
+      b = _apply_leaf(np, np.asarray(b_flat[path], np.float32), ax, perms, nested)
+      total += float(np.vdot(np.asarray(a_flat[path], np.float64), b))
+  return np.float32(total)
 
 
 def host_permutations_callback(spec: PermutationSpec, reference: Any,
