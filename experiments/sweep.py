@@ -113,7 +113,9 @@ def main(config, workdir: str) -> dict[str, Any]:
             for s in range(test.shape[0])]
 
   t0 = time.perf_counter()
-  res = mj.run_sweep(config, points, job, workdir=workdir,
+  static = [n.strip() for n in config.sweep.get('static', '').split(',')
+            if n.strip()]
+  res = mj.run_sweep(config, points, job, workdir=workdir, static=static,
                      progress=None if config.progress else False)
   seconds = time.perf_counter() - t0
   best = max(range(len(res.rows)), key=lambda i: res.rows[i]['val_acc'])

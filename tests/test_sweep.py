@@ -140,3 +140,37 @@ def test_parse_arg():
 def test_build_method_unknown():
   with pytest.raises(ValueError, match='task_arithmetic'):
     sweep_lib.build_method({'method': 'task_arithmatic'})
+
+
+def test_apply_overrides_keeps_references():
+  cfg = ml_collections.ConfigDict({'merge': {'density': 0.2}})
+  cfg.methods = ml_collections.ConfigDict(
+      {'ties': {'density': cfg.merge.get_ref('density')}})
+  cfg.lock()
+  new = sweep_lib.apply_overrides(cfg, {'merge.density': 0.5})
+  assert new.methods.ties.density == 0.5 and cfg.methods.ties.density == 0.2
+  assert new.is_locked
+
+
+def test_static_floats_are_structural():
+  structural, numeric = sweep_lib.split_overrides(
+      {'merge.density': 0.2, 'merge.frac': 0.8}, static=('config.merge.frac',))
+  assert set(numeric) == {'merge.density'} and set(structural) == {'merge.frac'}
+  calls = []
+
+  def job(cfg, numeric):
+    calls.append(cfg.merge.frac)
+    return [{}] * len(numeric['lambda_'])
+
+  cfg = _config(frac=0.5)
+  pts = mj.product(mj.sweep('merge.frac', [0.5, 0.8]),
+                   mj.sweep('merge.lambda_', [0.1, 0.2]))
+  res = mj.run_sweep(cfg, pts, job, static=['merge.frac'])
+  assert res.groups == 2 and calls == [0.5, 0.8]
+
+
+def test_untraceable_hyperparameter_error():
+  base, models = _zoo(k=2)
+  with pytest.raises(ValueError, match='static='):
+    sweep_lib.merge_sweep({'method': 'iso_cts'},
+                          {'common_space_fraction': [0.5, 0.8]}, base, models)

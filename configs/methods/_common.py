@@ -76,8 +76,11 @@ def method_config(method: str, variants: dict, arg=None, *,
   config.merge = ml_collections.ConfigDict(dict(method=method,
                                                 **variants[a.variant]))
   sweep = dict(sweep or {}) if a.sweep else {}
+  # static: comma-separated names of float fields to sweep as structural
+  # variants (one compile each) rather than vmapped.
   config.sweep = ml_collections.ConfigDict(dict(
-      product=sweep.get('product', ''), zip=sweep.get('zip', '')))
+      product=sweep.get('product', ''), zip=sweep.get('zip', ''),
+      static=sweep.get('static', '')))
   return config
 
 

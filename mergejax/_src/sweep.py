@@ -22,6 +22,7 @@ factory's keyword arguments; `build_method` turns it into a transformation.
 from __future__ import annotations
 
 import ast
+import copy
 import csv
 import dataclasses
 import functools
@@ -173,9 +174,9 @@ def apply_overrides(config: ml_collections.ConfigDict,
     KeyError: from ml_collections, naming the valid fields, on a typo such as
       ``{'merge.densty': 0.3}`` when ``config`` is locked.
   """
-  new = ml_collections.ConfigDict(config.to_dict(), type_safe=True)
-  if config.is_locked:
-    new.lock()
+  # deepcopy keeps the lock and the FieldReferences between fields (e.g.
+  # configs/default.py's shared merge.density), which to_dict() would resolve.
+  new = copy.deepcopy(config)
   new.update_from_flattened_dict({k.removeprefix('config.'): v
                                   for k, v in overrides.items()})
   return new
@@ -375,7 +376,17 @@ def merge_sweep(merge_config: Mapping[str, Any],
   # Validate once, eagerly (the values are concrete here, not inside the jit).
   checks.check_models(base, models, base_required=False)
   get_method(method)
-  return _merge_sweep(method, static, numeric, base, models, key)
+  try:
+    return _merge_sweep(method, static, numeric, base, models, key)
+  except (jax.errors.ConcretizationTypeError,
+          jax.errors.TracerBoolConversionError,
+          jax.errors.TracerIntegerConversionError) as e:
+    raise ValueError(
+        f'mergejax.methods.{method} cannot trace {sorted(numeric)}: one of '
+        'them sets shapes or Python control flow, so it cannot be vmapped. '
+        'Sweep it as a structural variant: run_sweep(..., static=('
+        f"'merge.<name>',)) (or config.sweep.static). Cause: "
+        f'{type(e).__name__}.') from e
 
 
 # ----------------------------------------------------------------------------
@@ -423,15 +434,18 @@ def format_table(rows: Sequence[Mapping[str, Any]],
   return '\n'.join(lines)
 
 
-def split_overrides(point: Overrides, prefix: str = 'merge.'
-                    ) -> tuple[Overrides, Overrides]:
+def split_overrides(point: Overrides, prefix: str = 'merge.',
+                    static: Sequence[str] = ()) -> tuple[Overrides, Overrides]:
   """Splits a point into (structural, numeric) overrides.
 
   Numeric: float (or tuple-of-float) values under ``prefix``; they become
-  traced arguments of one vmapped merge. Everything else is structural.
+  traced arguments of one vmapped merge. Everything else is structural, and so
+  are the names in ``static`` (floats that set shapes, e.g. Iso-CTS's
+  ``common_space_fraction``).
   """
+  static = {k.removeprefix('config.') for k in static}
   numeric = {k: v for k, v in point.items()
-             if k.startswith(prefix) and _is_numeric(v)}
+             if k.startswith(prefix) and _is_numeric(v) and k not in static}
   structural = {k: v for k, v in point.items() if k not in numeric}
   return structural, numeric
 
@@ -450,6 +464,7 @@ def run_sweep(config: ml_collections.ConfigDict,
               key: jax.Array | None = None,
               workdir: str | os.PathLike[str] | None = None,
               vmap: bool = True,
+              static: Sequence[str] = (),
               progress: bool | None = None) -> SweepResult:
   """Runs a sweep: one vmapped call per structural variant, one table.
 
@@ -476,6 +491,8 @@ def run_sweep(config: ml_collections.ConfigDict,
     workdir: if given, writes ``sweep.json`` and ``sweep.csv`` there.
     vmap: group numeric points into vmapped calls; False runs one job per point
       (a loop, for comparison).
+    static: override names to treat as structural even when they are floats
+      (hyperparameters that set shapes or Python control flow).
     progress: show a progress bar over jobs (None: only on a terminal).
 
   Returns:
@@ -503,7 +520,7 @@ def run_sweep(config: ml_collections.ConfigDict,
   # Group points by their structural overrides, keeping first-seen order.
   groups: dict[Any, list[int]] = {}
   for i, p in enumerate(points):
-    structural, numeric = split_overrides(p)
+    structural, numeric = split_overrides(p, static=static)
     gkey = (_freeze(structural), tuple(sorted(numeric))) if vmap else i
     groups.setdefault(gkey, []).append(i)
 
@@ -512,7 +529,7 @@ def run_sweep(config: ml_collections.ConfigDict,
       list(groups.values()), desc='sweep', unit='job', enable=progress)):
     first = points[idx[0]]
     cfg = apply_overrides(config, first)
-    _, numeric0 = split_overrides(first)
+    _, numeric0 = split_overrides(first, static=static)
     # With vmap=False the job sees the point's full config and no numeric
     # values: a plain loop, one merge per point (for comparison).
     numeric = {k.removeprefix('merge.'):
