@@ -1,0 +1,46 @@
+r"""Iso-CTS, common and task-specific subspaces (Marczak et al., 2025).
+
+``fusionbench``: ``common_space_fraction`` 0.8, ``alpha`` 1.0 (``table``: 1.5).
+``common_space_fraction`` sets ranks: sweep it with ``static``.
+Other presets: ``:variant=table``.
+
+Run the default sweep over the digits zoo, or one point (``sweep=False``):
+
+  python -m experiments.main --config=configs/methods/iso_cts.py --workdir=workdir
+  python -m experiments.main \
+      --config=configs/methods/iso_cts.py:variant=fusionbench,zoo=smoke,sweep=False \
+      --workdir=/tmp/iso_cts
+"""
+
+import importlib.util
+import os
+
+
+# The default sweep (``:sweep=False`` turns it off); floats vmap in one call.
+SWEEP = dict(
+    product=('merge.alpha=(0.5, 1.0, 1.5, 2.0); '
+             'merge.common_space_fraction=(0.5, 0.8)'),
+    static='merge.common_space_fraction',
+)
+
+
+def _common():
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), '_common.py')
+  spec = importlib.util.spec_from_file_location('_mergejax_cfg_common', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def get_config(arg=None):
+  c = _common()
+  variants = dict(
+      fusionbench=dict(
+          alpha=1.0,
+          common_space_fraction=0.8),
+      table=dict(
+          alpha=1.5,
+          common_space_fraction=0.8),
+  )
+  return c.method_config('iso_cts', variants, arg, sweep=SWEEP,
+                         protocol='models')
