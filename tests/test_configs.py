@@ -113,7 +113,8 @@ def test_config_merges_and_sweeps(path):
     return [{'norm': float(jnp.linalg.norm(out['dense']['kernel'][i]))}
             for i in range(n)]
 
-  res = mj.run_sweep(cfg, points, job)
+  static = [n for n in cfg.sweep.static.split(',') if n.strip()]
+  res = mj.run_sweep(cfg, points, job, static=static)
   assert len(res.rows) == len(points)
   assert all(np.isfinite(r['norm']) for r in res.rows)
 
