@@ -31,9 +31,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import mergejax as mj
+from mergejax import plotting
 from mergejax import zoo
 from mergejax._src import merge as merge_lib
-from mergejax._src import plotting
 from mergejax._src import sweep as sweep_lib
 
 from experiments import default as default_exp

@@ -1,4 +1,4 @@
-"""Per-method configs: load, lock, typos fail naming fields, every method runs."""
+"""Per-method configs: load locked, typos name the fields, every method runs."""
 
 import glob
 import json

@@ -1,4 +1,4 @@
-"""Sweeps: product/zip, vmapped sweep == loop, one compile, structural groups."""
+"""Sweeps: product/zip, vmapped == loop, one compile, structural groups."""
 
 import json
 
@@ -89,7 +89,8 @@ def test_run_sweep_groups_and_table(tmp_path):
   calls = []
 
   def job(cfg, numeric):
-    calls.append((cfg.merge.method, {k: v.tolist() for k, v in numeric.items()}))
+    calls.append((cfg.merge.method,
+                  {k: v.tolist() for k, v in numeric.items()}))
     n = len(numeric['lambda_'])
     return [{'m': cfg.merge.method, 'lam': float(numeric['lambda_'][i])}
             for i in range(n)]

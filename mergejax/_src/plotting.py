@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -38,7 +39,7 @@ _PALETTE = ('#4477AA', '#EE6677', '#228833', '#CCBB44', '#66CCEE', '#AA3377',
 
 def _plt():
   import matplotlib  # pylint: disable=g-import-not-at-top
-  if not os.environ.get('DISPLAY') and 'ipykernel' not in __import__('sys').modules:
+  if not os.environ.get('DISPLAY') and 'ipykernel' not in sys.modules:
     matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   return plt

@@ -101,7 +101,7 @@ def product(*axes: Axis) -> list[Overrides]:
   Example:
     >>> import mergejax as mj
     >>> mj.product(mj.sweep('merge.density', [0.1, 0.2]),
-    ...            {'merge.lambda_': [0.5, 1.0]})  # doctest: +NORMALIZE_WHITESPACE
+    ...            {'merge.lambda_': [0.5, 1.0]})
     [{'merge.density': 0.1, 'merge.lambda_': 0.5},
      {'merge.density': 0.1, 'merge.lambda_': 1.0},
      {'merge.density': 0.2, 'merge.lambda_': 0.5},
@@ -118,7 +118,8 @@ def zip_(*axes: Axis) -> list[Overrides]:
     >>> import mergejax as mj
     >>> mj.zip_(mj.sweep('merge.density', [0.1, 0.2]),
     ...         mj.sweep('merge.lambda_', [1.0, 0.5]))
-    [{'merge.density': 0.1, 'merge.lambda_': 1.0}, {'merge.density': 0.2, 'merge.lambda_': 0.5}]
+    [{'merge.density': 0.1, 'merge.lambda_': 1.0},
+     {'merge.density': 0.2, 'merge.lambda_': 0.5}]
   """
   lists = [_as_axis(a) for a in axes]
   lengths = {len(l) for l in lists}
@@ -132,7 +133,7 @@ zip_sweep = zip_
 
 
 def parse_sweep(product_spec: str = '', zip_spec: str = '') -> list[Overrides]:
-  """Parses sweep strings from a config (so they can be set on the command line).
+  """Parses sweep strings from a config (settable on the command line).
 
   Each string is ``'name=values; name=values'`` with ``values`` a Python
   literal tuple or list. Entries of ``product_spec`` are crossed; entries of
@@ -141,7 +142,8 @@ def parse_sweep(product_spec: str = '', zip_spec: str = '') -> list[Overrides]:
   Example:
     >>> from mergejax._src.sweep import parse_sweep
     >>> parse_sweep('merge.density=(0.1, 0.2)', 'merge.lambda_=(1.,);seed=(3,)')
-    [{'merge.lambda_': 1.0, 'seed': 3, 'merge.density': 0.1}, {'merge.lambda_': 1.0, 'seed': 3, 'merge.density': 0.2}]
+    [{'merge.lambda_': 1.0, 'seed': 3, 'merge.density': 0.1},
+     {'merge.lambda_': 1.0, 'seed': 3, 'merge.density': 0.2}]
   """
   def entries(spec):
     out = []
@@ -259,8 +261,9 @@ def load_config(spec: str | os.PathLike[str], *, lock: bool = True
   return config
 
 
-def method_kwargs(merge_config: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
-  """Splits a ``config.merge`` section into ``(method name, factory kwargs)``."""
+def method_kwargs(merge_config: Mapping[str, Any]
+                  ) -> tuple[str, dict[str, Any]]:
+  """Splits a ``config.merge`` section into ``(method, factory kwargs)``."""
   d = dict(merge_config.to_dict() if hasattr(merge_config, 'to_dict')
            else merge_config)
   if 'method' not in d:
@@ -576,7 +579,7 @@ def _to_python(metrics: Mapping[str, Any]) -> dict[str, Any]:
 def write_table(rows: Sequence[Mapping[str, Any]],
                 workdir: str | os.PathLike[str],
                 name: str = 'sweep') -> str:
-  """Writes ``<name>.json``, ``<name>.csv`` and ``<name>.md``; returns the JSON path."""
+  """Writes ``<name>.json``, ``.csv`` and ``.md``; returns the JSON path."""
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   json_path = workdir / f'{name}.json'
