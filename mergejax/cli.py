@@ -24,6 +24,8 @@ import time
 import warnings
 from typing import Any, Sequence
 
+import yaml
+
 LOG = logging.getLogger('mergejax')
 
 # Tensors that transformers ties to another one (tie_word_embeddings): a model
@@ -242,7 +244,7 @@ def run_merge(config: str | dict, out_dir: str, *, out_shard_size: int | str =
               '5B', dtype: str | None = None, compute_dtype: str | None = None,
               seed: int | None = None, overwrite: bool = False,
               progress: bool = False, truncate_embeddings: bool = False,
-              prefetch_bytes: int = 1 << 30, threads: int = 4,
+              prefetch_bytes: int = 1 << 29, threads: int = 4,
               copy_tokenizer: bool = False):
   """Runs a mergekit YAML config (path, YAML text or dict) into ``out_dir``.
 
@@ -280,7 +282,9 @@ def run_merge(config: str | dict, out_dir: str, *, out_shard_size: int | str =
         jobs, out_dir, config=conf, max_shard_size=parse_size(out_shard_size),
         prefetch_bytes=prefetch_bytes, threads=threads, overwrite=overwrite,
         progress=progress, global_trim=hook,
-        metadata={'mergejax_method': cfg.merge_method}, copy_files=copy)
+        metadata={'mergejax_method': cfg.merge_method}, copy_files=copy,
+        extra_files={'mergekit_config.yml': yaml.safe_dump(cfg.raw,
+                                                          sort_keys=False)})
   finally:
     for r in readers.values():
       r.close()
@@ -323,8 +327,9 @@ def _parser() -> argparse.ArgumentParser:
                  help='replace a non-empty OUT_DIR')
   m.add_argument('--unsafe-truncate-embeddings', action='store_true',
                  help='crop vocabulary tensors to the smallest vocabulary')
-  m.add_argument('--prefetch', default='1G', type=parse_size,
-                 help='read-ahead budget (input bytes in flight), default 1G')
+  m.add_argument('--prefetch', default='512MiB', type=parse_size,
+                 help='read-ahead budget (input bytes in flight), default '
+                 '512MiB; lower it to save memory, raise it on fast disks')
   m.add_argument('--threads', type=int, default=4, help='reader threads')
   m.add_argument('--quiet', action='store_true', help='no progress bar')
   m.add_argument('--copy-tokenizer', dest='copy_tokenizer',

@@ -236,6 +236,7 @@ def test_killed_merge_leaves_nothing_complete_and_rerun_succeeds(tiny,
   # A rerun succeeds and removes the dead run's temporary directory.
   assert cli.main(['merge', path, str(out), '--quiet']) == 0
   assert sorted(os.listdir(tmp_path)) == ['cfg.yml', 'out']
+  assert 'mergekit_config.yml' in os.listdir(out)
   assert len(st.CheckpointReader(str(out)).keys()) == len(_names(tiny['base']))
 
 

@@ -207,7 +207,9 @@ def test_cli_matches_mergekit(case, ckpts, tmp_path):
   # Same output layout: file names and the config's layer count / dtype.
   mk = {f for f in os.listdir(tmp_path / 'mergekit')
         if f.endswith(('.safetensors', '.json'))}
-  mj = set(os.listdir(tmp_path / 'mergejax')) - {'mergekit_config.yml'}
+  mj = {f for f in os.listdir(tmp_path / 'mergejax')
+        if f.endswith(('.safetensors', '.json'))}
+  assert 'mergekit_config.yml' in os.listdir(tmp_path / 'mergejax')
   assert mk == mj
   c_mk = st.CheckpointReader(str(tmp_path / 'mergekit')).config()
   c_mj = st.CheckpointReader(str(tmp_path / 'mergejax')).config()

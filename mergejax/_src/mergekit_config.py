@@ -488,7 +488,7 @@ def _resolve_tensor_params(spec: MethodSpec, cfg: MergeConfig, sl: Slice,
 
 def plan(cfg: MergeConfig, tensor_names: Callable[[str], Sequence[str]],
          model_configs: Callable[[str], Mapping[str, Any] | None]
-         ) -> list[TensorTask]:
+         ) -> tuple[list[TensorTask], int]:
   """Expands a config into one `TensorTask` per output tensor.
 
   Args:
@@ -497,7 +497,8 @@ def plan(cfg: MergeConfig, tensor_names: Callable[[str], Sequence[str]],
     model_configs: ``model_path -> config.json dict`` (or None).
 
   Returns:
-    The tasks in output order: pre-weights, layers, post-weights.
+    ``(tasks, n_layers)``: the tasks in output order (pre-weights, layers,
+    post-weights) and the number of output layers.
   """
   spec = cfg.spec
   counts = {m: num_layers(tensor_names(m), model_configs(m))
@@ -582,6 +583,8 @@ def output_config(cfg: MergeConfig, model_configs: Callable[[str], Any],
   conf = dict(conf)
   if out_dtype is not None:
     conf['torch_dtype'] = out_dtype
+    if 'dtype' in conf:  # transformers >= 4.56 spelling
+      conf['dtype'] = out_dtype
   if cfg.slices is not None and 'num_hidden_layers' in conf:
     conf['num_hidden_layers'] = n_layers
   return conf

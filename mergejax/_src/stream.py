@@ -256,11 +256,12 @@ class StreamStats:
 def run_jobs(jobs: Sequence[Job], out_dir: str, *,
              config: dict[str, Any] | None = None,
              max_shard_size: int = st.DEFAULT_SHARD_SIZE,
-             prefetch_bytes: int = 1 << 30, threads: int = 4,
+             prefetch_bytes: int = 1 << 29, threads: int = 4,
              overwrite: bool = False, progress: bool = False,
              global_trim: Callable[[np.ndarray], None] | None = None,
              metadata: dict[str, str] | None = None,
-             copy_files: Sequence[str] = ()) -> StreamStats:
+             copy_files: Sequence[str] = (),
+             extra_files: dict[str, str] | None = None) -> StreamStats:
   """Runs ``jobs`` and writes the results as an HF checkpoint, atomically.
 
   Args:
@@ -277,6 +278,8 @@ def run_jobs(jobs: Sequence[Job], out_dir: str, *,
     metadata: extra safetensors header metadata.
     copy_files: files copied into the output (e.g. tokenizer files) before
       it is renamed into place.
+    extra_files: ``{file name: text}`` written into the output likewise
+      (e.g. ``mergekit_config.yml``, as mergekit writes).
 
   Returns:
     A `StreamStats`.
@@ -350,6 +353,9 @@ def run_jobs(jobs: Sequence[Job], out_dir: str, *,
     writer.finalize(config)
     for f in copy_files:
       shutil.copy(f, os.path.join(tmp, os.path.basename(f)))
+    for name, text in (extra_files or {}).items():
+      with open(os.path.join(tmp, name), 'w') as fh:
+        fh.write(text)
   stats.compiles = compile_count() - compiles0
   stats.seconds = time.perf_counter() - t0
   return stats
@@ -362,7 +368,7 @@ def stream_merge(transformation: base_lib.MergeTransformation,
                  key: jax.Array | None = None, out_dtype: Any = None,
                  names: Sequence[str] | None = None,
                  max_shard_size: int = st.DEFAULT_SHARD_SIZE,
-                 prefetch_bytes: int = 1 << 30, threads: int = 4,
+                 prefetch_bytes: int = 1 << 29, threads: int = 4,
                  overwrite: bool = False, progress: bool = False
                  ) -> StreamStats:
   """Merges HF safetensors checkpoints tensor by tensor into ``out_dir``.
