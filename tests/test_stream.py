@@ -164,7 +164,7 @@ _BIG_SCRIPT = textwrap.dedent('''
     from mergejax import cli
     t0 = time.perf_counter()
     stats = cli.run_merge(sys.argv[1], sys.argv[2], progress=False,
-                          out_shard_size='2G')
+                          out_shard_size='2G', overwrite=True)
     print(json.dumps({'seconds': time.perf_counter() - t0,
                       'tensors': stats.tensors, 'compiles': stats.compiles,
                       'read_GB': stats.bytes_read / 1e9,
@@ -202,8 +202,7 @@ def test_three_1b_models_under_6gib(tmp_path_factory, method):
   out = os.path.join(root, f'out_{method}')
   res = subprocess.run(
       [sys.executable, '-c', _BIG_SCRIPT, cfg_path, out, ],
-      capture_output=True, text=True, check=True,
-      env={**os.environ, 'MERGEJAX_OVERWRITE': '1'})
+      capture_output=True, text=True, check=True)
   import json  # pylint: disable=g-import-not-at-top
   report = json.loads(res.stdout.strip().splitlines()[-1])
   print(report)
