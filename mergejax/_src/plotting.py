@@ -57,6 +57,24 @@ def color(name: str) -> str:
   return _PALETTE[h % len(_PALETTE)]
 
 
+def colors(labels: Sequence[str]) -> dict[str, str]:
+  """`color` for each label, made distinct within one figure.
+
+  Example:
+    >>> from mergejax._src.plotting import colors
+    >>> len(set(colors(['a', 'b', 'c']).values()))
+    3
+  """
+  out, used = {}, set()
+  for label in labels:
+    c = color(label)
+    if c in used:  # a hash collision: take the first free palette color
+      c = next((p for p in _PALETTE if p not in used), c)
+    out[label] = c
+    used.add(c)
+  return out
+
+
 def _finish(fig, ax, title, path, legend=True):
   if title:
     ax.set_title(title)
@@ -94,8 +112,9 @@ def barrier_plot(alphas: Sequence[float],
   plt = _plt()
   with plt.rc_context(_STYLE):
     fig, ax = plt.subplots()
+    cs = colors(list(curves))
     for label, ys in curves.items():
-      ax.plot(alphas, ys, marker='o', ms=3, label=label, color=color(label))
+      ax.plot(alphas, ys, marker='o', ms=3, label=label, color=cs[label])
     ax.set_xlabel(r'interpolation $\alpha$ (A $\to$ B)')
     ax.set_ylabel(ylabel)
     return _finish(fig, ax, title, path)
@@ -140,8 +159,9 @@ def pareto_plot(points: Mapping[str, tuple[float, float]],
   ys = [points[k][1] for k in labels]
   with plt.rc_context(_STYLE):
     fig, ax = plt.subplots()
+    cs = colors(labels)
     for label, x, y in zip(labels, xs, ys):
-      ax.scatter([x], [y], color=color(label), s=18, zorder=3)
+      ax.scatter([x], [y], color=cs[label], s=18, zorder=3)
       ax.annotate(label, (x, y), textcoords='offset points', xytext=(3, 3),
                   fontsize=7)
     front = pareto_front(xs, ys, minimize_x=minimize_x)
@@ -184,10 +204,14 @@ def sweep_plot(rows: Sequence[Mapping[str, Any]],
           (float(r[x]), float(r[y])))
   with plt.rc_context(_STYLE):
     fig, ax = plt.subplots()
-    for label, pts in lines.items():
+    # Series of one sweep are ordered (e.g. densities): a sequential colormap.
+    cmap = plt.get_cmap('viridis')
+    n = max(len(lines) - 1, 1)
+    for i, (label, pts) in enumerate(lines.items()):
       pts.sort()
+      c = cmap(0.9 * i / n) if len(lines) > 1 else color(label)
       ax.plot([p[0] for p in pts], [p[1] for p in pts], marker='o', ms=3,
-              label=label, color=color(label))
+              label=label, color=c)
     if logx:
       ax.set_xscale('log')
     ax.set_xlabel(x)
