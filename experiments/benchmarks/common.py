@@ -305,6 +305,9 @@ def print_table(rows: list[dict[str, Any]], cols: Sequence[str]) -> str:
 def write_json(workdir: str, name: str, obj: Any) -> str:
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, name)
+  if isinstance(obj, dict):
+    # The machine is shared: record how busy it was (1, 5, 15-min load).
+    obj = {**obj, 'loadavg_at_write': os.getloadavg()}
   with open(path, 'w') as f:
     json.dump(obj, f, indent=2, default=str)
   return path

@@ -104,7 +104,7 @@ def agreement(a: dict, b: dict) -> dict:
     x = np.asarray(a[name], np.float32)
     y = b[name].float().numpy()
     d = np.abs(x - y)
-    ulp = np.maximum(np.abs(y), 1e-30) * 2.0**-7  # one bf16 ulp (upper bound)
+    ulp = np.maximum(np.abs(y) * np.float32(2.0**-7), np.float32(1e-30))  # ~1 bf16 ulp
     n_diff += int(np.sum(d > 0))
     n += x.size
     max_abs = max(max_abs, float(d.max()))
