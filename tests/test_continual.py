@@ -66,6 +66,13 @@ def test_opcm_matches_numpy_reference(alpha):
   for got in (out, inc):
     for k, v in mj._src.paths.flatten_to_dict(got).items():
       np.testing.assert_allclose(v, want[k], rtol=1e-4, atol=1e-5)
+  # exclude: the head is merged like a bias; both interfaces agree.
+  out = mj.merge(mj.methods.opcm(alpha, exclude=r'^head'), base, models)
+  st = mj.opcm_init(base, alpha)
+  for m in models:
+    st = mj.opcm_update(st, base, m, exclude=r'^head')
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+               mj.opcm_params(st, base), out)
 
 
 def test_opcm_norm_invariant_and_order_robustness():

@@ -24,6 +24,7 @@ Two interfaces:
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -130,13 +131,14 @@ def _task_vector(model, base_params):
                       model, base_params)
 
 
-@jax.jit
-def _update_jit(state, model, base_params):
-  return _step(state, _task_vector(model, base_params), exclude=None,
-               conv='none')
+@functools.partial(jax.jit, static_argnames=('exclude', 'conv'))
+def _update_jit(state, model, base_params, *, exclude, conv):
+  return _step(state, _task_vector(model, base_params), exclude=exclude,
+               conv=conv)
 
 
 def opcm_update(state: OPCMState, base_params: Any, model: Any, *,
+                exclude: Any = None, conv: str = 'none',
                 check_finite: bool = True) -> OPCMState:
   """Merges one more model into the running OPCM state (jit-compiled once).
 
@@ -144,6 +146,9 @@ def opcm_update(state: OPCMState, base_params: Any, model: Any, *,
     state: from `opcm_init` or a previous `opcm_update`.
     base_params: the base model.
     model: the next fine-tuned model (base's tree, shapes and dtypes).
+    exclude: path mask of 2-D leaves treated as "other" parameters (pass the
+      same value at every step).
+    conv: ``'none'`` or ``'reshape'`` (project conv kernels as matrices).
     check_finite: scan the model for NaN/Inf first.
 
   Raises:
@@ -151,7 +156,9 @@ def opcm_update(state: OPCMState, base_params: Any, model: Any, *,
       from the base's.
   """
   checks.check_models(base_params, [model], check_finite=check_finite)
-  return _update_jit(state, model, base_params)
+  if not (exclude is None or isinstance(exclude, str) or callable(exclude)):
+    exclude = tuple(exclude)
+  return _update_jit(state, model, base_params, exclude=exclude, conv=conv)
 
 
 def opcm_params(state: OPCMState, base_params: Any) -> Any:
