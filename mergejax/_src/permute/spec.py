@@ -191,14 +191,19 @@ def identity_permutations(spec: PermutationSpec, tree: Any) -> Permutations:
 
 def random_permutations(spec: PermutationSpec, tree: Any,
                         key: jax.Array) -> Permutations:
-  """Uniformly random permutations for every group (per slot if nested)."""
+  """Uniformly random permutations for every group (per slot if nested).
+
+  Drawn on the host from the key's bits (NumPy), so that no per-size
+  computation is compiled.
+  """
   shapes = spec.perm_shapes(tree)
-  keys = jax.random.split(key, max(len(shapes), 1))
+  data = np.asarray(jax.random.key_data(key)).astype(np.uint64).ravel()
+  rng = np.random.default_rng([int(x) for x in data])
   out = {}
-  for k, (g, s) in zip(keys, sorted(shapes.items())):
-    rows = jax.random.split(k, int(np.prod(s[:-1], dtype=int)))
-    out[g] = jnp.stack([jax.random.permutation(r, s[-1]) for r in rows]
-                       ).reshape(s).astype(jnp.int32)
+  for g, s in sorted(shapes.items()):
+    rows = int(np.prod(s[:-1], dtype=int))
+    p = np.stack([rng.permutation(s[-1]) for _ in range(rows)]).reshape(s)
+    out[g] = jnp.asarray(p, jnp.int32)
   return out
 
 
