@@ -203,3 +203,14 @@ def test_permute_align_first_reference_no_base():
   out = mj.merge(mj.chain(permute.permute_align(spec, reference='first'), mj.mean()),
                  None, [a, b])
   assert _max_diff(out, a) < 1e-5
+
+
+def test_merge_many_aligns_three_permuted_copies():
+  spec = permute.mlp_spec(2)
+  a = _variables('mlp')['params']
+  models = [a] + [permute.apply_permutation(
+      spec, permute.random_permutations(spec, a, jax.random.key(i)), a) for i in (1, 2)]
+  perms = permute.merge_many(spec, models, key=KEY)
+  aligned = [permute.apply_permutation(spec, p, m) for p, m in zip(perms, models)]
+  for m in aligned[1:]:  # all in one common frame (up to a shared permutation)
+    assert _max_diff(m, aligned[0]) == 0.0

@@ -499,3 +499,45 @@ def host_permutations_callback(spec: PermutationSpec, reference: Any,
     return {g: np.stack(v).astype(np.int32) for g, v in res.items()}
 
   return jax.pure_callback(host, out_shapes, ref_flat, oth_flat, seed)
+
+
+def merge_many(spec: PermutationSpec, models: list[Any], *,
+               key: jax.Array | None = None, max_rounds: int = 20,
+               solver: str = 'scipy') -> list[dict[str, Any]]:
+  """Aligns K models jointly (Git Re-Basin's MergeMany): each to the mean of the rest.
+
+  Starting from identity, every round visits the models in a random order and
+  re-matches each (unpermuted) model to the average of the other models in
+  their current alignment, until a round changes no permutation.
+
+  Args:
+    spec: the `PermutationSpec`.
+    models: K >= 2 models with the same structure.
+    key: PRNG key for the model and group orders.
+    max_rounds: maximum number of rounds.
+    solver: as in `weight_matching`.
+
+  Returns:
+    One permutation dict per model; apply each to its model, then average.
+  """
+  k = len(models)
+  if k < 2:
+    raise ValueError(f'merge_many needs at least 2 models, got {k}.')
+  perms = [spec_lib.identity_permutations(spec, models[0]) for _ in range(k)]
+  aligned = list(models)
+  rng = np.random.default_rng(_seed(key))
+  for r in range(max_rounds):
+    changed = False
+    for i in rng.permutation(k):
+      others = [aligned[j] for j in range(k) if j != i]
+      mean = jax.tree.map(lambda *xs: sum(xs) / len(xs), *others)
+      sub = None if key is None else jax.random.fold_in(key, r * k + int(i))
+      new = weight_matching(spec, mean, models[i], key=sub, solver=solver,
+                            init_permutations=perms[i])
+      if any(not np.array_equal(new[g], perms[i][g]) for g in new):
+        changed = True
+        perms[i] = new
+        aligned[i] = spec_lib.apply_permutation(spec, new, models[i])
+    if not changed:
+      break
+  return perms
