@@ -15,6 +15,7 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 _BINS = 1 << 16
 
@@ -32,13 +33,24 @@ def _hist(idx: jax.Array, valid: jax.Array | None = None) -> jax.Array:
   return jnp.zeros(_BINS, jnp.int32).at[idx].add(1, mode='drop')
 
 
+def _suffix_sum(x: jax.Array) -> jax.Array:
+  return jnp.cumsum(x[::-1])[::-1]
+
+
 def _pick(hist: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Bucket holding the k-th largest element, and k's rank inside it."""
-  ge = jnp.cumsum(hist[::-1])[::-1]  # ge[b] = #elements in buckets >= b
-  b = jnp.sum(ge >= k) - 1  # ge is non-increasing: last bucket with ge >= k
-  b = jnp.maximum(b, 0)
-  above = ge[b] - hist[b]
-  return b, k - above
+  # Two levels of 256: a cumsum over all 65536 bins compiles slowly on CPU
+  # (~1 s, an associative scan), two of 256 take a few ms and run as fast.
+  h2 = hist.reshape(256, 256)
+  rows = jnp.sum(h2, axis=1)
+  ge_rows = _suffix_sum(rows)  # elements in rows >= r
+  r = jnp.maximum(jnp.sum(ge_rows >= k) - 1, 0)  # last row with ge >= k
+  above_rows = ge_rows[r] - rows[r]
+  row = h2[r]
+  ge = _suffix_sum(row) + above_rows  # elements in buckets >= (r, c)
+  c = jnp.maximum(jnp.sum(ge >= k) - 1, 0)
+  above = ge[c] - row[c]
+  return r * 256 + c, k - above
 
 
 def kth_largest_bits(bits: Sequence[jax.Array], k: jax.Array) -> jax.Array:
@@ -105,7 +117,7 @@ def topk_masks(xs: Sequence[jax.Array], k: jax.Array, *,
   "leaf by leaf, then flat index".
 
   Args:
-    xs: arrays of any shapes, at most ``2**32 - 1`` entries in total.
+    xs: arrays of any shapes, at most ``2**32 - 2`` entries in total.
     k: number of entries to keep (int, may be traced), clipped to
       ``[0, total size]``.
     exact: keep exactly ``k`` entries (see `topk_mask`).
@@ -113,14 +125,38 @@ def topk_masks(xs: Sequence[jax.Array], k: jax.Array, *,
   Returns:
     A list of bool arrays shaped like ``xs``.
   """
-  sizes = [x.size for x in xs]
+  masks = batched_topk_masks([x[None] for x in xs], jnp.asarray(k)[None],
+                             exact=exact)
+  return [m[0] for m in masks]
+
+
+def batched_topk_masks(xs: Sequence[jax.Array], k: jax.Array, *,
+                       exact: bool = True) -> list[jax.Array]:
+  """`topk_masks` for a batch: leading axis B on every array and on ``k``.
+
+  Row ``b`` keeps the ``k[b]`` largest magnitudes among ``x[b]`` of all
+  ``xs``. The threshold search is vmapped over the batch; the exact
+  tie-breaking passes run under one ``cond`` for the whole batch, so they are
+  skipped when no row has surplus ties at its threshold (the usual case for
+  continuous values: two histogram passes instead of four).
+
+  Args:
+    xs: arrays shaped ``[B, ...]``.
+    k: int ``[B]`` (may be traced).
+    exact: keep exactly ``k[b]`` entries per row.
+
+  Returns:
+    A list of bool arrays shaped like ``xs``.
+  """
+  sizes = [int(np.prod(x.shape[1:])) for x in xs]
   n = sum(sizes)
   if n >= (1 << 32) - 1:
     raise ValueError(f'topk_masks: {n} entries in total; at most 2**32 - 2 '
                      'are supported (split the selection).')
   k = jnp.clip(jnp.asarray(k, jnp.int32), 0, min(n, (1 << 31) - 1))
-  bits = [magnitude_bits(x) for x in xs]
-  t = kth_largest_bits(bits, jnp.maximum(k, 1))
+  bits = [jax.vmap(magnitude_bits)(x) for x in xs]  # [B, n_j]
+  t = jax.vmap(lambda bs, kk: kth_largest_bits(bs, jnp.maximum(kk, 1)))(
+      bits, k)[:, None]
   above = [b > t for b in bits]
   at = [b == t for b in bits]
   if exact:
@@ -128,20 +164,18 @@ def topk_masks(xs: Sequence[jax.Array], k: jax.Array, *,
     # histogram pass on CPU, so pick the need-th smallest index among the ties
     # with the same radix select, applied to the complemented index (~i > 0 for
     # every real index, so the zeros standing in for non-ties rank last).
-    # With continuous data the threshold is usually held by one entry only, so
-    # the two extra passes are skipped when the ties fit (a `cond` outside
-    # vmap; under vmap both branches run).
-    need = k - sum(jnp.sum(a, dtype=jnp.int32) for a in above)
-    n_at = sum(jnp.sum(a, dtype=jnp.int32) for a in at)
+    need = k - sum(jnp.sum(a, axis=1, dtype=jnp.int32) for a in above)
+    n_at = sum(jnp.sum(a, axis=1, dtype=jnp.int32) for a in at)
     offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+    idx = [~(jnp.arange(s, dtype=jnp.uint32) + jnp.uint32(o))
+           for s, o in zip(sizes, offsets)]
 
-    def break_ties(at):
-      idx = [~(jnp.arange(s, dtype=jnp.uint32) + jnp.uint32(o))
-             for s, o in zip(sizes, offsets)]
-      cut = kth_largest_bits([jnp.where(a, i, 0) for a, i in zip(at, idx)],
-                             jnp.maximum(need, 1))
-      return [a & (i >= cut) & (need > 0) for a, i in zip(at, idx)]
+    def break_ties_row(at_row, need_row):
+      cut = kth_largest_bits([jnp.where(a, i, 0) for a, i in zip(at_row, idx)],
+                             jnp.maximum(need_row, 1))
+      return [a & (i >= cut) & (need_row > 0) for a, i in zip(at_row, idx)]
 
-    at = jax.lax.cond(n_at > need, break_ties, list, at)
-  return [((a | b) & (k > 0)).reshape(x.shape)
+    at = jax.lax.cond(jnp.any(n_at > need),
+                      lambda a: jax.vmap(break_ties_row)(a, need), list, at)
+  return [((a | b) & (k[:, None] > 0)).reshape(x.shape)
           for a, b, x in zip(above, at, xs)]

@@ -195,11 +195,7 @@ def _trim_update(updates, state, params=None, *, key=None, scope, exact, count,
 def _per_model_topk(leaves: list[jax.Array], ks: jax.Array, exact: bool
                     ) -> list[jax.Array]:
   """Top-k masks per model (leading axis), over all of ``leaves`` jointly."""
-  # A Python loop over the (static, small) model axis rather than vmap keeps
-  # select's tie-break `cond` a real branch, skipped when there are no ties.
-  per_model = [select.topk_masks([u[i] for u in leaves], ks[i], exact=exact)
-               for i in range(leaves[0].shape[0])]
-  return [jnp.stack([pm[j] for pm in per_model]) for j in range(len(leaves))]
+  return select.batched_topk_masks(leaves, ks, exact=exact)
 
 
 # ---------------------------------------------------------------- DARE
