@@ -216,8 +216,10 @@ def _prefetch(jobs: Sequence[Job], pool: cf.Executor, *,
   inflight = 0
   nxt = 0
   bar = _progress_bar(jobs, desc) if progress else None
+  held = 0  # the job being merged still counts against the budget
   try:
     for _ in range(len(jobs)):
+      inflight -= held
       # Always keep one job in flight; add more while under the byte budget.
       while nxt < len(jobs) and (not pending or
                                  inflight + jobs[nxt].nbytes_in() <= max_bytes):
@@ -226,7 +228,7 @@ def _prefetch(jobs: Sequence[Job], pool: cf.Executor, *,
         nxt += 1
       job, fut = pending.popleft()
       arrays = fut.result()
-      inflight -= job.nbytes_in()
+      held = job.nbytes_in()
       yield job, arrays
       if bar is not None:
         bar.update(job.nbytes_in())
