@@ -199,7 +199,7 @@ def _plot(path: str, methods: dict, baselines: dict):
   ax.set_ylabel('avg normalized accuracy (test)')
   ax.set_title('Merging the digits zoo: backbone merged, task heads kept')
   ax.set_ylim(0, 1.1)
-  ax.legend(loc='lower right', fontsize=8)
+  ax.legend(loc='upper left', bbox_to_anchor=(1.0, 1.0), fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
