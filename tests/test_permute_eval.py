@@ -83,3 +83,20 @@ def test_reset_batch_stats_is_exact_average():
                              rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(out['batch_stats']['Norm_0']['var'], z.var((0, 1, 2)),
                              rtol=1e-3, atol=1e-5)
+
+
+def test_ste_matching_returns_valid_permutations_no_worse_than_naive():
+  import optax
+  spec = permute.mlp_spec(2)
+  m, a = _mlp()
+  b = m.init(jax.random.key(1), jnp.ones((1, 6)))['params']
+  x = jax.random.normal(KEY, (64, 6))
+  y = jnp.argmax(m.apply({'params': a}, x), -1)  # A's own labels
+  loss = lambda p, batch: optax.softmax_cross_entropy_with_integer_labels(
+      m.apply({'params': p}, batch[0]), batch[1]).mean()
+  perms = permute.ste_matching(spec, a, b, loss, [(x, y)], steps=8, key=KEY)
+  for g, p in perms.items():
+    assert sorted(np.asarray(p).tolist()) == list(range(p.shape[0]))
+  mid = lambda pp: loss(permute.lerp(a, permute.apply_permutation(spec, pp, b), 0.5), (x, y))
+  naive = loss(permute.lerp(a, b, 0.5), (x, y))
+  assert float(mid(perms)) <= float(naive)

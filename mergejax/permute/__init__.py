@@ -45,3 +45,4 @@ from mergejax._src.permute.pleas import merged_size
 from mergejax._src.permute.pleas import pleas
 from mergejax._src.permute.pleas import PleasResult
 from mergejax._src.permute.matching import merge_many
+from mergejax._src.permute.matching import ste_matching

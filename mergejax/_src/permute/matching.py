@@ -541,3 +541,58 @@ def merge_many(spec: PermutationSpec, models: list[Any], *,
     if not changed:
       break
   return perms
+
+
+def ste_matching(spec: PermutationSpec, reference: Any, other: Any,
+                 loss_fn, batches, *, steps: int = 100, learning_rate: float = 1e-2,
+                 key: jax.Array | None = None, optimizer=None) -> dict[str, Any]:
+  """Learns permutations on the midpoint loss with the straight-through estimator.
+
+  Git Re-Basin's STE (v2): trainable weights ``theta`` start at ``reference``
+  and stand for the B endpoint. Each step projects them onto B's permutation
+  orbit by weight matching (warm-started from the previous answer),
+  ``ste = stop_gradient(perm(B)) + theta - stop_gradient(theta)``, and takes an
+  optax step on ``loss_fn(lerp(reference, ste, 0.5), batch)``. Returns the
+  permutations with the lowest batch loss seen.
+
+  Args:
+    spec: the `PermutationSpec`.
+    reference: model A.
+    other: model B.
+    loss_fn: ``loss_fn(params, batch) -> scalar`` (jax-traceable).
+    batches: an iterable of batches (cycled for ``steps`` steps).
+    steps: optimisation steps.
+    learning_rate: SGD (momentum 0.9) learning rate, unless ``optimizer``.
+    key: PRNG key for weight matching's group order.
+    optimizer: an optax ``GradientTransformation`` (default SGD + momentum).
+
+  Returns:
+    ``{group: perm}`` aligning ``other`` to ``reference``.
+  """
+  import itertools  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  opt = optimizer or optax.sgd(learning_rate, momentum=0.9)
+  theta = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), reference)
+  state = opt.init(theta)
+
+  @jax.jit
+  def step(theta, state, projected, batch):
+    def loss(t):
+      ste = jax.tree.map(lambda p, t: jax.lax.stop_gradient(p) + t -
+                         jax.lax.stop_gradient(t), projected, t)
+      mid = jax.tree.map(lambda a, s: 0.5 * (a + s), reference, ste)
+      return loss_fn(mid, batch)
+    value, grads = jax.value_and_grad(loss)(theta)
+    upd, state = opt.update(grads, state, theta)
+    return optax.apply_updates(theta, upd), state, value
+
+  perms = None
+  best, best_loss = spec_lib.identity_permutations(spec, reference), np.inf
+  for i, batch in zip(range(steps), itertools.cycle(list(batches))):
+    sub = None if key is None else jax.random.fold_in(key, i)
+    perms = weight_matching(spec, theta, other, key=sub, init_permutations=perms)
+    projected = spec_lib.apply_permutation(spec, perms, other)
+    theta, state, value = step(theta, state, projected, batch)
+    if float(value) < best_loss:
+      best, best_loss = perms, float(value)
+  return best
