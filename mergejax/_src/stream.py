@@ -331,18 +331,27 @@ def run_jobs(jobs: Sequence[Job], out_dir: str, *,
     wt = threading.Thread(target=write_loop, name='mergejax-write', daemon=True)
     wt.start()
     try:
+      # Up to two merges run ahead of the writer (XLA's CPU client runs
+      # dispatched computations concurrently), but a large tensor (an
+      # embedding) runs alone: its intermediates dominate peak memory.
+      big_bytes = max(prefetch_bytes // 4, 1 << 26)
+      prev_big = False
       for job, arrays in _prefetch(jobs, pool, max_bytes=prefetch_bytes,
                                    progress=progress):
+        big = job.nbytes_in() > big_bytes
+        ahead = 0 if (big or prev_big) else 1
+        with cv:
+          while len(q) > ahead and not err:
+            cv.wait()
+          if err:
+            break
         out = _merge_one(job, arrays)
         del arrays
+        prev_big = big
         stats.tensors += 1
         stats.bytes_read += job.nbytes_in()
         stats.bytes_written += job.spec().nbytes
         with cv:
-          while len(q) >= 2 and not err:
-            cv.wait()
-          if err:
-            break
           q.append((job.out_name, out))
           cv.notify_all()
     finally:
