@@ -57,7 +57,7 @@ def test_two_process_merge_equals_single_process(tmp_path):
   import jax  # pylint: disable=g-import-not-at-top
   import mergejax as mj  # pylint: disable=g-import-not-at-top
   results = mj.distributed.launch_local([__file__, str(tmp_path)], 2,
-                                        timeout=120)
+                                        timeout=300)
   for i, r in enumerate(results):
     assert r.returncode == 0, f'process {i} failed:\n{r.stderr[-3000:]}'
   base, models = _zoo()
