@@ -413,7 +413,6 @@ def _zoo(k, seed=0, dtype=jnp.float32):
 
 
 METHODS = [
-    (lambda: mj.methods.slerp(t=0.3), 1),
     (lambda: mj.methods.nuslerp(weight=[1., 2.], nuslerp_flatten=False), 2),
     (lambda: mj.methods.karcher(), 3),  # while_loop vs a Python loop
 ]
