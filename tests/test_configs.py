@@ -67,7 +67,7 @@ def test_config_builds_at_every_sweep_point(path):
   """The factory accepts the config's fields at its default and sweep points."""
   cfg = sweep_lib.load_config(path)
   if not hasattr(mj.methods, cfg.merge.method):
-    pytest.skip(f'mergejax.methods.{cfg.merge.method} does not exist yet')
+    pytest.fail(f'mergejax.methods.{cfg.merge.method} does not exist')
   for point in sweep_lib.parse_sweep(cfg.sweep.product, cfg.sweep.zip):
     c = sweep_lib.apply_overrides(cfg, point)
     tx = sweep_lib.build_method(c.merge)
@@ -98,7 +98,7 @@ def test_config_merges_and_sweeps(path):
   from experiments import sweep as sweep_exp  # pylint: disable=g-import-not-at-top
   cfg = sweep_lib.load_config(path)
   if not hasattr(mj.methods, cfg.merge.method):
-    pytest.skip(f'mergejax.methods.{cfg.merge.method} does not exist yet')
+    pytest.fail(f'mergejax.methods.{cfg.merge.method} does not exist')
   base, fts = _tiny()
   key = jax.random.key(0)
   one = sweep_exp.merge_points(cfg, {}, base, fts, key)

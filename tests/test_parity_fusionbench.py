@@ -9,7 +9,6 @@ orientation-sensitive methods (Iso-CTS) are checked with the mapping applied.
 
 import importlib
 import importlib.util
-import os
 import sys
 import types
 
@@ -19,19 +18,12 @@ import numpy as np
 import pytest
 
 import mergejax as mj
+from mergejax._src.test_utils import require_peer
 
 M = mj.methods
 pytestmark = pytest.mark.peer
 
 
-def require_peer(name):
-  """conftest.require_peer (not importable under --import-mode=importlib)."""
-  try:
-    return importlib.import_module(name)
-  except ImportError:
-    if os.environ.get('CI') or os.environ.get('MERGEJAX_REQUIRE_PEERS'):
-      raise
-    pytest.skip(f'peer {name!r} not installed (pip install -e ".[peers]")')
 
 SHAPES = {'enc.weight': (5, 7), 'enc.bias': (5,), 'mlp.weight': (9, 5),
           'mlp.bias': (9,), 'head.weight': (4, 9), 'norm.weight': (9,)}

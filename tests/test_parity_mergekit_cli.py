@@ -14,21 +14,13 @@ import pytest
 import yaml
 
 from mergejax import cli
+from mergejax._src.test_utils import require_peer
 from mergejax._src.io import safetensors_io as st
 from mergejax._src.io import synthetic
 
 pytestmark = pytest.mark.peer
 
 
-def require_peer(name):
-  """conftest.require_peer (not importable under --import-mode=importlib)."""
-  import importlib  # pylint: disable=g-import-not-at-top
-  try:
-    return importlib.import_module(name)
-  except ImportError:
-    if os.environ.get('CI') or os.environ.get('MERGEJAX_REQUIRE_PEERS'):
-      raise
-    pytest.skip(f'peer {name!r} not installed (pip install -e ".[peers]")')
 
 
 @pytest.fixture(scope='module')

@@ -14,26 +14,14 @@ Per-row options are defined on PyTorch ``(out, in)`` weights; each is also
 checked on the Flax ``(in, out)`` layout (transposed tensors, ``axis=0``).
 """
 
-import importlib.util
-import pathlib
-
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import mergejax as mj
+from mergejax._src.test_utils import require_peer
 
 
-def _load_conftest():
-  # conftest is not importable by name under --import-mode=importlib.
-  path = pathlib.Path(__file__).with_name('conftest.py')
-  spec = importlib.util.spec_from_file_location('_mergejax_conftest', path)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
-
-
-require_peer = _load_conftest().require_peer
 
 torch = require_peer('torch')
 require_peer('mergekit')

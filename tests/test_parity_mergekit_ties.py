@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.conftest import require_peer
+from mergejax._src.test_utils import require_peer
 import mergejax as mj
 from mergejax._src import sparsify
 

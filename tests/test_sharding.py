@@ -36,6 +36,8 @@ KWARGS = {
     'slerp': dict(t=0.3),
     'nearswap': dict(t=0.5),
     'nuslerp': dict(weight=[1., 2.]),
+    'lines': dict(method=mj.methods.task_arithmetic(), beta=0.5),
+    'reversible': dict(budget=2),
 }
 
 
@@ -68,12 +70,13 @@ def _zoo(k=4, dtype=np.float32, seed=0, small=False):
 
 
 def _build(name):
-  """(transformation, base-or-None, K) for a method, or skip with the reason."""
+  """(transformation, base-or-None, K) for a method; unknown arguments fail."""
   fn = getattr(mj.methods, name)
   try:
     return fn(**KWARGS.get(name, {}))
   except TypeError as e:
-    pytest.skip(f'{name}: no default hyperparameters known to this test ({e})')
+    pytest.fail(f'{name}: no default hyperparameters known to this test ({e}); '
+                'add them to KWARGS')
 
 
 def _reference(tx, base, models, key):
@@ -85,7 +88,7 @@ def _reference(tx, base, models, key):
       return b, ms, mj.merge(tx, b, ms, key=key)
     except (ValueError, TypeError) as e:
       errors.append(str(e).splitlines()[0][:200])
-  pytest.skip(f'unsharded merge fails for every input form: {errors}')
+  pytest.fail(f'unsharded merge fails for every input form: {errors}')
 
 
 def _assert_close(out, ref, atol=2e-5):
@@ -130,7 +133,7 @@ def test_sharded_equals_unsharded_every_method(name):
 @pytest.mark.parametrize('name', ['task_arithmetic', 'ties', 'tsv', 'slerp'])
 def test_sharded_equals_unsharded_mesh_shapes(name, mesh):
   if not hasattr(mj.methods, name):
-    pytest.skip(f'mergejax.methods.{name} does not exist yet')
+    pytest.fail(f'mergejax.methods.{name} does not exist')
   _check_sharded(name, *mesh)
 
 
