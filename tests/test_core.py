@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import mergejax as mj
+from mergejax._src import merge as merge_lib
 
 
 def _zoo(k=3, dtype=jnp.float32, seed=0):
@@ -36,10 +37,10 @@ def test_result_has_base_dtype_and_structure():
 def test_no_recompile_across_hyperparameters():
   base, models = _zoo()
   mj.merge(mj.methods.task_arithmetic(lambda_=0.1), base, models)
-  n = mj._src.merge._run._cache_size()
+  n = merge_lib._run._cache_size()
   for lam in (0.2, 0.5, 1.5):
     mj.merge(mj.methods.task_arithmetic(lambda_=lam, weight=[lam, 1., 1.]), base, models)
-  assert mj._src.merge._run._cache_size() == n
+  assert merge_lib._run._cache_size() == n
 
 
 def test_vmapped_sweep_equals_loop():
