@@ -1,0 +1,51 @@
+r"""Scaling with the number of merged models, K = 2..8 (issue 6, item 2 e).
+
+Each method merges the first K fine-tunes of the default digits zoo; the
+average normalized test accuracy on those K tasks is reported, with the
+method's scale (``lambda_`` or ``alpha``) swept in one vmapped call and chosen
+on validation. Method entries (kwargs, sweep) are the default experiment's.
+
+Run (from the repository root; the zoo is cached in the workdir and shared
+with ``configs/default.py`` and ``configs/ties_ablation.py``):
+
+  python -m experiments.main --config=configs/scaling.py --workdir=/tmp/exp_work
+
+Tiny variant (seconds; used by the tests):
+
+  python -m experiments.main --config=configs/scaling.py:smoke --workdir=/tmp/w
+
+Other methods or sizes:
+
+  python -m experiments.main --config=configs/scaling.py --workdir=/tmp/exp_work \
+      --config.methods_to_run=task_arithmetic,ties,knots --config.ks='(2,4,8)'
+"""
+
+import importlib.util
+import os
+
+
+def _default_config(arg):
+  # Loaded by path, like every config file: the repository root need not be on
+  # sys.path.
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'default.py')
+  spec = importlib.util.spec_from_file_location('_default_config', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def get_config(arg=None):
+  """Returns the config; ``arg`` is a variant: None/'default' or 'smoke'."""
+  variant = arg or 'default'
+  if variant not in ('default', 'smoke'):
+    raise ValueError(f"Unknown variant {variant!r}: use 'default' or 'smoke'.")
+  smoke = variant == 'smoke'
+  config = _default_config(variant)
+  config.experiment = 'scaling'
+  # Numbers of merged models (the first K fine-tunes, in zoo task order).
+  config.ks = (2, 3) if smoke else (2, 3, 4, 5, 6, 7, 8)
+  # Methods of the 'models' protocol with an entry in config.methods.
+  # (The smoke variant skips TIES: one top-k compilation per K costs seconds.)
+  config.methods_to_run = ('task_arithmetic' if smoke else
+                           'task_arithmetic,ties,tsv,iso_c')
+  return config
