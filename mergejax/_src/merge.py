@@ -21,13 +21,16 @@ def stack_models(models: Sequence[Any], dtype=ACCUM_DTYPE) -> Any:
                       *models)
 
 
-@functools.partial(jax.jit, static_argnames=('update',))
-def _run(update, models, state, base, key):
+@functools.partial(jax.jit, static_argnames=('update', 'with_state'))
+def _run(update, models, state, base, key, with_state=True):
   stacked = stack_models(models)
   base32 = None if base is None else jax.tree.map(
       lambda x: x.astype(ACCUM_DTYPE), base)
   out, state = update(stacked, state, base32, key=key)
-  return out, state
+  # Diagnostics in the state (e.g. TIES's agreement fraction) are whole-tensor
+  # reductions that XLA:CPU fuses badly with the merge itself; when nobody
+  # asks for the state, not returning it lets XLA drop them as dead code.
+  return (out, state) if with_state else (out, None)
 
 
 def merge(transformation: base_lib.MergeTransformation,
@@ -74,7 +77,8 @@ def merge(transformation: base_lib.MergeTransformation,
                       base_required=False)
   ref = base if base is not None else models[0]
   state = transformation.init(ref)
-  out, state = _run(transformation.update, models, state, base, key)
+  out, state = _run(transformation.update, models, state, base, key,
+                    with_state=return_state)
   _check_reduced(out, ref)
   out = jax.tree.map(lambda o, r: o.astype(r.dtype), out, ref)
   return (out, state) if return_state else out
