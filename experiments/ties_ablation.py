@@ -121,9 +121,11 @@ def evaluate_grid(ev, bbs, n_d: int, n_l: int, ft_acc):
 def _plot(path: str, curves: dict, bars: list[tuple[str, float]], ref: dict):
   plt = plotting._plt()  # pylint: disable=protected-access
   fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13.0, 4.5))
-  cols = plotting.colors(list(curves) + [b for b, _ in bars])
+  cols = plotting.colors(list(curves))
   for label, (ds, ys) in curves.items():
     ax1.plot(ds, ys, marker='o', ms=4, label=label, color=cols[label])
+  # The bars get their own colors (the palette has 12; both panels need more).
+  bar_cols = plotting.colors([b for b, _ in bars])
   ax1.axhline(ref['task_arithmetic'], color='black', ls='--',
               label='task arithmetic')
   ax1.set_xscale('log')
@@ -132,7 +134,7 @@ def _plot(path: str, curves: dict, bars: list[tuple[str, float]], ref: dict):
   ax1.set_title('Density sweep (lambda chosen on validation)')
   ax1.legend(fontsize=8)
   xs = np.arange(len(bars))
-  ax2.bar(xs, [v for _, v in bars], color=[cols[b] for b, _ in bars])
+  ax2.bar(xs, [v for _, v in bars], color=[bar_cols[b] for b, _ in bars])
   ax2.set_xticks(xs, [b for b, _ in bars], rotation=45, ha='right', fontsize=8)
   lo = min(v for _, v in bars)
   ax2.set_ylim(max(0.0, lo - 0.1), 1.0)
