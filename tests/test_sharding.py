@@ -41,10 +41,16 @@ KWARGS = {
 }
 
 
+# Functions in mergejax.methods that read a merge's state rather than build a
+# transformation.
+NOT_FACTORIES = {'reconstruct', 'twin_mix'}
+
+
 def _method_names():
   names = []
   for name, fn in sorted(vars(mj.methods).items()):
-    if name.startswith('_') or not inspect.isfunction(fn):
+    if (name.startswith('_') or not inspect.isfunction(fn)
+        or name in NOT_FACTORIES):
       continue
     names.append(name)
   return names
