@@ -19,7 +19,6 @@ import jax.numpy as jnp
 
 from mergejax._src import base
 from mergejax._src import checks
-from mergejax._src import reduce as reduce_lib
 from mergejax._src.sparsify import _bcast
 from mergejax._src.sparsify import _choice
 
@@ -81,7 +80,7 @@ def sign_agreement(values: list[jax.Array], *, method: str = 'sum',
   """Boolean masks ``sign(u_i) == elected sign`` for ``[K, ...]`` arrays ``u``."""
   totals = []
   for u in values:
-    t = reduce_lib.sum_models(u if method == 'sum' else jnp.sign(u))
+    t = jnp.sum(u if method == 'sum' else jnp.sign(u), axis=0)
     totals.append(t)
   if zero == 'plus':
     elected = [jnp.where(t >= 0, 1.0, -1.0) for t in totals]

@@ -339,8 +339,7 @@ def _sce_merge(updates, params, *, key):
                       msq / jnp.where(tot == 0, 1.0, tot))
     m = consensus.sign_agreement([u])[0]
     ew = jnp.where(m, sparsify._bcast(omega, u), 0.0)  # pylint: disable=protected-access
-    return (reduce_lib.sum_models(u * ew)
-            / jnp.maximum(reduce_lib.sum_models(ew), 1e-6))
+    return jnp.sum(u * ew, axis=0) / jnp.maximum(jnp.sum(ew, axis=0), 1e-6)
 
   return jax.tree.map(one, updates)
 
@@ -416,7 +415,7 @@ def _ram_update(updates, state, params=None, *, key=None):
   def one(u):
     n_models = u.shape[0]
     active = jnp.abs(u) > state.epsilon
-    c = reduce_lib.sum_models(active.astype(jnp.int32))
+    c = jnp.sum(active, axis=0, dtype=jnp.int32)
     unique = (c == 1)[None] & active
     shared = (c > 1)[None] & active
     n_sh = jnp.sum(shared.reshape(n_models, -1), axis=1).astype(jnp.float32)
@@ -426,7 +425,7 @@ def _ram_update(updates, state, params=None, *, key=None):
     z = jnp.where(active, u, 0.0)
     uni = jnp.where(unique, z * sparsify._bcast(lam, u), 0.0)  # pylint: disable=protected-access
     sh = jnp.where(shared, z / jnp.maximum(c, 1).astype(u.dtype)[None], 0.0)
-    return reduce_lib.sum_models(uni + sh)
+    return jnp.sum(uni + sh, axis=0)
 
   return jax.tree.map(one, updates), state
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from typing import Any, NamedTuple, Sequence
 
 import jax
@@ -13,22 +12,6 @@ from mergejax._src import checks
 
 # mergekit replaces a near-zero weight sum by 1 when normalizing task vectors.
 WEIGHT_SUM_EPS = 1e-8
-
-
-def sum_models(x: jax.Array) -> jax.Array:
-  """Sums ``x`` over its leading model axis: ``[K, ...] -> [...]``.
-
-  Written as K - 1 elementwise adds rather than ``jnp.sum(x, axis=0)``: XLA:CPU
-  lowers a reduction over a short major axis to a slow loop, ~30x slower than
-  the fused adds on a ``[3, 8192, 2048]`` array, and this sits on the hot path
-  of every consensus step. K is static and small, so unrolling is cheap.
-
-  Example:
-    >>> import jax.numpy as jnp
-    >>> sum_models(jnp.array([[1., 2.], [3., 4.]]))
-    Array([4., 6.], dtype=float32)
-  """
-  return functools.reduce(jnp.add, [x[i] for i in range(x.shape[0])])
 
 
 def task_vectors() -> base.MergeTransformation:
