@@ -441,6 +441,22 @@ def normalize_slices(cfg: MergeConfig, layer_counts: Mapping[str, int]
   return [Slice(sources, None, {})]
 
 
+def _first_setting(param: str, scopes: Sequence[Mapping[str, Any]], t: float,
+                   name: str) -> Any:
+  """The value of ``param`` from the first scope that yields one (§20.5).
+
+  Scopes go from most to least specific; a scope whose setting evaluates to
+  nothing for this tensor (e.g. no filter matches) falls through to the next.
+  Returns `_MISSING` if none yields a value.
+  """
+  for scope in scopes:
+    if param in scope:
+      val = evaluate_setting(scope[param], t, name)
+      if val is not _MISSING:
+        return val
+  return _MISSING
+
+
 def _resolve_tensor_params(spec: MethodSpec, cfg: MergeConfig, sl: Slice,
                            out_name: str, in_names: Sequence[str],
                            base_index: int | None, t: float,
@@ -448,12 +464,7 @@ def _resolve_tensor_params(spec: MethodSpec, cfg: MergeConfig, sl: Slice,
   shared = {}
   all_shared = {**spec.shared, **MERGEJAX_SHARED}
   for p, default in all_shared.items():
-    val = _MISSING
-    for scope in (sl.parameters, cfg.parameters):
-      if p in scope:
-        val = evaluate_setting(scope[p], t, out_name)
-        if val is not _MISSING:
-          break
+    val = _first_setting(p, (sl.parameters, cfg.parameters), t, out_name)
     if val is _MISSING:
       if default is REQUIRED:
         raise ValueError(f'merge_method {cfg.merge_method!r} needs parameter '
@@ -468,12 +479,8 @@ def _resolve_tensor_params(spec: MethodSpec, cfg: MergeConfig, sl: Slice,
       per_model.append(vals)
       continue
     for p, default in spec.per_model.items():
-      val = _MISSING
-      for scope in (src.parameters, sl.parameters, cfg.parameters):
-        if p in scope:
-          val = evaluate_setting(scope[p], t, name)
-          if val is not _MISSING:
-            break
+      val = _first_setting(p, (src.parameters, sl.parameters, cfg.parameters),
+                           t, name)
       if val is _MISSING:
         if default is REQUIRED:
           raise ValueError(f'merge_method {cfg.merge_method!r} needs '
