@@ -57,8 +57,9 @@ METHODS = (
     'ram', 'ramplus_tl', 'model_stock', 'slerp', 'nuslerp', 'multislerp',
     'karcher', 'nearswap', 'arcee_fusion',
     # Subspace, mask and continual methods.
-    'tsv', 'iso_c', 'iso_cts', 'knots', 'consensus', 'pcb', 'lines', 'widen',
-    'opcm', 'tall_masks', 'emr', 'twin', 'reversible', 'lora_lego', 'lora_svd',
+    'tsv', 'rtsvm', 'iso_c', 'iso_cts', 'knots', 'consensus', 'pcb', 'lines',
+    'widen', 'opcm', 'tall_masks', 'emr', 'twin', 'reversible', 'lora_lego',
+    'lora_svd',
 )
 
 TASKS = ('rot90', 'rot180', 'rot270', 'hflip', 'vflip', 'transpose', 'invert',
@@ -146,6 +147,7 @@ def get_config(arg=None):
                      protocol='sum_endpoint'),
       arcee_fusion=entry(protocol='sum_endpoint'),
       tsv=entry(sweep=dict(alpha=m.get_ref('lambdas'))),
+      rtsvm=entry(sweep=dict(alpha=m.get_ref('lambdas'))),
       iso_c=entry(sweep=dict(alpha=m.get_ref('lambdas'))),
       iso_cts=entry(sweep=dict(alpha=m.get_ref('lambdas'))),
       knots=entry(sweep=lam),

@@ -65,6 +65,8 @@ from mergejax._src.lora import merge_lora
 from mergejax._src.masks import consensus_mask
 from mergejax._src.masks import magnitude_mask
 from mergejax._src.masks import tall_masks
+from mergejax._src.rtsvm import outlier_reweight
+from mergejax._src.rtsvm import tsv_reduce
 from mergejax._src.subspace import from_basis
 from mergejax._src.subspace import project
 from mergejax._src.subspace import svd_basis

@@ -46,4 +46,5 @@ from mergejax._src.methods_subspace import tsv
 from mergejax._src.methods_subspace import twin
 from mergejax._src.methods_subspace import twin_mix
 from mergejax._src.methods_subspace import widen
+from mergejax._src.rtsvm import rtsvm
 # --- end of methods
