@@ -43,7 +43,8 @@ KWARGS = {
 
 # Functions in mergejax.methods that read a merge's state rather than build a
 # transformation.
-NOT_FACTORIES = {'reconstruct', 'twin_mix'}
+NOT_FACTORIES = {'reconstruct', 'twin_mix', 'twin_apply', 'twin_dense',
+                 'twin_route', 'twin_train_router'}
 
 
 def _method_names():
@@ -141,6 +142,24 @@ def test_sharded_equals_unsharded_mesh_shapes(name, mesh):
   if not hasattr(mj.methods, name):
     pytest.fail(f'mergejax.methods.{name} does not exist')
   _check_sharded(name, *mesh)
+
+
+# Methods whose state rebuilds every task model: the sharded state (masks,
+# bases, factorised twin parts) must rebuild the same task models.
+@pytest.mark.parametrize('name', ['emr', 'tall_masks', 'reversible', 'twin'])
+def test_sharded_state_reconstructs_task_models(name):
+  tx = _build(name)
+  base, models = _zoo(k=2, small=True)
+  _, ref_state = mj.merge(tx, base, models, return_state=True)
+  _, state = mj.sharded_merge(tx, base, models, mesh=sh.make_mesh((2, 4)),
+                              rules=RULES, return_state=True)
+  for i in range(2):
+    want = mj.methods.reconstruct(ref_state, base, i)
+    _assert_close(mj.methods.reconstruct(state, base, i), want, atol=1e-4)
+  if name == 'twin':
+    w = jnp.array([0.3, 0.7])
+    _assert_close(mj.methods.twin_mix(state, w),
+                  mj.methods.twin_mix(ref_state, w), atol=1e-4)
 
 
 def test_out_shardings_follow_rules():

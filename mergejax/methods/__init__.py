@@ -47,4 +47,8 @@ from mergejax._src.methods_subspace import twin
 from mergejax._src.methods_subspace import twin_mix
 from mergejax._src.methods_subspace import widen
 from mergejax._src.rtsvm import rtsvm
+from mergejax._src.twin_router import twin_apply
+from mergejax._src.twin_router import twin_dense
+from mergejax._src.twin_router import twin_route
+from mergejax._src.twin_router import twin_train_router
 # --- end of methods
