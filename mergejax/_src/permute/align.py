@@ -19,7 +19,7 @@ class PermuteAlignState(NamedTuple):
 
 
 def permute_align(spec: PermutationSpec, *, reference: str = 'base',
-                  solver: str = 'scipy',
+                  solver: str = 'auto',
                   max_iter: int = 100) -> base.MergeTransformation:
   """Permutes every stacked model onto a reference by weight matching.
 
@@ -29,9 +29,10 @@ def permute_align(spec: PermutationSpec, *, reference: str = 'base',
 
   Under ``jit`` (``mergejax.merge`` jits every update):
 
-  * ``solver='scipy'`` (default; fastest on CPU) runs the host weight matching
-    (incremental costs, SciPy LAP) through ``jax.pure_callback``, one model
-    after another. It blocks on the host and is not differentiable.
+  * ``solver='auto'`` (default; fastest on CPU), ``'scipy'`` or ``'lapjv'``
+    runs the host weight matching (incremental costs, host LAP) through
+    ``jax.pure_callback``, one model after another. It blocks on the host and
+    is not differentiable.
   * ``solver='hungarian'`` runs the whole coordinate descent in JAX
     (``while_loop`` + ``lax.switch`` + optax's Hungarian), vmapped over the
     models: no host round trip, suited to accelerators.
@@ -40,7 +41,7 @@ def permute_align(spec: PermutationSpec, *, reference: str = 'base',
     spec: the `PermutationSpec` of the model.
     reference: ``'base'`` (the ``params`` passed to update, e.g. the base
       model) or ``'first'`` (``models[0]``, for merges without a base).
-    solver: ``'scipy' | 'hungarian' | 'sinkhorn'``.
+    solver: ``'auto' | 'scipy' | 'lapjv' | 'hungarian' | 'sinkhorn'``.
     max_iter: maximum coordinate-descent sweeps.
 
   Returns:
@@ -62,7 +63,7 @@ def permute_align(spec: PermutationSpec, *, reference: str = 'base',
   """
   if reference not in ('base', 'first'):
     raise ValueError(f"reference must be 'base' or 'first', got {reference!r}.")
-  if solver not in ('scipy', 'hungarian', 'sinkhorn'):
+  if solver not in ('auto', 'scipy', 'lapjv', 'hungarian', 'sinkhorn'):
     raise ValueError(f'Unknown solver {solver!r}.')
   return base.MergeTransformation(
       lambda params: PermuteAlignState(),
@@ -81,10 +82,11 @@ def _permute_align_update(updates, state, params=None, *, key=None, spec,
   else:
     ref = jax.tree.map(lambda u: u[0], updates)
   key = jax.random.key(0) if key is None else key
-  if solver == 'scipy':
+  if solver in ('auto', 'scipy', 'lapjv'):
     seed = jax.random.bits(key, dtype=jnp.uint32)
     perms = matching.host_permutations_callback(spec, ref, updates, seed,
-                                                max_iter=max_iter)
+                                                max_iter=max_iter,
+                                                lap_solver=solver)
   else:
     resolved = spec.resolve(ref)
     ident = spec_lib.identity_permutations(spec, ref)

@@ -27,6 +27,8 @@ value, and one H x H LAP on those values matches the heads.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from typing import Any, Mapping, NamedTuple
 
 import jax
@@ -154,13 +156,47 @@ def _nested_value(xp, c_plain, inner, perm, kid_perms):
 # --------------------------------------------------------------------------- #
 # Host implementation.
 # --------------------------------------------------------------------------- #
-def _host_lap(cost):
-  cost = np.asarray(cost)
-  if cost.ndim == 2:
-    return solvers_lib.scipy_lap(cost)
-  flat = cost.reshape((-1,) + cost.shape[-2:])
-  return np.stack([solvers_lib.scipy_lap(x) for x in flat]).reshape(
-      cost.shape[:-1])
+class _Blas:
+  """Host BLAS thread policy (needs the optional ``threadpoolctl``).
+
+  The host loop alternates small rank-|S| products with a sequential LAP.
+  Multi-threaded BLAS gains nothing on those products, and its worker threads
+  spin between calls, competing with the LAP. On a 2-core machine this made
+  the loop 1.5-2x slower in wall and CPU time. So the loop runs BLAS on one
+  thread and lends it every thread only for full products of more than
+  ``big_flops``.
+  """
+  big_flops = 2e9
+  _controller = None
+
+  @classmethod
+  def _get(cls):
+    if cls._controller is None:
+      try:
+        import threadpoolctl  # pylint: disable=g-import-not-at-top
+        cls._controller = threadpoolctl.ThreadpoolController()
+      except Exception:  # pylint: disable=broad-except  # optional dependency
+        cls._controller = False
+    return cls._controller
+
+  @classmethod
+  def limit(cls, threads):
+    ctl = cls._get()
+    if not ctl:
+      return contextlib.nullcontext()
+    if threads is None:  # every thread: the process default
+      threads = max([info['num_threads'] for info in _Blas.defaults()] or [1])
+    return ctl.limit(limits=threads, user_api='blas')
+
+  _default_info = None
+
+  @classmethod
+  def defaults(cls):
+    if cls._default_info is None:
+      ctl = cls._get()
+      cls._default_info = [] if not ctl else [
+          i for i in ctl.info() if i.get('user_api') == 'blas']
+    return cls._default_info
 
 
 class _IncrementalTerm:
@@ -170,6 +206,10 @@ class _IncrementalTerm:
   cost changes by ``A3[:, S] (B3[:, p_new[S]] - B3[:, p_old[S]])^T``, a
   rank-|S| update instead of a full matmul.
   """
+
+  # A full product costs ~2 n m r n flops, an update ~2 n |S| r n plus the
+  # gathers; recompute in full only when most units moved.
+  full_fraction = 0.6
 
   def __init__(self, a, b, axis, other_axis):
     self.a3 = _mat2(np, a, axis, other_axis)  # [n, m, r]
@@ -185,20 +225,34 @@ class _IncrementalTerm:
       changed = np.nonzero(p != self.p)[0]
       if changed.size == 0:
         return self.c
-    if changed is None or changed.size * 3 > m:
+    if changed is None or changed.size > self.full_fraction * m:
       bp = np.take(self.b3, p, axis=1)
-      self.c = (self.a3.reshape(n, -1) @ bp.reshape(n, -1).T).astype(np.float64)
+      big = 2.0 * n * self.a3[0].size * n > _Blas.big_flops
+      with _Blas.limit(None) if big else contextlib.nullcontext():
+        c = self.a3.reshape(n, -1) @ bp.reshape(n, -1).T
+      if self.c is None:
+        self.c = c.astype(np.float64)
+      else:
+        self.c[...] = c  # re-use the float64 buffer
     else:
       a = self.a3[:, changed].reshape(n, -1)
       d = (self.b3[:, p[changed]] - self.b3[:, self.p[changed]]).reshape(n, -1)
-      self.c = self.c + (a @ d.T)
+      self.c += a @ d.T  # float32 rank-|S| product, accumulated in float64
     self.p = p.copy()
     return self.c
 
 
-def _host_matching(spec, resolved, a_flat, b_flat, perms, seed, max_iter,
-                   incremental=True):
+def _host_matching(*args, **kwargs):
+  """NumPy coordinate descent (BLAS on one thread, see `_Blas`)."""
+  _Blas.defaults()  # record the default thread counts before limiting
+  with _Blas.limit(1):
+    return _host_matching_impl(*args, **kwargs)
+
+
+def _host_matching_impl(spec, resolved, a_flat, b_flat, perms, seed, max_iter,
+                        incremental=True, lap_solver='auto'):
   """NumPy/SciPy coordinate descent; returns (perms, costs, sweeps)."""
+  lap = functools.partial(solvers_lib.host_lap, solver=lap_solver)
   plan = _plan(spec, resolved)
   nested = plan.nested
   a_flat = {p: np.asarray(x, np.float32) for p, x in a_flat.items()}
@@ -227,12 +281,15 @@ def _host_matching(spec, resolved, a_flat, b_flat, perms, seed, max_iter,
       if entry is None:
         ax = resolved[path]
         b = _apply_leaf(np, b_flat[path], ax, perms, nested, skip=(g,))
-        t = (_mat(np, a_flat[path], axis) @ _mat(np, b, axis).T).astype(np.float64)
+        t = _mat(np, a_flat[path], axis) @ _mat(np, b, axis).T
       elif isinstance(entry, tuple):
         t = entry[0].cost(perms[entry[1]])
       else:
         t = entry
-      c = t if c is None else c + t
+      if c is None:
+        c = np.array(t, np.float64)  # a fresh buffer: cached terms stay intact
+      else:
+        c += t
     return c
 
   version = {g: 0 for g in perms}
@@ -255,13 +312,13 @@ def _host_matching(spec, resolved, a_flat, b_flat, perms, seed, max_iter,
         inner = {h: m.astype(np.float64) for h, m in inner.items()}
         old = _nested_value(np, c_plain, inner, perms[g],
                             {h: perms[h] for h in inner})
-        c, best = _solve_nested(np, c_plain, inner, _host_lap)
-        new_p = _host_lap(c)
+        c, best = _solve_nested(np, c_plain, inner, lap)
+        new_p = lap(c)
         new_kids = {h: s[np.arange(len(new_p)), new_p] for h, s in best.items()}
         new = c[np.arange(len(new_p)), new_p].sum()
       else:
         c = plain_cost(g)
-        new_p = _host_lap(c)
+        new_p = lap(c)
         rows = np.arange(len(new_p))
         old, new = c[rows, perms[g]].sum(), c[rows, new_p].sum()
         new_kids = {}
@@ -368,7 +425,7 @@ def _seed(key) -> int:
 
 
 def weight_matching(spec: PermutationSpec, reference: Any, other: Any, *,
-                    key: jax.Array | None = None, solver: str = 'scipy',
+                    key: jax.Array | None = None, solver: str = 'auto',
                     max_iter: int = 100,
                     init_permutations: Mapping[str, Any] | None = None,
                     return_costs: bool = False, incremental: bool = True):
@@ -382,9 +439,12 @@ def weight_matching(spec: PermutationSpec, reference: Any, other: Any, *,
     reference: model A (a pytree), e.g. ``params`` or ``variables``.
     other: model B, same structure and shapes.
     key: PRNG key for the group order (None: a fixed order seed).
-    solver: ``'scipy'`` (host NumPy/SciPy loop with incremental costs; fastest
-      on CPU; not traceable) or ``'hungarian'`` / ``'sinkhorn'`` (the loop in
-      pure JAX: works under ``jit``/``vmap`` and on accelerators).
+    solver: a host solver, ``'auto'`` (default: the ``lap`` package's LAPJV
+      when installed, else SciPy), ``'scipy'`` or ``'lapjv'`` (the NumPy
+      loop with incremental costs; fastest on CPU; not traceable), or
+      ``'hungarian'`` / ``'sinkhorn'`` (the loop in pure JAX: works under
+      ``jit``/``vmap`` and on accelerators). The exact solvers give the same
+      permutations (up to ties).
     max_iter: maximum number of sweeps.
     init_permutations: starting point (default identity), e.g. the previous
       answer (a warm start).
@@ -427,17 +487,18 @@ def weight_matching(spec: PermutationSpec, reference: Any, other: Any, *,
     spec_lib.check_permutations(spec, init_permutations, reference)
     perms0.update({g: jnp.asarray(p, jnp.int32)
                    for g, p in init_permutations.items()})
-  if solver == 'scipy':
+  if solver in solvers_lib.HOST_SOLVERS:
     traced = any(isinstance(x, jax.core.Tracer)
                  for x in jax.tree.leaves((reference, other, key)))
     if traced:
       raise ValueError(
-          "solver='scipy' runs on the host and cannot be traced; inside jit "
-          "use solver='hungarian', or `permute_align` (which wraps the host "
-          'solver in jax.pure_callback).')
+          f'solver={solver!r} runs on the host and cannot be traced; inside '
+          "jit use solver='hungarian', or `permute_align` (which wraps the "
+          'host solver in jax.pure_callback).')
     perms, costs, sweeps = _host_matching(spec, resolved, ref_flat, oth_flat,
                                           perms0, _seed(key), max_iter,
-                                          incremental=incremental)
+                                          incremental=incremental,
+                                          lap_solver=solver)
     obj = _host_objective(resolved, ref_flat, oth_flat, perms, spec.nested)
     perms = {g: jnp.asarray(p) for g, p in perms.items()}
     costs = {g: jnp.asarray(c, jnp.float32) for g, c in costs.items()}
@@ -461,16 +522,22 @@ def weight_matching(spec: PermutationSpec, reference: Any, other: Any, *,
 
 def _host_objective(resolved, a_flat, b_flat, perms, nested):
   total = 0.0
-  for path, ax in resolved.items():
-    if any(g is not None for g in ax):
-      b = _apply_leaf(np, np.asarray(b_flat[path], np.float32), ax, perms, nested)
-      total += float(np.vdot(np.asarray(a_flat[path], np.float64), b))
+  with _Blas.limit(1):
+    for path, ax in resolved.items():
+      if any(g is not None for g in ax):
+        b = _apply_leaf(np, np.asarray(b_flat[path], np.float32), ax, perms,
+                        nested)
+        a = np.asarray(a_flat[path], np.float32)
+        # Same-dtype float64 operands: a mixed-dtype vdot skips BLAS.
+        total += float(np.dot(a.ravel().astype(np.float64),
+                              b.ravel().astype(np.float64)))
   return np.float32(total)
 
 
 def host_permutations_callback(spec: PermutationSpec, reference: Any,
                                others: Any, seed: jax.Array, *,
-                               max_iter: int = 100) -> dict[str, jax.Array]:
+                               max_iter: int = 100,
+                               lap_solver: str = 'auto') -> dict[str, jax.Array]:
   """Host weight matching of each stacked model to ``reference`` from inside jit.
 
   ``others`` has a leading model axis K; returns ``{group: [K, ...] int32}``.
@@ -493,7 +560,7 @@ def host_permutations_callback(spec: PermutationSpec, reference: Any,
       perms, _, _ = _host_matching(
           spec, resolved, ref_flat, {p: np.asarray(x)[i] for p, x in
                                      oth_flat.items()},
-          dict(ident), int(seed) + i, max_iter)
+          dict(ident), int(seed) + i, max_iter, lap_solver=lap_solver)
       for g in names:
         res[g].append(perms[g])
     return {g: np.stack(v).astype(np.int32) for g, v in res.items()}
@@ -503,7 +570,7 @@ def host_permutations_callback(spec: PermutationSpec, reference: Any,
 
 def merge_many(spec: PermutationSpec, models: list[Any], *,
                key: jax.Array | None = None, max_rounds: int = 20,
-               solver: str = 'scipy') -> list[dict[str, Any]]:
+               solver: str = 'auto') -> list[dict[str, Any]]:
   """Aligns K models jointly (Git Re-Basin's MergeMany): each to the mean of the rest.
 
   Starting from identity, every round visits the models in a random order and
