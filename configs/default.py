@@ -37,9 +37,14 @@ maps one numeric hyperparameter to its grid (vmapped, chosen on validation);
   pairwise merge ``m_1 = ft_1``, ``m_i = method(m_{i-1}, ft_i)`` with weights
   ``[i - 1, 1]``, i.e. the running (spherical) mean of the task vectors.
 * ``per_task``: for methods that store per-task masks, scalars or bases and
-  rebuild one model per task (``tall_masks``, ``emr``, ``twin`` with an
-  oracle router, ``reversible``): task ``i`` is evaluated with
-  ``mergejax.methods.reconstruct(state, base, i)``.
+  rebuild one model per task (``tall_masks``, ``emr``, ``reversible``): task
+  ``i`` is evaluated with ``mergejax.methods.reconstruct(state, base, i)``.
+* ``routed``: Twin-Merging with a trained router (``experiments/
+  twin_routed.py``): the router (``mergejax.methods.twin_train_router``,
+  settings in the entry's ``router`` field) learns task ids from the shared
+  backbone's features of ``per_task`` labelled training inputs per task; each
+  test input runs with its own mix ``theta* + sum_t w_t(x) v_t``. The oracle
+  router (one-hot task weights) is reported as a ``<name>_oracle`` row.
 * ``not_applicable``: listed but not run (LoRA factor merges on a dense zoo).
 
 An optional ``inner = dict(arg=..., name=..., kwargs=...)`` passes another
@@ -159,16 +164,20 @@ def get_config(arg=None):
       widen=entry(),
       opcm=entry(),
       # Methods that store per-task information and rebuild one model per
-      # task (`mergejax.methods.reconstruct`); twin with an oracle router.
+      # task (`mergejax.methods.reconstruct`).
       tall_masks=entry(sweep=dict(tall_lambda=(0.2, 0.3, 0.4, 0.5, 0.6)),
                        protocol='per_task'),
       emr=entry(protocol='per_task'),
-      twin=entry(protocol='per_task'),
+      # Twin-Merging with a router trained on 128 labelled inputs per task
+      # (the one-hot oracle router is reported as a second row).
+      twin=entry(protocol='routed'),
       reversible=entry(dict(budget=max(1, k // 2)), protocol='per_task'),
       # LoRA factor merges: the zoo's fine-tunes are dense.
       lora_lego=entry(protocol='not_applicable'),
       lora_svd=entry(protocol='not_applicable'),
   )
+  methods['twin'].router = dict(per_task=128, hidden=(), steps=300,
+                                learning_rate=1e-2)
   for name in METHODS:
     methods.setdefault(name, entry(sweep=lam))
   config.methods = ml_collections.ConfigDict(methods)

@@ -29,7 +29,7 @@ from mergejax import zoo
 # so that stale caches are not reused.
 ZOO_VERSION = 1
 PROTOCOLS = ('models', 'no_base', 'sum_endpoint', 'fold', 'per_task',
-             'not_applicable')
+             'routed', 'not_applicable')
 
 
 def zoo_hash(config) -> str:
@@ -157,6 +157,23 @@ def merge_method(name: str, entry, base, fts: list, key: jax.Array):
   return out, (pname, values), notes
 
 
+def _routed(name, entry, base, fts, tasks, heads, config, key):
+  """The ``routed`` protocol: a twin merge evaluated with a trained router."""
+  from experiments import twin_routed  # pylint: disable=g-import-not-at-top
+  factory = getattr(mj.methods, name)
+  shared, state = mj.merge(factory(**entry.kwargs.to_dict()), base, fts,
+                           key=key, return_state=True)
+  r = entry.router.to_dict() if 'router' in entry else {}
+  out = twin_routed.evaluate(shared, state, tasks, heads,
+                             depth=config.zoo.depth,
+                             key=jax.random.fold_in(key, 1), **r)
+  notes = [f"router trained on {r.get('per_task', 32)} inputs per task; "
+           f"router task accuracy on test {out['router_accuracy']['test']:.3f}"]
+  extra = dict(router=dict(settings=r, accuracy=out['router_accuracy']),
+               oracle_test=out['oracle_test'])
+  return out['val'], out['test'], notes, extra
+
+
 def _row(acc, ft_acc, names):
   acc = np.asarray(acc, np.float64)
   return dict(accuracy={n: float(a) for n, a in zip(names, acc)},
@@ -269,10 +286,21 @@ def main(config, workdir: str) -> dict[str, Any]:
       methods[name] = rec
       continue
     t0 = time.perf_counter()
+    oracle = None
     try:
       key = jax.random.fold_in(merge_key, zlib.crc32(name.encode()))
-      bbs, sweep, notes = merge_method(name, entry, base_bb, ft_bbs, key)
-      if entry.protocol == 'per_task':
+      if entry.protocol != 'routed':
+        bbs, sweep, notes = merge_method(name, entry, base_bb, ft_bbs, key)
+      if entry.protocol == 'routed':  # Twin-Merging with a trained router
+        val, test, notes, extra = _routed(name, entry, base_bb, ft_bbs, tasks,
+                                          heads, config, key)
+        rec['router'] = extra['router']
+        oracle = dict(protocol='per_task', status='ok',
+                      note='oracle router (one-hot weights)',
+                      **_row(extra['oracle_test'], ft_acc, names))
+        val, test = np.asarray([val.mean()]), test[None]
+        sweep = None
+      elif entry.protocol == 'per_task':
         s_ = jax.tree.leaves(bbs)[0].shape[0]
         per = [jax.tree.map(lambda x, i=i: x[i], bbs) for i in range(s_)]
         val = np.stack([ev.own_task_accuracies(p, 'val') for p in per])
@@ -304,6 +332,8 @@ def main(config, workdir: str) -> dict[str, Any]:
             f'{rec["avg_normalized"]:.3f}  {sel}  ({rec["seconds"]:.1f}s)'
             + (f'  [{rec["note"]}]' if 'note' in rec else ''), flush=True)
     methods[name] = rec
+    if oracle is not None:
+      methods[f'{name}_oracle'] = oracle
 
   # Summary, table, files.
   ok = {n: r for n, r in methods.items() if r['status'] == 'ok'}

@@ -120,3 +120,43 @@ def test_router_learns_task_ids_and_validates():
   with pytest.raises(ValueError, match='needs the state of a twin'):
     _, st = mj.merge(M.task_arithmetic(), *_zoo(), return_state=True)
     M.twin_apply(_forward_dense, st, w, f)
+
+
+def test_digits_routed_protocol_matches_flax_model_per_input():
+  from experiments import twin_routed  # pylint: disable=g-import-not-at-top
+  from mergejax import zoo  # pylint: disable=g-import-not-at-top
+  model = zoo.Classifier(width=16)
+  p = zoo.init_params(model, jax.random.key(2))
+  fts = [jax.tree.map(lambda x, i=i: x + 0.1 * jax.random.normal(
+      jax.random.key(10 + i), x.shape), p) for i in range(2)]
+  shared, st = mj.merge(M.twin(density=0.25), p['backbone'],
+                        [f['backbone'] for f in fts], return_state=True)
+  x = jax.random.uniform(jax.random.key(4), (6, 64))
+  w = jax.nn.softmax(jnp.asarray(np.random.default_rng(0).standard_normal((6, 2)),
+                                 jnp.float32))
+  fused = twin_routed.backbone_forward(shared, st, x, w, depth=2)
+  flax_bb = lambda params, xi: model.apply(  # pylint: disable=g-long-lambda
+      {'params': {'backbone': params, 'head': p['head']}}, xi[None],
+      method=lambda m, y: m.backbone(y))[0]
+  _close(fused, M.twin_apply(flax_bb, st, w, x, batch_size=4))
+  _close(twin_routed.backbone_forward(shared, st, x, None, depth=2),
+         model.apply({'params': {'backbone': shared, 'head': p['head']}}, x,
+                     method=lambda m, y: m.backbone(y)))
+
+
+@pytest.mark.slow
+def test_digits_routed_evaluate_runs():
+  from experiments import twin_routed  # pylint: disable=g-import-not-at-top
+  from mergejax import zoo  # pylint: disable=g-import-not-at-top
+  d = zoo.load_digits(jax.random.key(0))
+  tasks = zoo.make_tasks(d, ['rot90', 'invert'], jax.random.key(1))
+  p = zoo.init_params(zoo.Classifier(width=16), jax.random.key(2))
+  fts = [jax.tree.map(lambda x, i=i: x + 0.1 * jax.random.normal(
+      jax.random.key(10 + i), x.shape), p) for i in range(2)]
+  shared, st = mj.merge(M.twin(density=0.25), p['backbone'],
+                        [f['backbone'] for f in fts], return_state=True)
+  heads = jax.tree.map(lambda *h: jnp.stack(h), *[f['head'] for f in fts])
+  out = twin_routed.evaluate(shared, st, tasks, heads, depth=2,
+                             key=jax.random.key(3), per_task=8, steps=20)
+  assert out['test'].shape == (2,) and out['oracle_val'].shape == (2,)
+  assert 0.0 <= out['router_accuracy']['test'] <= 1.0
