@@ -18,7 +18,9 @@ def get_config(arg=None):
   c.sizes = (1.0, 1.2, 1.4, 1.6, 1.8, 2.0)   # merged size / one model's size
   c.ridge = 1e-3
   c.data_free = False    # True: match and solve on generated inputs
+  c.ls_inputs = 'merged'  # or 'original' (PLeaS' reference fitting)
+  c.num_pairs = 5        # independently trained model pairs (means reported)
   c.seed = 0
   if arg == 'smoke':
-    c.width, c.epochs = 32, 3
+    c.width, c.epochs, c.num_pairs, c.sizes = 32, 3, 1, (1.0, 2.0)
   return c

@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from mergejax import permute
 from mergejax.permute import models as M
@@ -71,3 +72,47 @@ def test_least_squares_beats_averaging_on_its_objective():
     res = permute.pleas(a, b, [x], num_hidden=2, size=1.2, least_squares=ls)
     errs[ls] = float(jnp.mean((_apply(res, x) - target) ** 2))
   assert errs[True] < errs[False]
+
+
+def _ridge_objective(head, feats, target, ridge):
+  x = jnp.concatenate([feats, jnp.ones((feats.shape[0], 1))], 1)
+  w = jnp.concatenate([head['kernel'], head['bias'][None]], 0)
+  g = x.T @ x
+  lam = ridge * jnp.mean(jnp.diag(g))
+  return float(jnp.sum((x @ w - target) ** 2) + lam * jnp.sum(w ** 2))
+
+
+def test_merged_inputs_fit_each_layer_to_what_it_reads():
+  # inputs='merged' solves layer by layer on the merged network's own features:
+  # on those features its head is the ridge optimum, so the head fitted on the
+  # original models' features ('original', PLeaS' reference) or the averaged
+  # head cannot do better there. (Both heads use the same block layout.)
+  a, b = _models()
+  x = jax.random.normal(KEY, (256, 5))
+  ridge = 1e-3
+  ya = M.MLP((12, 10), num_outputs=3).apply({'params': a}, x)
+  yb = M.MLP((12, 10), num_outputs=3).apply({'params': b}, x)
+  target = jnp.concatenate([ya, yb], 1)
+  kw = dict(num_hidden=2, size=1.5, ratios=(0.25, 0.5), ridge=ridge)
+  merged = permute.pleas(a, b, [x[:128], x[128:]], inputs='merged', **kw)
+  orig = permute.pleas(a, b, [x], inputs='original', **kw)
+  avg = permute.pleas(a, b, [x], least_squares=False, **kw)
+  assert merged.widths == orig.widths == avg.widths
+  p = merged.params
+  feats = jax.nn.relu(jax.nn.relu(x @ p['Dense_0']['kernel'] + p['Dense_0']['bias'][None])
+                      @ p['Dense_1']['kernel'] + p['Dense_1']['bias'][None])
+  best = _ridge_objective(p['Dense_2'], feats, target, ridge)
+  for other in (orig, avg):
+    assert best <= _ridge_objective(other.params['Dense_2'], feats, target, ridge) + 1e-6
+  # Layer 0 reads the shared input in both modes: identical solutions.
+  np.testing.assert_allclose(merged.params['Dense_0']['kernel'],
+                             orig.params['Dense_0']['kernel'], rtol=1e-4, atol=1e-5)
+  # End to end, the merged-input fit is closer to the endpoints here.
+  err = lambda r: float(jnp.mean((_apply(r, x) - target) ** 2))
+  assert err(merged) < err(orig)
+
+
+def test_pleas_rejects_unknown_inputs():
+  a, b = _models()
+  with pytest.raises(ValueError, match='inputs'):
+    permute.pleas(a, b, [jnp.ones((4, 5))], num_hidden=2, size=1.5, inputs='mixed')

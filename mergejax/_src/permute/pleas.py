@@ -12,13 +12,16 @@ wider model of a chosen size between 1x and 2x:
    ``[merged | sep_A | sep_B]``. `choose_ratios` picks the ratios for a
    parameter budget with a greedy solver (no commercial optimiser): it
    repeatedly separates the worst-matched units per parameter spent.
-3. **Least squares**: every layer is solved in closed form. Its inputs
-   ``X~ = [(X_A[m] + X_B[m])/2, X_A[s], X_B[s]]`` and targets ``Y~`` (the
-   original layers' pre-activations, assembled the same way) are accumulated
-   as Gram matrices ``X~^T X~``, ``X~^T Y~`` over batches; each output block is
-   a ridge regression on its allowed input blocks (sep_A and sep_B never feed
-   each other). The task heads stay separate: the merged model outputs
-   ``[logits_A | logits_B]``.
+3. **Least squares**: every layer is solved in closed form. Its targets
+   ``Y~ = [(Y_A[m] + Y_B[m])/2, Y_A[s], Y_B[s]]`` are the original layers'
+   pre-activations, assembled by blocks. Its inputs are, by default, the
+   merged network's own features (layers solved in order); PLeaS' reference
+   uses the original models' features
+   ``X~ = [(X_A[m] + X_B[m])/2, X_A[s], X_B[s]]`` instead (``inputs=
+   'original'``). The Gram matrices ``X^T X``, ``X^T Y~`` are accumulated
+   over batches; each output block is a ridge regression on its allowed
+   input blocks (sep_A and sep_B never feed each other). The task heads stay
+   separate: the merged model outputs ``[logits_A | logits_B]``.
 
 ``least_squares=False`` gives the permute-then-average baseline at the same
 widths (PLeaS' block construction), ``align=False`` the no-alignment one. The
@@ -130,7 +133,8 @@ def _blocks(n, merged_idx, sep_idx):
 def pleas(params_a: Any, params_b: Any, batches: Iterable[Any] | Any, *,
           num_hidden: int, size: float, ridge: float = 1e-3,
           least_squares: bool = True, align: bool = True,
-          ratios: Sequence[float] | None = None) -> PleasResult:
+          ratios: Sequence[float] | None = None,
+          inputs: str = 'merged') -> PleasResult:
   """Merges two MLPs into one of ``size`` x one model's parameters (module docstring).
 
   Args:
@@ -146,11 +150,19 @@ def pleas(params_a: Any, params_b: Any, batches: Iterable[Any] | Any, *,
       (permute-then-average at the same widths).
     align: match units first; False keeps B's order (no-alignment baseline).
     ratios: explicit ratios per hidden group (overrides ``size``).
+    inputs: the features each layer's least squares is fitted on.
+      ``'merged'`` (default): the merged network's own features, layer by
+      layer in order, so each layer is fitted to what it will actually read
+      (the errors of earlier merged layers are absorbed instead of
+      compounding). ``'original'``: PLeaS' reference, the assembled features
+      of the original models, every layer independently.
 
   Returns:
     A `PleasResult`; evaluate ``params`` with
     ``models.MLP(result.widths, num_outputs=out_a + out_b)``.
   """
+  if inputs not in ('merged', 'original'):
+    raise ValueError(f"inputs must be 'merged' or 'original', got {inputs!r}.")
   batches = list(batches)
   spec = mlp_spec(num_hidden)
   fn = lambda p, x: {f'P_{k}': h for k, h in
@@ -182,37 +194,56 @@ def pleas(params_a: Any, params_b: Any, batches: Iterable[Any] | Any, *,
 
   out = {}
   if least_squares:
-    stats = [None] * (num_hidden + 1)
-    for x in batches:
-      ha, za = _hidden_and_preacts(params_a, x, num_hidden)
-      hb, zb = _hidden_and_preacts(pb, x, num_hidden)
-      for l in range(num_hidden + 1):
-        xin = x if l == 0 else assemble(ha[l - 1], hb[l - 1], l - 1)
+    for l in range(num_hidden + 1):  # in order: layer l reads layers < l
+      g = h = None
+      for x in batches:
+        _, za = _hidden_and_preacts(params_a, x, num_hidden)
+        hb, zb = _hidden_and_preacts(pb, x, num_hidden)
+        if l == 0:
+          xin = x
+        elif inputs == 'merged':  # what merged layer l will actually read
+          xin = _merged_hidden(out, x, l)
+        else:  # PLeaS' reference: the original models' features
+          ha, _ = _hidden_and_preacts(params_a, x, num_hidden)
+          xin = assemble(ha[l - 1], hb[l - 1], l - 1)
         xin = jnp.concatenate([xin, jnp.ones((xin.shape[0], 1), xin.dtype)], 1)
         y = (assemble(za[l], zb[l], l) if l < num_hidden
              else jnp.concatenate([za[l], zb[l]], 1))
-        g = np.asarray(xin.T @ xin, np.float64)
-        h = np.asarray(xin.T @ y, np.float64)
-        stats[l] = (g, h) if stats[l] is None else (stats[l][0] + g, stats[l][1] + h)
-    for l in range(num_hidden + 1):
-      g, h = stats[l]
-      d_in = g.shape[0] - 1
-      in_blocks = _index_blocks(groups, l - 1, d_in)
-      out_blocks = _out_blocks(groups, l, num_hidden, params_a, params_b)
-      lam = ridge * np.mean(np.diag(g))
-      w = np.zeros((d_in + 1, h.shape[1]))
-      for cols, allowed in out_blocks:
-        rows = np.concatenate([in_blocks[a] for a in allowed] + [[d_in]]).astype(int)
-        gi = g[np.ix_(rows, rows)] + lam * np.eye(len(rows))
-        w[np.ix_(rows, cols)] = np.linalg.solve(gi, h[np.ix_(rows, cols)])
-      out[f'Dense_{l}'] = {'kernel': jnp.asarray(w[:-1], jnp.float32),
-                           'bias': jnp.asarray(w[-1], jnp.float32)}
+        gb = np.asarray(xin.T @ xin, np.float64)
+        hb_ = np.asarray(xin.T @ y, np.float64)
+        g, h = (gb, hb_) if g is None else (g + gb, h + hb_)
+      out[f'Dense_{l}'] = _solve_blocks(g, h, groups, l, num_hidden, params_a,
+                                        params_b, ridge)
   else:
     for l in range(num_hidden + 1):
       out[f'Dense_{l}'] = _average_blocks(params_a[f'Dense_{l}'], pb[f'Dense_{l}'],
                                           groups, l, num_hidden)
   return PleasResult(out, widths, tuple(float(r) for r in ratios),
                      merged_size(dims, ratios))
+
+
+def _merged_hidden(out, x, l):
+  """Hidden features of the merged layers ``0 … l-1`` (already solved)."""
+  h = x
+  for k in range(l):
+    d = out[f'Dense_{k}']
+    h = jax.nn.relu(h @ d['kernel'] + d['bias'][None])
+  return h
+
+
+def _solve_blocks(g, h, groups, l, num_hidden, pa, pb, ridge):
+  """Block ridge least squares of layer l from ``X^T X`` (g) and ``X^T Y`` (h)."""
+  d_in = g.shape[0] - 1
+  in_blocks = _index_blocks(groups, l - 1, d_in)
+  out_blocks = _out_blocks(groups, l, num_hidden, pa, pb)
+  lam = ridge * np.mean(np.diag(g))
+  w = np.zeros((d_in + 1, h.shape[1]))
+  for cols, allowed in out_blocks:
+    rows = np.concatenate([in_blocks[a] for a in allowed] + [[d_in]]).astype(int)
+    gi = g[np.ix_(rows, rows)] + lam * np.eye(len(rows))
+    w[np.ix_(rows, cols)] = np.linalg.solve(gi, h[np.ix_(rows, cols)])
+  return {'kernel': jnp.asarray(w[:-1], jnp.float32),
+          'bias': jnp.asarray(w[-1], jnp.float32)}
 
 
 def _index_blocks(groups, k, d_in):
