@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from mergejax._src import base
 from mergejax._src import checks
+from mergejax._src import modelaxis
 from mergejax._src.sparsify import _bcast
 from mergejax._src.sparsify import _choice
 
@@ -78,10 +79,8 @@ def elect_sign(method: str = 'sum', *, weights: Weights = None,
 def sign_agreement(values: list[jax.Array], *, method: str = 'sum',
                    zero: str = 'plus') -> list[jax.Array]:
   """Boolean masks ``sign(u_i) == elected sign`` for ``[K, ...]`` arrays ``u``."""
-  totals = []
-  for u in values:
-    t = jnp.sum(u if method == 'sum' else jnp.sign(u), axis=0)
-    totals.append(t)
+  totals = [modelaxis.model_sum(u if method == 'sum' else jnp.sign(u))
+            for u in values]
   if zero == 'plus':
     elected = [jnp.where(t >= 0, 1.0, -1.0) for t in totals]
   else:
@@ -89,7 +88,8 @@ def sign_agreement(values: list[jax.Array], *, method: str = 'sum',
     majority = jnp.sign(sum(jnp.sum(s) for s in signs))
     elected = [jnp.where(s == 0, majority, s) for s in signs]
   # Elected +1 keeps positive entries, anything else keeps negative ones.
-  return [jnp.where(e[None] > 0, u > 0, u < 0) for u, e in zip(values, elected)]
+  return [modelaxis.model_map(lambda x, e=e: jnp.where(e > 0, x > 0, x < 0), u)
+          for u, e in zip(values, elected)]
 
 
 def _elect_update(updates, state, params=None, *, key=None, method, zero):
@@ -98,9 +98,13 @@ def _elect_update(updates, state, params=None, *, key=None, method, zero):
   if not leaves:
     return updates, state
   w = checks.per_model(state.weights, leaves[0].shape[0], 'weights')
-  weighted = [u * _bcast(w, u).astype(u.dtype) for u in leaves]
+  weighted = [modelaxis.model_map(lambda x, wi: x * wi.astype(x.dtype), u, w)
+              for u in leaves]
   masks = sign_agreement(weighted, method=method, zero=zero)
-  out = [jnp.where(m, u, jnp.zeros((), u.dtype)) for u, m in zip(leaves, masks)]
+  out = [modelaxis.model_map(
+      lambda x, m: jnp.where(m, x, jnp.zeros((), x.dtype)), u, m)
+         for u, m in zip(leaves, masks)]
+  # A diagnostic: XLA drops it as dead code unless the state is returned.
   agree = sum(jnp.sum(m, dtype=jnp.float32) for m in masks)
   nonzero = sum(jnp.sum(v != 0, dtype=jnp.float32) for v in weighted)
   frac = agree / jnp.maximum(nonzero, 1.0)
@@ -149,17 +153,17 @@ def disjoint_merge(weights: Weights = None, *, reduce: str = 'mean'
 
 
 def _disjoint_leaf(u: jax.Array, w: jax.Array, reduce: str) -> jax.Array:
-  wu = w.astype(u.dtype)
+  wu = jnp.broadcast_to(w.astype(u.dtype), u.shape[:1])
   if reduce == 'max':
-    v = u * _bcast(wu, u)
-    best = v[0]
-    for i in range(1, u.shape[0]):  # running `>=`: ties go to the later model
-      best = jnp.where(jnp.abs(v[i]) >= jnp.abs(best), v[i], best)
-    return best
-  num = jnp.tensordot(wu, u, axes=1)
+    v = modelaxis.model_map(lambda x, wi: x * wi, u, wu)
+    # A running `>=`: ties go to the later model.
+    return modelaxis.model_fold(
+        lambda best, x: jnp.where(jnp.abs(x) >= jnp.abs(best), x, best), v)
+  num = modelaxis.model_sum(u, wu)
   if reduce == 'sum':
     return num
-  den = jnp.tensordot(wu, (u != 0).astype(u.dtype), axes=1)
+  den = modelaxis.model_sum(
+      modelaxis.model_map(lambda x: (x != 0).astype(x.dtype), u), wu)
   return num / jnp.where(den == 0, jnp.ones((), u.dtype), den)
 
 

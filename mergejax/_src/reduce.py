@@ -9,6 +9,7 @@ import jax.numpy as jnp
 
 from mergejax._src import base
 from mergejax._src import checks
+from mergejax._src import modelaxis
 
 # mergekit replaces a near-zero weight sum by 1 when normalizing task vectors.
 WEIGHT_SUM_EPS = 1e-8
@@ -33,7 +34,9 @@ def _task_vectors(updates, params, *, key):
   del key
   if params is None:
     raise ValueError(base.NO_PARAMS_MSG)
-  return jax.tree.map(lambda u, p: u - p[None].astype(u.dtype), updates, params)
+  return jax.tree.map(
+      lambda u, p: modelaxis.model_map(lambda x: x - p.astype(x.dtype), u),
+      updates, params)
 
 
 class WeightedSumState(NamedTuple):
@@ -77,7 +80,7 @@ def _weighted_sum_update(updates, state, params=None, *, key=None, normalize):
   denom = jnp.where(jnp.abs(denom) < WEIGHT_SUM_EPS, 1.0, denom)
 
   def reduce(u):
-    s = jnp.tensordot(w.astype(u.dtype), u, axes=1)
+    s = modelaxis.model_sum(u, w)
     return s / denom.astype(u.dtype) if normalize else s
 
   return jax.tree.map(reduce, updates), state

@@ -17,7 +17,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mergejax._src import modelaxis
+
 _BINS = 1 << 16
+# Tie-break chunk (entries); positions are int32, hence the size limit.
+_CHUNK = 4096
+_MAX_ENTRIES = (1 << 31) - _CHUNK
 
 
 def magnitude_bits(x: jax.Array) -> jax.Array:
@@ -53,6 +58,25 @@ def _pick(hist: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array]:
   return r * 256 + c, k - above
 
 
+def _threshold(bits: Sequence[jax.Array], k: jax.Array
+               ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The k-th largest bit pattern, how many ties at it to keep, and how many.
+
+  Returns ``(t, need, n_at)``: ``t`` the bits of the k-th largest value,
+  ``need`` the number of entries equal to ``t`` that a top-k keeps (``k``
+  minus the entries above ``t``) and ``n_at`` the number equal to ``t``. All
+  three come from the two histograms, with no extra pass over the data.
+  """
+  k = jnp.asarray(k, jnp.int32)
+  hi = sum(_hist(b >> 16) for b in bits)
+  bucket, k_in = _pick(hi, k)
+  lo = sum(_hist(b & 0xFFFF, (b >> 16) == bucket.astype(jnp.uint32))
+           for b in bits)
+  low, need = _pick(lo, k_in)
+  t = (bucket.astype(jnp.uint32) << 16) | low.astype(jnp.uint32)
+  return t, need, lo[low]
+
+
 def kth_largest_bits(bits: Sequence[jax.Array], k: jax.Array) -> jax.Array:
   """Bit pattern of the k-th largest value among several uint32 bit arrays.
 
@@ -63,13 +87,7 @@ def kth_largest_bits(bits: Sequence[jax.Array], k: jax.Array) -> jax.Array:
   Returns:
     A uint32 scalar: the bits of the k-th largest magnitude.
   """
-  k = jnp.asarray(k, jnp.int32)
-  hi = sum(_hist(b >> 16) for b in bits)
-  bucket, k_in = _pick(hi, k)
-  lo = sum(_hist(b & 0xFFFF, (b >> 16) == bucket.astype(jnp.uint32))
-           for b in bits)
-  low, _ = _pick(lo, k_in)
-  return (bucket.astype(jnp.uint32) << 16) | low.astype(jnp.uint32)
+  return _threshold(bits, k)[0]
 
 
 def kth_largest_magnitude(xs: Sequence[jax.Array] | jax.Array,
@@ -117,7 +135,7 @@ def topk_masks(xs: Sequence[jax.Array], k: jax.Array, *,
   "leaf by leaf, then flat index".
 
   Args:
-    xs: arrays of any shapes, at most ``2**32 - 2`` entries in total.
+    xs: arrays of any shapes, fewer than ``2**31 - 4096`` entries in total.
     k: number of entries to keep (int, may be traced), clipped to
       ``[0, total size]``.
     exact: keep exactly ``k`` entries (see `topk_mask`).
@@ -125,9 +143,7 @@ def topk_masks(xs: Sequence[jax.Array], k: jax.Array, *,
   Returns:
     A list of bool arrays shaped like ``xs``.
   """
-  masks = batched_topk_masks([x[None] for x in xs], jnp.asarray(k)[None],
-                             exact=exact)
-  return [m[0] for m in masks]
+  return _topk_row(list(xs), k, exact=exact)
 
 
 def batched_topk_masks(xs: Sequence[jax.Array], k: jax.Array, *,
@@ -135,10 +151,8 @@ def batched_topk_masks(xs: Sequence[jax.Array], k: jax.Array, *,
   """`topk_masks` for a batch: leading axis B on every array and on ``k``.
 
   Row ``b`` keeps the ``k[b]`` largest magnitudes among ``x[b]`` of all
-  ``xs``. The threshold search is vmapped over the batch; the exact
-  tie-breaking passes run under one ``cond`` for the whole batch, so they are
-  skipped when no row has surplus ties at its threshold (the usual case for
-  continuous values: two histogram passes instead of four).
+  ``xs``. Rows are processed by `modelaxis.model_map` (unrolled for a few
+  models, so no stacked intermediate is materialised).
 
   Args:
     xs: arrays shaped ``[B, ...]``.
@@ -148,34 +162,67 @@ def batched_topk_masks(xs: Sequence[jax.Array], k: jax.Array, *,
   Returns:
     A list of bool arrays shaped like ``xs``.
   """
-  sizes = [int(np.prod(x.shape[1:])) for x in xs]
+  return modelaxis.model_map(
+      lambda row, kk: _topk_row(row, kk, exact=exact), list(xs),
+      jnp.asarray(k))
+
+
+def _topk_row(xs: Sequence[jax.Array], k: jax.Array, *, exact: bool
+              ) -> list[jax.Array]:
+  sizes = [int(np.prod(x.shape)) for x in xs]
   n = sum(sizes)
-  if n >= (1 << 32) - 1:
-    raise ValueError(f'topk_masks: {n} entries in total; at most 2**32 - 2 '
-                     'are supported (split the selection).')
-  k = jnp.clip(jnp.asarray(k, jnp.int32), 0, min(n, (1 << 31) - 1))
-  bits = [jax.vmap(magnitude_bits)(x) for x in xs]  # [B, n_j]
-  t = jax.vmap(lambda bs, kk: kth_largest_bits(bs, jnp.maximum(kk, 1)))(
-      bits, k)[:, None]
-  above = [b > t for b in bits]
-  at = [b == t for b in bits]
+  if n >= _MAX_ENTRIES:
+    raise ValueError(f'topk_masks: {n} entries in one selection; at most '
+                     f'{_MAX_ENTRIES - 1} are supported (split the selection, '
+                     'e.g. trim per tensor instead of globally).')
+  k = jnp.clip(jnp.asarray(k, jnp.int32), 0, n)
+  bits = [magnitude_bits(x) for x in xs]
+  t, need, n_at = _threshold(bits, jnp.maximum(k, 1))
   if exact:
-    # Keep the `need` lowest-index ties. A cumsum over the tensor costs ~3x a
-    # histogram pass on CPU, so pick the need-th smallest index among the ties
-    # with the same radix select, applied to the complemented index (~i > 0 for
-    # every real index, so the zeros standing in for non-ties rank last).
-    need = k - sum(jnp.sum(a, axis=1, dtype=jnp.int32) for a in above)
-    n_at = sum(jnp.sum(a, axis=1, dtype=jnp.int32) for a in at)
-    offsets = [sum(sizes[:i]) for i in range(len(sizes))]
-    idx = [~(jnp.arange(s, dtype=jnp.uint32) + jnp.uint32(o))
-           for s, o in zip(sizes, offsets)]
+    first = _first_ties([b == t for b in bits], need, n_at)
+  else:
+    first = [jnp.ones((), bool)] * len(bits)
+  return [((b > t) | ((b == t) & f)) .reshape(x.shape) & (k > 0)
+          for b, f, x in zip(bits, first, xs)]
 
-    def break_ties_row(at_row, need_row):
-      cut = kth_largest_bits([jnp.where(a, i, 0) for a, i in zip(at_row, idx)],
-                             jnp.maximum(need_row, 1))
-      return [a & (i >= cut) & (need_row > 0) for a, i in zip(at_row, idx)]
 
-    at = jax.lax.cond(jnp.any(n_at > need),
-                      lambda a: jax.vmap(break_ties_row)(a, need), list, at)
-  return [((a | b) & (k[:, None] > 0)).reshape(x.shape)
-          for a, b, x in zip(above, at, xs)]
+def _first_ties(at: list[jax.Array], need: jax.Array, n_at: jax.Array
+                ) -> list[jax.Array]:
+  """Masks keeping the ``need`` lowest-position True entries of ``at``.
+
+  Positions run leaf by leaf, then by flat index. A cumsum over the whole
+  selection would cost several passes on CPU; instead one pass counts the ties
+  per chunk of `_CHUNK` entries, a short cumsum over the chunk counts finds the
+  chunk holding the ``need``-th tie, and a cumsum over that one chunk finds
+  its position. The masks are then ``position <= cut``: elementwise, fused
+  with the rest of the merge.
+  """
+  counts, starts, offsets, off = [], [], [], 0
+  for a in at:
+    m = a.shape[0]
+    r = m // _CHUNK
+    if r:
+      counts.append(jnp.sum(a[:r * _CHUNK].reshape(r, _CHUNK), axis=1,
+                            dtype=jnp.int32))
+      starts.append(off + _CHUNK * np.arange(r))
+    if m % _CHUNK:
+      counts.append(jnp.sum(a[r * _CHUNK:], dtype=jnp.int32)[None])
+      starts.append(np.array([off + r * _CHUNK]))
+    offsets.append(off)
+    off += m
+  counts = jnp.concatenate(counts)
+  starts = jnp.asarray(np.concatenate(starts), jnp.int32)
+  csum = jnp.cumsum(counts)
+  c = jnp.minimum(jnp.sum(csum < need), counts.shape[0] - 1)
+  rem = need - (csum[c] - counts[c])  # ties to keep inside chunk c
+  start = starts[c]
+  lane = jnp.arange(_CHUNK, dtype=jnp.int32)
+  window = jnp.zeros(_CHUNK, bool)
+  for a, o in zip(at, offsets):
+    local = jnp.clip(start - o, 0, a.shape[0])
+    inside = (start >= o) & (start < o + a.shape[0])
+    window |= inside & jnp.take(a, local + lane, mode='fill', fill_value=False)
+  cut = start + jnp.sum(jnp.cumsum(window.astype(jnp.int32)) < rem)
+  keep_all = need >= n_at
+  return [(jnp.arange(a.shape[0], dtype=jnp.int32) + o <= cut) | keep_all
+          for a, o in zip(at, offsets)]

@@ -27,6 +27,7 @@ import numpy as np
 
 from mergejax._src import base
 from mergejax._src import checks
+from mergejax._src import modelaxis
 from mergejax._src import select
 
 Hparam = float | Sequence[float] | jax.Array
@@ -86,12 +87,15 @@ def rescale_l1(delta: jax.Array, kept: jax.Array) -> jax.Array:
     ``kept`` rescaled so each model's L1 norm equals ``delta``'s; a model whose
     norm (before or after) is below 1e-7 is returned unscaled, as mergekit does.
   """
-  axes = tuple(range(1, delta.ndim))
-  before = jnp.sum(jnp.abs(delta), axis=axes)
-  after = jnp.sum(jnp.abs(kept), axis=axes)
+  return modelaxis.model_map(_rescale_l1_one, delta, kept)
+
+
+def _rescale_l1_one(delta: jax.Array, kept: jax.Array) -> jax.Array:
+  before = jnp.sum(jnp.abs(delta))
+  after = jnp.sum(jnp.abs(kept))
   ok = (before >= RESCALE_EPS) & (after >= RESCALE_EPS)
   s = jnp.where(ok, before / jnp.where(ok, after, 1.0), 1.0)
-  return kept * _bcast(s, kept).astype(kept.dtype)
+  return kept * s.astype(kept.dtype)
 
 
 def apply_mask(delta: jax.Array, keep: jax.Array, prob: jax.Array,
@@ -101,20 +105,27 @@ def apply_mask(delta: jax.Array, keep: jax.Array, prob: jax.Array,
   Args:
     delta: ``[K, ...]`` task vectors.
     keep: bool mask shaped like ``delta``.
-    prob: keep probabilities, broadcastable to ``delta`` (``[K, 1, ...]`` for
-      DARE, elementwise for DELLA), used by ``'inverse_density'`` and
-      ``'inverse_prob'``.
+    prob: keep probabilities: a scalar, one per model (``[K]``, DARE),
+      or per entry (shaped like ``delta``, DELLA); used by
+      ``'inverse_density'`` and ``'inverse_prob'``.
     rescale: ``'l1'``, ``'inverse_density'``, ``'inverse_prob'`` or None.
 
   Returns:
     The sparsified ``[K, ...]`` array.
   """
+  p = jnp.asarray(prob, delta.dtype)
+  if p.ndim == 0:
+    p = jnp.broadcast_to(p, delta.shape[:1])
+  return modelaxis.model_map(
+      lambda d, m, pp: _apply_mask_one(d, m, pp, rescale), delta, keep, p)
+
+
+def _apply_mask_one(delta, keep, prob, rescale):
   kept = jnp.where(keep, delta, jnp.zeros((), delta.dtype))
   if rescale == 'l1':
-    return rescale_l1(delta, kept)
+    return _rescale_l1_one(delta, kept)
   if rescale in ('inverse_density', 'inverse_prob'):
-    p = jnp.asarray(prob, kept.dtype)
-    return kept / jnp.where(p > 0, p, 1.0)
+    return kept / jnp.where(prob > 0, prob, jnp.ones((), prob.dtype))
   return kept
 
 
@@ -185,10 +196,7 @@ def _trim_update(updates, state, params=None, *, key=None, scope, exact, count,
   else:
     ks = keep_count(rho, sum(u[0].size for u in leaves), count=count)
     masks = _per_model_topk(leaves, ks, exact)
-  out = []
-  for u, m in zip(leaves, masks):
-    kept = jnp.where(m, u, jnp.zeros((), u.dtype))
-    out.append(rescale_l1(u, kept) if rescale == 'l1' else kept)
+  out = [apply_mask(u, m, 1.0, rescale) for u, m in zip(leaves, masks)]
   return jax.tree.unflatten(treedef, out), state
 
 
@@ -259,9 +267,9 @@ def _dare_update(updates, state, params=None, *, key=None, rescale):
   out = []
   for j, u in enumerate(leaves):
     keys = _leaf_keys(key, j, n_models)
-    keep = jax.vmap(lambda kk, r, s=u.shape[1:]: jax.random.uniform(kk, s) < r
-                    )(keys, rho)
-    out.append(apply_mask(u, keep, _bcast(rho, u), rescale))
+    keep = modelaxis.model_map(
+        lambda kk, r, s=u.shape[1:]: jax.random.uniform(kk, s) < r, keys, rho)
+    out.append(apply_mask(u, keep, rho, rescale))
   return jax.tree.unflatten(treedef, out), state
 
 
