@@ -145,18 +145,23 @@ def test_digits_routed_protocol_matches_flax_model_per_input():
 
 
 @pytest.mark.slow
-def test_digits_routed_evaluate_runs():
-  from experiments import twin_routed  # pylint: disable=g-import-not-at-top
+def test_digits_routed_protocol_runs():
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from experiments import default as default_exp  # pylint: disable=g-import-not-at-top
   from mergejax import zoo  # pylint: disable=g-import-not-at-top
   d = zoo.load_digits(jax.random.key(0))
   tasks = zoo.make_tasks(d, ['rot90', 'invert'], jax.random.key(1))
   p = zoo.init_params(zoo.Classifier(width=16), jax.random.key(2))
   fts = [jax.tree.map(lambda x, i=i: x + 0.1 * jax.random.normal(
       jax.random.key(10 + i), x.shape), p) for i in range(2)]
-  shared, st = mj.merge(M.twin(density=0.25), p['backbone'],
-                        [f['backbone'] for f in fts], return_state=True)
   heads = jax.tree.map(lambda *h: jnp.stack(h), *[f['head'] for f in fts])
-  out = twin_routed.evaluate(shared, st, tasks, heads, depth=2,
-                             key=jax.random.key(3), per_task=8, steps=20)
-  assert out['test'].shape == (2,) and out['oracle_val'].shape == (2,)
-  assert 0.0 <= out['router_accuracy']['test'] <= 1.0
+  entry = ml_collections.ConfigDict(dict(
+      kwargs=dict(density=0.25), sweep={}, protocol='routed',
+      router=dict(per_task=8, steps=20)))
+  config = ml_collections.ConfigDict(dict(zoo=dict(depth=2)))
+  val, test, notes, extra = default_exp._routed(  # pylint: disable=protected-access
+      'twin', entry, p['backbone'], [f['backbone'] for f in fts], tasks, heads,
+      config, jax.random.key(3))
+  assert val.shape == (2,) and test.shape == (2,)
+  assert extra['oracle_test'].shape == (2,) and 'router' in notes[0]
+  assert 0.0 <= extra['router']['accuracy']['test'] <= 1.0
