@@ -182,7 +182,7 @@ def test_incremental_host_matching_equals_plain():
     np.testing.assert_allclose(fast.costs[g], slow.costs[g], rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize('solver', ['scipy', 'hungarian'])
+@pytest.mark.parametrize('solver', ['scipy', 'auto', 'hungarian'])
 def test_permute_align_in_merge(solver):
   spec = permute.mlp_spec(2)
   base = _variables('mlp')['params']

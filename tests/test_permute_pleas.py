@@ -116,3 +116,19 @@ def test_pleas_rejects_unknown_inputs():
   a, b = _models()
   with pytest.raises(ValueError, match='inputs'):
     permute.pleas(a, b, [jnp.ones((4, 5))], num_hidden=2, size=1.5, inputs='mixed')
+
+
+def test_ridge_chosen_on_held_out_rows():
+  a, b = _models()
+  x = jax.random.normal(KEY, (200, 5))
+  kw = dict(num_hidden=2, size=1.4)
+  one = permute.pleas(a, b, [x], ridge=1e-3, **kw)
+  same = permute.pleas(a, b, [x], ridge=(1e-3,), **kw)
+  assert one.ridges == same.ridges == (1e-3,) * 3
+  for l in range(3):
+    np.testing.assert_array_equal(one.params[f'Dense_{l}']['kernel'],
+                                  same.params[f'Dense_{l}']['kernel'])
+  # An absurd candidate (it zeroes every weight) is never chosen.
+  grid = permute.pleas(a, b, [x[:100], x[100:]], ridge=(1e6, 1e-3, 1e-6), **kw)
+  assert len(grid.ridges) == 3 and 1e6 not in grid.ridges
+  assert permute.pleas(a, b, [x], least_squares=False, **kw).ridges is None

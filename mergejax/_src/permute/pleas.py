@@ -43,11 +43,19 @@ from mergejax._src.permute.spec import apply_permutation
 
 
 class PleasResult(NamedTuple):
-  """The merged ``params`` (`models.MLP` layout), hidden ``widths``, ``ratios``, ``size``."""
+  """The merged ``params`` (`models.MLP` layout), hidden ``widths``, ``ratios``, ``size``.
+
+  ``ridges``: the ridge used per layer (None without least squares).
+  """
   params: Any
   widths: tuple[int, ...]
   ratios: tuple[float, ...]
   size: float
+  ridges: tuple[float, ...] | None = None
+
+
+# With a grid of ridges, every _HOLDOUT-th data row is held out to choose one.
+_HOLDOUT = 5
 
 
 def _layer_dims(params, num_hidden):
@@ -131,7 +139,8 @@ def _blocks(n, merged_idx, sep_idx):
 
 
 def pleas(params_a: Any, params_b: Any, batches: Iterable[Any] | Any, *,
-          num_hidden: int, size: float, ridge: float = 1e-3,
+          num_hidden: int, size: float,
+          ridge: float | Sequence[float] = 1e-3,
           least_squares: bool = True, align: bool = True,
           ratios: Sequence[float] | None = None,
           inputs: str = 'merged') -> PleasResult:
@@ -145,7 +154,10 @@ def pleas(params_a: Any, params_b: Any, batches: Iterable[Any] | Any, *,
     num_hidden: number of hidden layers L.
     size: target size relative to one model (the minimum is the all-merged
       trunk plus two heads; 2.0 keeps both models whole).
-    ridge: ridge strength relative to the mean diagonal of each Gram matrix.
+    ridge: ridge strength relative to the mean diagonal of each Gram matrix;
+      or a sequence of candidates: then every 5th data row is held out, each
+      layer takes the candidate with the smallest held-out squared error and
+      is refitted on all rows with it (`PleasResult.ridges`).
     least_squares: solve the weights (PLeaS); False averages the blocks
       (permute-then-average at the same widths).
     align: match units first; False keeps B's order (no-alignment baseline).
@@ -193,9 +205,12 @@ def pleas(params_a: Any, params_b: Any, batches: Iterable[Any] | Any, *,
     return jnp.concatenate([(xa[:, m] + xb[:, m]) / 2, xa[:, s], xb[:, s]], axis=1)
 
   out = {}
+  chosen = []
+  grid = tuple(float(r) for r in np.atleast_1d(np.asarray(ridge, np.float64)))
   if least_squares:
     for l in range(num_hidden + 1):  # in order: layer l reads layers < l
-      g = h = None
+      fit = val = None  # (X^T X, X^T Y) of the fitting and held-out rows
+      offset = 0
       for x in batches:
         _, za = _hidden_and_preacts(params_a, x, num_hidden)
         hb, zb = _hidden_and_preacts(pb, x, num_hidden)
@@ -209,17 +224,39 @@ def pleas(params_a: Any, params_b: Any, batches: Iterable[Any] | Any, *,
         xin = jnp.concatenate([xin, jnp.ones((xin.shape[0], 1), xin.dtype)], 1)
         y = (assemble(za[l], zb[l], l) if l < num_hidden
              else jnp.concatenate([za[l], zb[l]], 1))
-        gb = np.asarray(xin.T @ xin, np.float64)
-        hb_ = np.asarray(xin.T @ y, np.float64)
-        g, h = (gb, hb_) if g is None else (g + gb, h + hb_)
-      out[f'Dense_{l}'] = _solve_blocks(g, h, groups, l, num_hidden, params_a,
-                                        params_b, ridge)
+        xin, y = np.asarray(xin, np.float64), np.asarray(y, np.float64)
+        # Every `holdout`-th row (counted across batches) is held out.
+        held = (offset + np.arange(xin.shape[0])) % _HOLDOUT == 0
+        offset += xin.shape[0]
+        if len(grid) == 1:
+          held[:] = False
+        for part, rows in (('fit', ~held), ('val', held)):
+          st = (xin[rows].T @ xin[rows], xin[rows].T @ y[rows])
+          if part == 'fit':
+            fit = st if fit is None else (fit[0] + st[0], fit[1] + st[1])
+          else:
+            val = st if val is None else (val[0] + st[0], val[1] + st[1])
+      lam = grid[0]
+      if len(grid) > 1:  # choose the ridge on the held-out rows, refit on all
+        errs = []
+        for r in grid:
+          w = _solve_blocks(fit[0], fit[1], groups, l, num_hidden, params_a,
+                            params_b, r)
+          # ||X_v W - Y_v||^2 up to the constant ||Y_v||^2.
+          errs.append(np.sum(w * (val[0] @ w)) - 2 * np.sum(w * val[1]))
+        lam = grid[int(np.argmin(errs))]
+        fit = (fit[0] + val[0], fit[1] + val[1])
+      chosen.append(lam)
+      w = _solve_blocks(fit[0], fit[1], groups, l, num_hidden, params_a,
+                        params_b, lam)
+      out[f'Dense_{l}'] = {'kernel': jnp.asarray(w[:-1], jnp.float32),
+                           'bias': jnp.asarray(w[-1], jnp.float32)}
   else:
     for l in range(num_hidden + 1):
       out[f'Dense_{l}'] = _average_blocks(params_a[f'Dense_{l}'], pb[f'Dense_{l}'],
                                           groups, l, num_hidden)
   return PleasResult(out, widths, tuple(float(r) for r in ratios),
-                     merged_size(dims, ratios))
+                     merged_size(dims, ratios), tuple(chosen) or None)
 
 
 def _merged_hidden(out, x, l):
@@ -232,7 +269,10 @@ def _merged_hidden(out, x, l):
 
 
 def _solve_blocks(g, h, groups, l, num_hidden, pa, pb, ridge):
-  """Block ridge least squares of layer l from ``X^T X`` (g) and ``X^T Y`` (h)."""
+  """Block ridge least squares of layer l from ``X^T X`` (g) and ``X^T Y`` (h).
+
+  Returns the ``[d_in + 1, d_out]`` float64 solution (last row: the bias).
+  """
   d_in = g.shape[0] - 1
   in_blocks = _index_blocks(groups, l - 1, d_in)
   out_blocks = _out_blocks(groups, l, num_hidden, pa, pb)
@@ -242,8 +282,7 @@ def _solve_blocks(g, h, groups, l, num_hidden, pa, pb, ridge):
     rows = np.concatenate([in_blocks[a] for a in allowed] + [[d_in]]).astype(int)
     gi = g[np.ix_(rows, rows)] + lam * np.eye(len(rows))
     w[np.ix_(rows, cols)] = np.linalg.solve(gi, h[np.ix_(rows, cols)])
-  return {'kernel': jnp.asarray(w[:-1], jnp.float32),
-          'bias': jnp.asarray(w[-1], jnp.float32)}
+  return w
 
 
 def _index_blocks(groups, k, d_in):
