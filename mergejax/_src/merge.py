@@ -27,6 +27,11 @@ def _run(update, models, state, base, key, with_state=True):
   base32 = None if base is None else jax.tree.map(
       lambda x: x.astype(ACCUM_DTYPE), base)
   out, state = update(stacked, state, base32, key=key)
+  # Check and cast here, at trace time: a cast outside the jit would be one
+  # more pass over the merged model, in float32.
+  ref = base if base is not None else models[0]
+  _check_reduced(out, ref)
+  out = jax.tree.map(lambda o, r: o.astype(r.dtype), out, ref)
   # Diagnostics in the state (e.g. TIES's agreement fraction) are whole-tensor
   # reductions that XLA:CPU fuses badly with the merge itself; when nobody
   # asks for the state, not returning it lets XLA drop them as dead code.
@@ -79,8 +84,6 @@ def merge(transformation: base_lib.MergeTransformation,
   state = transformation.init(ref)
   out, state = _run(transformation.update, models, state, base, key,
                     with_state=return_state)
-  _check_reduced(out, ref)
-  out = jax.tree.map(lambda o, r: o.astype(r.dtype), out, ref)
   return (out, state) if return_state else out
 
 
