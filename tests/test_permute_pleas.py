@@ -132,3 +132,33 @@ def test_ridge_chosen_on_held_out_rows():
   grid = permute.pleas(a, b, [x[:100], x[100:]], ridge=(1e6, 1e-3, 1e-6), **kw)
   assert len(grid.ridges) == 3 and 1e6 not in grid.ridges
   assert permute.pleas(a, b, [x], least_squares=False, **kw).ridges is None
+
+
+def test_ridge_towards_averaged_weights():
+  # A huge ridge towards the permute-then-average weights returns them.
+  a, b = _models()
+  x = jax.random.normal(KEY, (128, 5))
+  kw = dict(num_hidden=2, size=1.4)
+  avg = permute.pleas(a, b, [x], least_squares=False, **kw)
+  pulled = permute.pleas(a, b, [x], ridge=1e9, ridge_to='average', **kw)
+  for l in range(3):
+    np.testing.assert_allclose(pulled.params[f'Dense_{l}']['kernel'],
+                               avg.params[f'Dense_{l}']['kernel'], atol=1e-5)
+  with pytest.raises(ValueError, match='ridge_to'):
+    permute.pleas(a, b, [x], ridge_to='ones', **kw)
+
+
+def test_task_tagged_batches_fit_each_head_on_its_task():
+  # Batch 1 (task B) has huge inputs; untagged, they dominate A's head fit.
+  a, b = _models()
+  xa = jax.random.normal(KEY, (128, 5))
+  xb = 30.0 * jax.random.normal(jax.random.key(9), (128, 5))
+  kw = dict(num_hidden=2, size=1.2, ridge=1e-6)
+  ya = M.MLP((12, 10), num_outputs=3).apply({'params': a}, xa)
+  err = {}
+  for tags in (None, [0, 1]):
+    r = permute.pleas(a, b, [xa, xb], batch_tasks=tags, **kw)
+    err[tags is None] = float(jnp.mean((_apply(r, xa)[:, :3] - ya) ** 2))
+  assert err[False] < 0.5 * err[True]
+  with pytest.raises(ValueError, match='batch_tasks'):
+    permute.pleas(a, b, [xa, xb], batch_tasks=[0], **kw)

@@ -143,7 +143,8 @@ def pleas(params_a: Any, params_b: Any, batches: Iterable[Any] | Any, *,
           ridge: float | Sequence[float] = 1e-3,
           least_squares: bool = True, align: bool = True,
           ratios: Sequence[float] | None = None,
-          inputs: str = 'merged') -> PleasResult:
+          inputs: str = 'merged', ridge_to: str = 'zero',
+          batch_tasks: Sequence[int | None] | None = None) -> PleasResult:
   """Merges two MLPs into one of ``size`` x one model's parameters (module docstring).
 
   Args:
@@ -168,6 +169,13 @@ def pleas(params_a: Any, params_b: Any, batches: Iterable[Any] | Any, *,
       (the errors of earlier merged layers are absorbed instead of
       compounding). ``'original'``: PLeaS' reference, the assembled features
       of the original models, every layer independently.
+    ridge_to: ``'zero'`` (plain ridge) or ``'average'``: the ridge pulls
+      towards the permute-then-average weights, so a large ridge falls back
+      to them (with a grid of ridges, per layer, as the held-out rows
+      decide).
+    batch_tasks: optional task of each batch: 0 (A's task), 1 (B's) or
+      None. Merged outputs are fitted on every row; A's separate outputs and
+      head (they serve only task A) on A's and untagged rows, B's likewise.
 
   Returns:
     A `PleasResult`; evaluate ``params`` with
@@ -176,6 +184,12 @@ def pleas(params_a: Any, params_b: Any, batches: Iterable[Any] | Any, *,
   if inputs not in ('merged', 'original'):
     raise ValueError(f"inputs must be 'merged' or 'original', got {inputs!r}.")
   batches = list(batches)
+  sources = [None] * len(batches) if batch_tasks is None else list(batch_tasks)
+  if len(sources) != len(batches) or any(t not in (None, 0, 1) for t in sources):
+    raise ValueError('batch_tasks must give 0 (task A), 1 (task B) or None for '
+                     f'each of the {len(batches)} batches, got {batch_tasks!r}.')
+  if ridge_to not in ('zero', 'average'):
+    raise ValueError(f"ridge_to must be 'zero' or 'average', got {ridge_to!r}.")
   spec = mlp_spec(num_hidden)
   fn = lambda p, x: {f'P_{k}': h for k, h in
                      enumerate(_hidden_and_preacts(p, x, num_hidden)[0])}
@@ -209,9 +223,9 @@ def pleas(params_a: Any, params_b: Any, batches: Iterable[Any] | Any, *,
   grid = tuple(float(r) for r in np.atleast_1d(np.asarray(ridge, np.float64)))
   if least_squares:
     for l in range(num_hidden + 1):  # in order: layer l reads layers < l
-      fit = val = None  # (X^T X, X^T Y) of the fitting and held-out rows
+      fit, val = {}, {}  # per data source: (X^T X, X^T Y), fitting / held out
       offset = 0
-      for x in batches:
+      for x, src in zip(batches, sources):
         _, za = _hidden_and_preacts(params_a, x, num_hidden)
         hb, zb = _hidden_and_preacts(pb, x, num_hidden)
         if l == 0:
@@ -225,30 +239,32 @@ def pleas(params_a: Any, params_b: Any, batches: Iterable[Any] | Any, *,
         y = (assemble(za[l], zb[l], l) if l < num_hidden
              else jnp.concatenate([za[l], zb[l]], 1))
         xin, y = np.asarray(xin, np.float64), np.asarray(y, np.float64)
-        # Every `holdout`-th row (counted across batches) is held out.
+        # Every `_HOLDOUT`-th row (counted across batches) is held out.
         held = (offset + np.arange(xin.shape[0])) % _HOLDOUT == 0
         offset += xin.shape[0]
         if len(grid) == 1:
           held[:] = False
-        for part, rows in (('fit', ~held), ('val', held)):
+        for acc, rows in ((fit, ~held), (val, held)):
           st = (xin[rows].T @ xin[rows], xin[rows].T @ y[rows])
-          if part == 'fit':
-            fit = st if fit is None else (fit[0] + st[0], fit[1] + st[1])
-          else:
-            val = st if val is None else (val[0] + st[0], val[1] + st[1])
+          acc[src] = st if src not in acc else (acc[src][0] + st[0],
+                                                acc[src][1] + st[1])
+      w0 = None
+      if ridge_to == 'average':  # permute-then-average weights, same layout
+        avg = _average_blocks(params_a[f'Dense_{l}'], pb[f'Dense_{l}'], groups,
+                              l, num_hidden)
+        w0 = np.concatenate([np.asarray(avg['kernel'], np.float64),
+                             np.asarray(avg['bias'], np.float64)[None]], 0)
+      blocks = _out_blocks(groups, l, num_hidden, params_a, params_b)
+      solve = lambda st, r: _solve_blocks(st, blocks, groups, l, r, w0)
       lam = grid[0]
       if len(grid) > 1:  # choose the ridge on the held-out rows, refit on all
-        errs = []
-        for r in grid:
-          w = _solve_blocks(fit[0], fit[1], groups, l, num_hidden, params_a,
-                            params_b, r)
-          # ||X_v W - Y_v||^2 up to the constant ||Y_v||^2.
-          errs.append(np.sum(w * (val[0] @ w)) - 2 * np.sum(w * val[1]))
+        errs = [_held_out_error(solve(fit, r), val, blocks) for r in grid]
         lam = grid[int(np.argmin(errs))]
-        fit = (fit[0] + val[0], fit[1] + val[1])
+        for src, (g, h) in val.items():
+          f = fit.get(src)
+          fit[src] = (g, h) if f is None else (f[0] + g, f[1] + h)
       chosen.append(lam)
-      w = _solve_blocks(fit[0], fit[1], groups, l, num_hidden, params_a,
-                        params_b, lam)
+      w = solve(fit, lam)
       out[f'Dense_{l}'] = {'kernel': jnp.asarray(w[:-1], jnp.float32),
                            'bias': jnp.asarray(w[-1], jnp.float32)}
   else:
@@ -268,21 +284,53 @@ def _merged_hidden(out, x, l):
   return h
 
 
-def _solve_blocks(g, h, groups, l, num_hidden, pa, pb, ridge):
-  """Block ridge least squares of layer l from ``X^T X`` (g) and ``X^T Y`` (h).
+def _block_stats(stats, allowed):
+  """``(X^T X, X^T Y)`` of the data sources an output block is fitted on.
 
+  Merged outputs use every row; a model's separate outputs and head (they
+  read no input of the other model) only rows of that model's task and
+  untagged rows, when tagged rows exist.
+  """
+  own = {('m', 'a'): 0, ('m', 'b'): 1}.get(tuple(allowed))
+  keys = [k for k in stats if own is None or k in (None, own)]
+  if not keys:
+    keys = list(stats)
+  g = sum(stats[k][0] for k in keys)
+  h = sum(stats[k][1] for k in keys)
+  return g, h
+
+
+def _solve_blocks(stats, blocks, groups, l, ridge, w0=None):
+  """Block ridge least squares of layer l from per-source Gram statistics.
+
+  Minimises ``|X W - Y|^2 + lam |W - w0|^2`` per output block (``w0 = 0``
+  if None; ``lam`` relative to the mean diagonal of the block's ``X^T X``).
   Returns the ``[d_in + 1, d_out]`` float64 solution (last row: the bias).
   """
-  d_in = g.shape[0] - 1
+  g_all, h_all = _block_stats(stats, ('m', 'a', 'b'))
+  d_in = g_all.shape[0] - 1
   in_blocks = _index_blocks(groups, l - 1, d_in)
-  out_blocks = _out_blocks(groups, l, num_hidden, pa, pb)
-  lam = ridge * np.mean(np.diag(g))
-  w = np.zeros((d_in + 1, h.shape[1]))
-  for cols, allowed in out_blocks:
+  w = np.zeros((d_in + 1, h_all.shape[1]))
+  for cols, allowed in blocks:
+    g, h = _block_stats(stats, allowed)
+    lam = ridge * np.mean(np.diag(g))
     rows = np.concatenate([in_blocks[a] for a in allowed] + [[d_in]]).astype(int)
     gi = g[np.ix_(rows, rows)] + lam * np.eye(len(rows))
-    w[np.ix_(rows, cols)] = np.linalg.solve(gi, h[np.ix_(rows, cols)])
+    rhs = h[np.ix_(rows, cols)]
+    if w0 is not None:
+      rhs = rhs + lam * w0[np.ix_(rows, cols)]
+    w[np.ix_(rows, cols)] = np.linalg.solve(gi, rhs)
   return w
+
+
+def _held_out_error(w, val, blocks):
+  """``sum_blocks |X_v W - Y_v|^2`` up to constants, on each block's rows."""
+  err = 0.0
+  for cols, allowed in blocks:
+    g, h = _block_stats(val, allowed)
+    wc = w[:, cols]
+    err += np.sum(wc * (g @ wc)) - 2 * np.sum(wc * h[:, cols])
+  return err
 
 
 def _index_blocks(groups, k, d_in):
