@@ -290,8 +290,27 @@ def run_merge(config: str | dict, out_dir: str, *, out_shard_size: int | str =
       r.close()
 
 
+COMPILE_CACHE_ENV = 'MERGEJAX_COMPILE_CACHE'
+
+
+def default_compile_cache() -> str | None:
+  """``$MERGEJAX_COMPILE_CACHE`` (``none`` disables), else ~/.cache/mergejax/xla."""
+  env = os.environ.get(COMPILE_CACHE_ENV)
+  if env is not None:
+    return None if env.lower() in ('', 'none', 'off') else env
+  root = os.environ.get('XDG_CACHE_HOME') or os.path.expanduser('~/.cache')
+  return os.path.join(root, 'mergejax', 'xla')
+
+
 def _configure_devices(args) -> None:
   import jax  # pylint: disable=g-import-not-at-top
+  cache = args.compile_cache
+  if cache and cache.lower() not in ('none', 'off'):
+    # Compiled per-tensor merges persist across runs: a rerun with other
+    # hyperparameters (or other checkpoints of the same shapes) compiles
+    # nothing, which on CPU is most of a small merge's start-up.
+    jax.config.update('jax_compilation_cache_dir', cache)
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.1)
   if args.device:
     jax.config.update('jax_platforms', args.device)
   if args.cpu_devices:
@@ -337,6 +356,10 @@ def _parser() -> argparse.ArgumentParser:
                  help='copy tokenizer files from the base model (default)')
   m.add_argument('--no-copy-tokenizer', dest='copy_tokenizer',
                  action='store_false')
+  m.add_argument('--compile-cache', default=default_compile_cache(),
+                 help='directory of the persistent XLA compilation cache '
+                 f'(default: ${COMPILE_CACHE_ENV} or ~/.cache/mergejax/xla; '
+                 '"none" disables it)')
   m.add_argument('-v', '--verbose', action='count', default=0)
   return p
 

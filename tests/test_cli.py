@@ -246,3 +246,29 @@ def test_parse_size():
   assert cli.parse_size('500M') == 500 * 10**6
   assert cli.parse_size('2GiB') == 2 * 2**30
   assert cli.parse_size('1e9') == 10**9
+
+
+def test_compile_cache_is_filled_by_one_run_and_reused_by_the_next(tiny,
+                                                                   tmp_path):
+  cfg = {'merge_method': 'ties', 'base_model': tiny['base'],
+         'models': [{'model': tiny['ft1'],
+                     'parameters': {'weight': 1.0, 'density': 0.5}},
+                    {'model': tiny['ft2'],
+                     'parameters': {'weight': 0.5, 'density': 0.5}}]}
+  path = _write_cfg(tmp_path, cfg)
+  cache = tmp_path / 'xla'
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
+
+  def run(out):
+    subprocess.run([sys.executable, '-m', 'mergejax.cli', 'merge', path,
+                    str(tmp_path / out), '--quiet', '--compile-cache',
+                    str(cache)], env=env, check=True)
+
+  run('a')
+  entries = set(os.listdir(cache))
+  assert entries  # the per-tensor merges were written to the cache
+  run('b')
+  assert set(os.listdir(cache)) == entries  # and found there: no new entry
+  a, b = (st.CheckpointReader(str(tmp_path / o)) for o in 'ab')
+  for n in a.keys():
+    np.testing.assert_array_equal(a.read(n), b.read(n))

@@ -74,6 +74,17 @@ def test_dtype_cast_and_rows(tmp_path):
   np.testing.assert_array_equal(rows, back['model.embed_tokens.weight'][:3])
 
 
+def test_reads_are_aligned_so_jax_uses_them_without_a_copy(tmp_path):
+  out = str(tmp_path / 'c')
+  mio.save_checkpoint(out, _tensors(np.float32), dtype='torch.bfloat16')
+  r = mio.CheckpointReader(out)
+  for name in r.keys():
+    x = r.read(name)
+    assert x.ctypes.data % 64 == 0, name
+    if x.nbytes:
+      assert jax.device_put(x).unsafe_buffer_pointer() == x.ctypes.data, name
+
+
 def test_truncated_file_is_reported(tmp_path):
   out = str(tmp_path / 'c')
   mio.save_checkpoint(out, _tensors(np.float32))

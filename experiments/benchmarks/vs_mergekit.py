@@ -7,7 +7,9 @@ ties, dare_ties, slerp; ``dtype: float32``, ``out_dtype: bfloat16``), and runs
 both tools on each YAML as subprocesses, in one run, measuring
 
 * wall time from process start to files written, and peak RSS (the kernel's
-  ``ru_maxrss`` of the child, via ``os.wait4``);
+  ``ru_maxrss`` of the child, via ``os.wait4``); mergejax runs cold (an empty
+  persistent compilation cache: compile time counts) and again warm (the
+  cache filled by the cold run), unless ``--no_warm``;
 * output agreement, tensor by tensor (max difference in bf16 ulps and the
   fraction of differing elements; for the random ``dare_ties`` the kept
   fraction and relative difference instead, since the two draw different
@@ -117,6 +119,8 @@ def main(argv=None):
   ap.add_argument('--density', type=float, default=0.3)
   ap.add_argument('--methods', default=','.join(METHODS))
   ap.add_argument('--skip_mergekit', action='store_true')
+  ap.add_argument('--no_warm', action='store_true',
+                  help='skip the second mergejax run with a warm compile cache')
   ap.add_argument('--keep_outputs', action='store_true')
   ap.add_argument('--timeout', type=float, default=1800)
   args = ap.parse_args(argv)
@@ -143,11 +147,20 @@ def main(argv=None):
       f.write(make_yaml(method, dirs[0], dirs[1:], args.density))
     row = {'method': method, 'params_B': n / 1e9}
     outs = {}
-    tools = [('mergejax', [mergejax, 'merge', cfg_path, None, '--overwrite',
-                           '--no-copy-tokenizer', '--random-seed', '0'])]
+    # Cold: an empty persistent compilation cache, so compile time counts.
+    # Warm: a rerun that finds its compiled merges in that cache (what a
+    # second merge of same-shaped checkpoints costs).
+    cache = os.path.join(args.workdir, 'xla_cache', method)
+    shutil.rmtree(cache, ignore_errors=True)
+    mj_cmd = [mergejax, 'merge', cfg_path, None, '--overwrite',
+              '--no-copy-tokenizer', '--random-seed', '0', '--compile-cache',
+              cache]
+    tools = [('mergejax', list(mj_cmd))]
     if not args.skip_mergekit:
       tools.append(('mergekit', [mergekit, cfg_path, None, '--no-copy-tokenizer',
                                  '--random-seed', '0', '--no-write-model-card']))
+    if not args.no_warm:
+      tools.append(('mergejax_warm', list(mj_cmd)))
     for tool, cmd in tools:
       out_dir = os.path.join(args.workdir, 'out', f'{method}-{tool}')
       shutil.rmtree(out_dir, ignore_errors=True)
@@ -160,6 +173,9 @@ def main(argv=None):
       outs[tool] = out_dir
       row[f'{tool}_s'] = r['wall_s']
       row[f'{tool}_rss_gib'] = r['peak_rss_gib']
+      if tool == 'mergejax_warm':
+        shutil.rmtree(out_dir, ignore_errors=True)
+        del outs[tool]
       if tool == 'mergejax':
         st = _stats_line(r['output_tail'])
         row['mergejax_stats'] = st
@@ -172,6 +188,8 @@ def main(argv=None):
     if 'mergekit_s' in row and 'mergejax_s' in row:
       row['speedup'] = row['mergekit_s'] / row['mergejax_s']
       row['rss_ratio'] = row['mergejax_rss_gib'] / row['mergekit_rss_gib']
+    if 'mergekit_s' in row and 'mergejax_warm_s' in row:
+      row['speedup_warm'] = row['mergekit_s'] / row['mergejax_warm_s']
     if len(outs) == 2:
       row.update(compare(outs['mergejax'], outs['mergekit'], method in RANDOM))
     if not args.keep_outputs:
@@ -182,7 +200,8 @@ def main(argv=None):
                       {'argv': sys.argv, 'bandwidth': bw, 'rows': rows})
 
   table = common.print_table(rows, [
-      'method', 'mergekit_s', 'mergejax_s', 'speedup', 'mergekit_rss_gib',
+      'method', 'mergekit_s', 'mergejax_s', 'speedup', 'mergejax_warm_s',
+      'speedup_warm', 'mergekit_rss_gib',
       'mergejax_rss_gib', 'rss_ratio', 'max_diff_bf16_ulps', 'frac_over_1ulp',
       'rel_l2_diff', 'mergejax_stream_bw_frac'])
   path = common.write_json(args.workdir, 'vs_mergekit.json', {
