@@ -503,9 +503,11 @@ def weight_matching(spec: PermutationSpec, reference: Any, other: Any, *,
                                           perms0, _seed(key), max_iter,
                                           incremental=incremental,
                                           lap_solver=solver)
-    obj = _host_objective(resolved, ref_flat, oth_flat, perms, spec.nested)
+    obj = None
+    if return_costs:  # diagnostics only: not paid for by plain calls
+      obj = _host_objective(resolved, ref_flat, oth_flat, perms, spec.nested)
+      costs = {g: jnp.asarray(c, jnp.float32) for g, c in costs.items()}
     perms = {g: jnp.asarray(p) for g, p in perms.items()}
-    costs = {g: jnp.asarray(c, jnp.float32) for g, c in costs.items()}
   else:
     key = jax.random.key(0) if key is None else key
     perms, sweeps = _jax_matching(spec, resolved, ref_flat, oth_flat, perms0,
