@@ -23,6 +23,8 @@ _BINS = 1 << 16
 # Tie-break chunk (entries); positions are int32, hence the size limit.
 _CHUNK = 4096
 _MAX_ENTRIES = (1 << 31) - _CHUNK
+# Histogram slice (entries): its index array stays in cache.
+_SCAN = 1 << 18
 
 
 def magnitude_bits(x: jax.Array) -> jax.Array:
@@ -31,11 +33,39 @@ def magnitude_bits(x: jax.Array) -> jax.Array:
       jnp.abs(x.astype(jnp.float32)), jnp.uint32).reshape(-1)
 
 
-def _hist(idx: jax.Array, valid: jax.Array | None = None) -> jax.Array:
-  idx = idx.astype(jnp.int32)
-  if valid is not None:
-    idx = jnp.where(valid, idx, _BINS)  # out of range: dropped below
-  return jnp.zeros(_BINS, jnp.int32).at[idx].add(1, mode='drop')
+def _scan_hist(bits: jax.Array, key, size: int) -> jax.Array:
+  """Histogram (``size`` bins) of ``key(bits)``; keys ``>= size`` are dropped.
+
+  A scatter over a whole tensor makes XLA:CPU write its index array and an
+  array of ones, both as large as the tensor; a loop over slices of `_SCAN`
+  entries keeps them in cache (and out of peak memory).
+  """
+  def hist(b, h):
+    return h.at[key(b)].add(1, mode='drop')
+
+  n = bits.shape[0]
+  steps = n // _SCAN
+  h = jnp.zeros(size, jnp.int32)
+  if steps > 1:
+    h = jax.lax.fori_loop(
+        0, steps, lambda i, h: hist(
+            jax.lax.dynamic_slice(bits, (i * _SCAN,), (_SCAN,)), h), h)
+  elif steps == 1:
+    h = hist(bits[:_SCAN], h)
+  if n % _SCAN:
+    h = hist(bits[steps * _SCAN:], h)
+  return h
+
+
+def _hi_key(b):
+  return (b >> 16).astype(jnp.int32)
+
+
+def _lo_key(bucket):
+  def key(b):
+    return jnp.where((b >> 16) == bucket.astype(jnp.uint32),
+                     (b & 0xFFFF).astype(jnp.int32), _BINS)
+  return key
 
 
 def _suffix_sum(x: jax.Array) -> jax.Array:
@@ -46,7 +76,7 @@ def _pick(hist: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Bucket holding the k-th largest element, and k's rank inside it."""
   # Two levels of 256: a cumsum over all 65536 bins compiles slowly on CPU
   # (~1 s, an associative scan), two of 256 take a few ms and run as fast.
-  h2 = hist.reshape(256, 256)
+  h2 = hist.reshape(-1, 256)
   rows = jnp.sum(h2, axis=1)
   ge_rows = _suffix_sum(rows)  # elements in rows >= r
   r = jnp.maximum(jnp.sum(ge_rows >= k) - 1, 0)  # last row with ge >= k
@@ -68,10 +98,9 @@ def _threshold(bits: Sequence[jax.Array], k: jax.Array
   three come from the two histograms, with no extra pass over the data.
   """
   k = jnp.asarray(k, jnp.int32)
-  hi = sum(_hist(b >> 16) for b in bits)
+  hi = sum(_scan_hist(b, _hi_key, _BINS) for b in bits)
   bucket, k_in = _pick(hi, k)
-  lo = sum(_hist(b & 0xFFFF, (b >> 16) == bucket.astype(jnp.uint32))
-           for b in bits)
+  lo = sum(_scan_hist(b, _lo_key(bucket), _BINS) for b in bits)
   low, need = _pick(lo, k_in)
   t = (bucket.astype(jnp.uint32) << 16) | low.astype(jnp.uint32)
   return t, need, lo[low]
