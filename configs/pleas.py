@@ -20,6 +20,7 @@ def get_config(arg=None):
   c.data_free = False    # True: match and solve on generated inputs
   c.ls_inputs = 'merged'  # or 'original' (PLeaS' reference fitting)
   c.num_pairs = 5        # independently trained model pairs (means reported)
+  c.task_tagged = False  # True: each model's separate blocks fit on its task
   c.seed = 0
   if arg == 'smoke':
     c.width, c.epochs, c.num_pairs, c.sizes = 32, 3, 1, (1.0, 2.0)

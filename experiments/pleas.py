@@ -57,7 +57,12 @@ def main(config, workdir):
   else:
     data = np.concatenate([tasks[0][0][0], tasks[1][0][0]])
   batches = rebasin.batches(data, 256)
-  methods = {'pleas': dict(inputs=config.ls_inputs),
+  pleas_kw = dict(inputs=config.ls_inputs)
+  if config.task_tagged and not config.data_free:  # each task's rows, tagged
+    parts = [rebasin.batches(tasks[i][0][0], 256) for i in range(2)]
+    batches = parts[0] + parts[1]
+    pleas_kw['batch_tasks'] = [0] * len(parts[0]) + [1] * len(parts[1])
+  methods = {'pleas': pleas_kw,
              'permute_average': dict(least_squares=False),
              'no_alignment': dict(least_squares=False, align=False)}
   pairs, ends = [], []
@@ -102,7 +107,8 @@ def main(config, workdir):
   lines = [f'Digits MLP {config.depth}x{config.width}, A: digits 0-4, B: 5-9; task-aware '
            f'test accuracy (mean of both tasks), mean over {n} model pairs; endpoints '
            f'{ends[:, 0].mean() * 100:.1f}% / {ends[:, 1].mean() * 100:.1f}%; '
-           f'data_free={config.data_free}; least squares on {config.ls_inputs} inputs\n',
+           f'data_free={config.data_free}; least squares on {config.ls_inputs} inputs'
+           f"{'; task-tagged rows' if 'batch_tasks' in pleas_kw else ''}\n",
            '| size (x one model) | PLeaS | permute + average | no alignment | '
            f'PLeaS best (of {n} pairs) | logit MSE to endpoints: PLeaS / perm + avg / '
            'none | test NLL: PLeaS / perm + avg / none |', '|---|---|---|---|---|---|---|']
