@@ -12,6 +12,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from mergejax._src import modelaxis
 from mergejax._src import select
 
 FORMULAS = ('paper', 'fusion_bench')
@@ -103,4 +104,4 @@ def consensus_mask(masks: Any, k: jax.Array) -> Any:
   """
   k = jnp.asarray(k, jnp.float32)
   return jax.tree.map(
-      lambda m: jnp.sum(m.astype(jnp.float32), axis=0) >= k, masks)
+      lambda m: modelaxis.model_count(m, jnp.float32) >= k, masks)

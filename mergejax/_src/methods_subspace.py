@@ -28,6 +28,7 @@ from mergejax._src import checks
 from mergejax._src import layerwise
 from mergejax._src import masks as masks_lib
 from mergejax._src import methods_classic
+from mergejax._src import modelaxis
 from mergejax._src import paths
 from mergejax._src import reduce
 from mergejax._src import select
@@ -51,9 +52,9 @@ def _check_other(other):
 
 def _reduce_other(x, other):
   if other == 'mean':
-    return jnp.mean(x, axis=0)
+    return modelaxis.model_mean(x)
   if other == 'sum':
-    return jnp.sum(x, axis=0)
+    return modelaxis.model_sum(x)
   return jnp.zeros(x.shape[1:], x.dtype)
 
 

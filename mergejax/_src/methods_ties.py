@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from mergejax._src import base
 from mergejax._src import checks
 from mergejax._src import consensus
+from mergejax._src import modelaxis
 from mergejax._src import reduce as reduce_lib
 from mergejax._src import select
 from mergejax._src import sparsify
@@ -309,7 +310,9 @@ def _sce_select_update(updates, state, params=None, *, key=None):
   frac = state.select_topk
 
   def one(u):
-    var = jnp.var(u, axis=0)
+    mu = modelaxis.model_mean(u)
+    var = modelaxis.model_mean(modelaxis.model_map(
+        lambda x: jnp.square(x - mu), u))
     nz = jnp.sum(var != 0, dtype=jnp.int32)
     k = jnp.floor(nz.astype(jnp.float32) * frac).astype(jnp.int32)
     mask = select.topk_mask(var, k) | (frac >= 1)
@@ -338,8 +341,9 @@ def _sce_merge(updates, params, *, key):
     omega = jnp.where(jnp.abs(tot) < 1e-6, 1.0 / n_models,
                       msq / jnp.where(tot == 0, 1.0, tot))
     m = consensus.sign_agreement([u])[0]
-    ew = jnp.where(m, sparsify._bcast(omega, u), 0.0)  # pylint: disable=protected-access
-    return jnp.sum(u * ew, axis=0) / jnp.maximum(jnp.sum(ew, axis=0), 1e-6)
+    ew = modelaxis.model_map(lambda mi, o: jnp.where(mi, o, 0.0), m, omega)
+    return modelaxis.model_sum(modelaxis.model_map(jnp.multiply, u, ew)) / (
+        jnp.maximum(modelaxis.model_sum(ew), 1e-6))
 
   return jax.tree.map(one, updates)
 
@@ -415,7 +419,7 @@ def _ram_update(updates, state, params=None, *, key=None):
   def one(u):
     n_models = u.shape[0]
     active = jnp.abs(u) > state.epsilon
-    c = jnp.sum(active, axis=0, dtype=jnp.int32)
+    c = modelaxis.model_count(active)
     unique = (c == 1)[None] & active
     shared = (c > 1)[None] & active
     n_sh = jnp.sum(shared.reshape(n_models, -1), axis=1).astype(jnp.float32)
@@ -425,7 +429,7 @@ def _ram_update(updates, state, params=None, *, key=None):
     z = jnp.where(active, u, 0.0)
     uni = jnp.where(unique, z * sparsify._bcast(lam, u), 0.0)  # pylint: disable=protected-access
     sh = jnp.where(shared, z / jnp.maximum(c, 1).astype(u.dtype)[None], 0.0)
-    return jnp.sum(uni + sh, axis=0)
+    return modelaxis.model_sum(uni + sh)
 
   return jax.tree.map(one, updates), state
 
