@@ -205,3 +205,26 @@ def test_della_epsilon_errors_like_mergekit(mk):
     mk_sparsify.della_magprune(torch.ones(4, 4), 0.1, 0.15)
   with pytest.raises(ValueError, match='epsilon'):
     mj.della(0.1, 0.15)
+
+
+def test_bf16_trim_differs_from_mergekit_only_among_threshold_ties(mk):
+  # bf16 fine-tune minus bf16 base has many exactly equal magnitudes; both
+  # keep exactly k entries, and they may only choose differently among the
+  # entries tied at the threshold (mergekit's argsort orders ties
+  # arbitrarily, mergejax keeps the lowest positions).
+  torch, _, _, mk_sparsify = mk
+  rng = np.random.default_rng(0)
+  base = rng.normal(size=(64, 512)).astype(jnp.bfloat16)
+  ft = (base.astype(np.float32) + 0.01 * rng.normal(size=base.shape)
+        ).astype(jnp.bfloat16)
+  tv = ft.astype(np.float32) - base.astype(np.float32)
+  tx = mj.trim(0.3)
+  ours = np.asarray(tx.update({'w': jnp.asarray(tv)[None]},
+                              tx.init(None))[0]['w'][0]) != 0
+  theirs = mk_sparsify.magnitude(torch.from_numpy(tv),
+                                    density=0.3).numpy() != 0
+  k = int(0.3 * tv.size)
+  thr = np.sort(np.abs(tv).ravel())[-k]
+  assert ours.sum() == theirs.sum() == k
+  assert np.sum(np.abs(tv) == thr) > 1  # the case under test: ties exist
+  assert not np.any((ours != theirs) & (np.abs(tv) != thr))
