@@ -142,3 +142,27 @@ def test_incremental_term_updates_match_full_products():
     want = np.einsum('stki,stkj->ij', a, np.take(b, q, axis=2), dtype=np.float64)
     np.testing.assert_allclose(c, want, rtol=1e-4, atol=1e-3)
     p = q
+
+
+@pytest.mark.parametrize('shape,axis,other', [
+    ((3, 3, 16, 24), 2, 3),  # conv input axis: a sum of per-tap products
+    ((16, 24), 0, 1),        # dense input axis: one GEMM
+    ((24, 16), 1, 0),        # dense output axis: transposed GEMM
+    ((2, 40, 3, 16), 1, 3),  # leading and trailing dims
+    ((40, 2, 16, 3), 2, 0),  # > 32 leading elements: copy fallback
+])
+def test_incremental_term_layouts(shape, axis, other):
+  rng = np.random.default_rng(6)
+  a = rng.standard_normal(shape).astype(np.float32)
+  b = rng.standard_normal(shape).astype(np.float32)
+  term = matching._IncrementalTerm(a, b, axis, other)  # pylint: disable=protected-access
+  m = shape[other]
+  p = np.arange(m)
+  for k in (0, 2, m, 3):
+    q = p.copy()
+    idx = rng.choice(m, size=k, replace=False)
+    q[idx] = q[rng.permutation(idx)]
+    want = (matching._mat(np, a, axis).astype(np.float64) @  # pylint: disable=protected-access
+            matching._mat(np, np.take(b, q, axis=other), axis).astype(np.float64).T)
+    np.testing.assert_allclose(term.cost(q), want, rtol=1e-4, atol=1e-3)
+    p = q

@@ -203,12 +203,39 @@ class _Blas:
     return cls._default_info
 
 
-class _IncrementalTerm:
-  """``mat(A) mat(take(B, p, b))^T`` kept up to date as ``p`` changes.
+def _contract(x, y, axis):
+  """``mat(x, axis) @ mat(y, axis)^T`` (``[n, n]``) without layout copies.
 
-  ``C(p) = sum_k A3[:, k] B3[:, p[k]]^T``; when ``p`` changes on rows S the
-  cost changes by ``A3[:, S] (B3[:, p_new[S]] - B3[:, p_old[S]])^T``, a
-  rank-|S| update instead of a full matmul.
+  ``x`` and ``y`` are C-contiguous with equal shapes. Viewed as
+  ``[pre, n, post]``, the product is one GEMM when ``pre`` or ``post`` is 1
+  (BLAS reads the transposed operand in place) and a short sum of GEMMs
+  otherwise (e.g. a conv kernel's input axis: 9 spatial taps), instead of a
+  transposing copy of both operands.
+  """
+  n = x.shape[axis]
+  pre = int(np.prod(x.shape[:axis], dtype=np.int64))
+  post = int(np.prod(x.shape[axis + 1:], dtype=np.int64))
+  x3, y3 = x.reshape(pre, n, post), y.reshape(pre, n, post)
+  if pre == 1:
+    return x3[0] @ y3[0].T
+  if post == 1:
+    return x3[:, :, 0].T @ y3[:, :, 0]
+  if pre <= 32:
+    c = x3[0] @ y3[0].T
+    for i in range(1, pre):
+      c += x3[i] @ y3[i].T
+    return c
+  return _mat(np, x, axis) @ _mat(np, y, axis).T
+
+
+class _IncrementalTerm:
+  """``mat(A) mat(take(B, p, other))^T`` kept up to date as ``p`` changes.
+
+  ``C(p) = sum_k A[.., k, ..] B[.., p[k], ..]^T`` (``k`` on the other axis);
+  when ``p`` changes on rows S the cost changes by the same contraction of
+  ``A[.., S, ..]`` with ``B[.., p_new[S], ..] - B[.., p_old[S], ..]``, a
+  rank-|S| update instead of a full product. The leaves stay in their own
+  layout (`_contract`).
   """
 
   # A full product costs ~2 n m r n flops, an update ~2 n |S| r n plus the
@@ -216,13 +243,14 @@ class _IncrementalTerm:
   full_fraction = 0.6
 
   def __init__(self, a, b, axis, other_axis):
-    self.a3 = _mat2(np, a, axis, other_axis)  # [n, m, r]
-    self.b3 = _mat2(np, b, axis, other_axis)
+    self.a = np.ascontiguousarray(a)
+    self.b = np.ascontiguousarray(b)
+    self.axis, self.other = axis, other_axis
     self.p = None
     self.c = None
 
   def cost(self, p):
-    n, m, _ = self.a3.shape
+    m = self.a.shape[self.other]
     if self.p is None:
       changed = None
     else:
@@ -230,18 +258,21 @@ class _IncrementalTerm:
       if changed.size == 0:
         return self.c
     if changed is None or changed.size > self.full_fraction * m:
-      bp = np.take(self.b3, p, axis=1)
-      big = 2.0 * n * self.a3[0].size * n > _Blas.big_flops
+      bp = self.b if np.array_equal(p, np.arange(m)) else np.take(
+          self.b, p, axis=self.other)
+      n = self.a.shape[self.axis]
+      big = 2.0 * n * (self.a.size // n) * n > _Blas.big_flops
       with _Blas.limit(None) if big else contextlib.nullcontext():
-        c = self.a3.reshape(n, -1) @ bp.reshape(n, -1).T
+        c = _contract(self.a, bp, self.axis)
       if self.c is None:
         self.c = c.astype(np.float64)
       else:
         self.c[...] = c  # re-use the float64 buffer
     else:
-      a = self.a3[:, changed].reshape(n, -1)
-      d = (self.b3[:, p[changed]] - self.b3[:, self.p[changed]]).reshape(n, -1)
-      self.c += a @ d.T  # float32 rank-|S| product, accumulated in float64
+      a = np.take(self.a, changed, axis=self.other)
+      d = (np.take(self.b, p[changed], axis=self.other) -
+           np.take(self.b, self.p[changed], axis=self.other))
+      self.c += _contract(a, d, self.axis)  # float32 rank-|S|, float64 sum
     self.p = p.copy()
     return self.c
 
