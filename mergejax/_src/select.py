@@ -33,36 +33,41 @@ def magnitude_bits(x: jax.Array) -> jax.Array:
       jnp.abs(x.astype(jnp.float32)), jnp.uint32).reshape(-1)
 
 
-def _scan_hist(bits: jax.Array, key, size: int) -> jax.Array:
-  """Histogram (``size`` bins) of ``key(bits)``; keys ``>= size`` are dropped.
+def _scan_hist(flat: jax.Array, key, size: int, prep=None) -> jax.Array:
+  """Histogram (``size`` bins) of ``key(prep(slice), start)`` over ``flat``.
 
-  A scatter over a whole tensor makes XLA:CPU write its index array and an
-  array of ones, both as large as the tensor; a loop over slices of `_SCAN`
-  entries keeps them in cache (and out of peak memory).
+  ``prep`` maps a slice of ``flat`` to uint32 bits (default: ``flat`` is
+  bits already); ``key(bits, start)`` gives each entry's bin (``>= size``
+  drops it), ``start`` being the slice's offset in ``flat``. A scatter over a
+  whole tensor makes XLA:CPU write an index array and an array of ones as
+  large as the tensor; a loop over slices of `_SCAN` entries keeps both in
+  cache and out of peak memory, and ``prep`` runs inside the loop so no bits
+  array of the whole tensor is written either.
   """
-  def hist(b, h):
-    return h.at[key(b)].add(1, mode='drop')
+  prep = prep or (lambda b: b)
 
-  n = bits.shape[0]
+  def hist(start, length, h):
+    sl = jax.lax.dynamic_slice(flat, (start,), (length,))
+    return h.at[key(prep(sl), start)].add(1, mode='drop')
+
+  n = flat.shape[0]
   steps = n // _SCAN
   h = jnp.zeros(size, jnp.int32)
-  if steps > 1:
-    h = jax.lax.fori_loop(
-        0, steps, lambda i, h: hist(
-            jax.lax.dynamic_slice(bits, (i * _SCAN,), (_SCAN,)), h), h)
-  elif steps == 1:
-    h = hist(bits[:_SCAN], h)
+  if steps:
+    h = jax.lax.fori_loop(0, steps, lambda i, h: hist(i * _SCAN, _SCAN, h), h)
   if n % _SCAN:
-    h = hist(bits[steps * _SCAN:], h)
+    h = hist(steps * _SCAN, n % _SCAN, h)
   return h
 
 
-def _hi_key(b):
+def _hi_key(b, start):
+  del start
   return (b >> 16).astype(jnp.int32)
 
 
 def _lo_key(bucket):
-  def key(b):
+  def key(b, start):
+    del start
     return jnp.where((b >> 16) == bucket.astype(jnp.uint32),
                      (b & 0xFFFF).astype(jnp.int32), _BINS)
   return key
@@ -88,9 +93,12 @@ def _pick(hist: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array]:
   return r * 256 + c, k - above
 
 
-def _threshold(bits: Sequence[jax.Array], k: jax.Array
+def _threshold(bits: Sequence[jax.Array], k: jax.Array, prep=None
                ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """The k-th largest bit pattern, how many ties at it to keep, and how many.
+
+  ``bits`` are flat uint32 arrays, or flat arrays that ``prep`` turns into
+  bits slice by slice (e.g. `magnitude_bits`).
 
   Returns ``(t, need, n_at)``: ``t`` the bits of the k-th largest value,
   ``need`` the number of entries equal to ``t`` that a top-k keeps (``k``
@@ -98,9 +106,9 @@ def _threshold(bits: Sequence[jax.Array], k: jax.Array
   three come from the two histograms, with no extra pass over the data.
   """
   k = jnp.asarray(k, jnp.int32)
-  hi = sum(_scan_hist(b, _hi_key, _BINS) for b in bits)
+  hi = sum(_scan_hist(b, _hi_key, _BINS, prep) for b in bits)
   bucket, k_in = _pick(hi, k)
-  lo = sum(_scan_hist(b, _lo_key(bucket), _BINS) for b in bits)
+  lo = sum(_scan_hist(b, _lo_key(bucket), _BINS, prep) for b in bits)
   low, need = _pick(lo, k_in)
   t = (bucket.astype(jnp.uint32) << 16) | low.astype(jnp.uint32)
   return t, need, lo[low]
@@ -205,53 +213,55 @@ def _topk_row(xs: Sequence[jax.Array], k: jax.Array, *, exact: bool
                      f'{_MAX_ENTRIES - 1} are supported (split the selection, '
                      'e.g. trim per tensor instead of globally).')
   k = jnp.clip(jnp.asarray(k, jnp.int32), 0, n)
-  bits = [magnitude_bits(x) for x in xs]
-  t, need, n_at = _threshold(bits, jnp.maximum(k, 1))
+  flats = [x.reshape(-1) for x in xs]
+  t, need, n_at = _threshold(flats, jnp.maximum(k, 1), magnitude_bits)
   if exact:
-    first = _first_ties([b == t for b in bits], need, n_at)
+    first = _first_ties(flats, t, need, n_at)
   else:
-    first = [jnp.ones((), bool)] * len(bits)
-  return [((b > t) | ((b == t) & f)) .reshape(x.shape) & (k > 0)
+    first = [jnp.ones((), bool)] * len(flats)
+  bits = [magnitude_bits(f) for f in flats]
+  return [((b > t) | ((b == t) & f)).reshape(x.shape) & (k > 0)
           for b, f, x in zip(bits, first, xs)]
 
 
-def _first_ties(at: list[jax.Array], need: jax.Array, n_at: jax.Array
-                ) -> list[jax.Array]:
-  """Masks keeping the ``need`` lowest-position True entries of ``at``.
+def _first_ties(flats: list[jax.Array], t: jax.Array, need: jax.Array,
+                n_at: jax.Array) -> list[jax.Array]:
+  """Masks keeping the ``need`` lowest-position entries whose bits equal ``t``.
 
   Positions run leaf by leaf, then by flat index. A cumsum over the whole
-  selection would cost several passes on CPU; instead one pass counts the ties
-  per chunk of `_CHUNK` entries, a short cumsum over the chunk counts finds the
-  chunk holding the ``need``-th tie, and a cumsum over that one chunk finds
-  its position. The masks are then ``position <= cut``: elementwise, fused
-  with the rest of the merge.
+  selection would cost several passes on CPU; instead one histogram pass
+  counts the ties per chunk of `_CHUNK` entries, a short cumsum over the
+  chunk counts finds the chunk holding the ``need``-th tie, and a cumsum over
+  that one chunk finds its position. The masks are then ``position <= cut``:
+  elementwise, fused with the rest of the merge.
   """
-  counts, starts, offsets, off = [], [], [], 0
-  for a in at:
-    m = a.shape[0]
-    r = m // _CHUNK
-    if r:
-      counts.append(jnp.sum(a[:r * _CHUNK].reshape(r, _CHUNK), axis=1,
-                            dtype=jnp.int32))
-      starts.append(off + _CHUNK * np.arange(r))
-    if m % _CHUNK:
-      counts.append(jnp.sum(a[r * _CHUNK:], dtype=jnp.int32)[None])
-      starts.append(np.array([off + r * _CHUNK]))
-    offsets.append(off)
-    off += m
+  lane = jnp.arange(_CHUNK, dtype=jnp.int32)
+  sizes = [f.shape[0] for f in flats]
+  offsets = np.cumsum([0] + sizes[:-1]).tolist()
+  counts = []
+  for f, m in zip(flats, sizes):
+    chunks = -(-m // _CHUNK)
+
+    def key(b, start, chunks=chunks):
+      pos = start + jnp.arange(b.shape[0], dtype=jnp.int32)
+      return jnp.where(b == t, pos // _CHUNK, chunks)
+
+    counts.append(_scan_hist(f, key, chunks, magnitude_bits))
+  starts = jnp.asarray(np.concatenate(
+      [o + _CHUNK * np.arange(-(-m // _CHUNK)) for o, m in zip(offsets, sizes)]),
+                       jnp.int32)
   counts = jnp.concatenate(counts)
-  starts = jnp.asarray(np.concatenate(starts), jnp.int32)
   csum = jnp.cumsum(counts)
   c = jnp.minimum(jnp.sum(csum < need), counts.shape[0] - 1)
   rem = need - (csum[c] - counts[c])  # ties to keep inside chunk c
   start = starts[c]
-  lane = jnp.arange(_CHUNK, dtype=jnp.int32)
   window = jnp.zeros(_CHUNK, bool)
-  for a, o in zip(at, offsets):
-    local = jnp.clip(start - o, 0, a.shape[0])
-    inside = (start >= o) & (start < o + a.shape[0])
-    window |= inside & jnp.take(a, local + lane, mode='fill', fill_value=False)
+  for f, o, m in zip(flats, offsets, sizes):
+    local = jnp.clip(start - o, 0, m) + lane
+    inside = (start >= o) & (start < o + m) & (local < m)
+    got = magnitude_bits(jnp.take(f, jnp.minimum(local, m - 1))) == t
+    window |= inside & got
   cut = start + jnp.sum(jnp.cumsum(window.astype(jnp.int32)) < rem)
   keep_all = need >= n_at
-  return [(jnp.arange(a.shape[0], dtype=jnp.int32) + o <= cut) | keep_all
-          for a, o in zip(at, offsets)]
+  return [(jnp.arange(m, dtype=jnp.int32) + o <= cut) | keep_all
+          for m, o in zip(sizes, offsets)]
