@@ -106,21 +106,78 @@ def _merge_leaf(update, models, state, base, key, *, out_dtype,
   return out.astype(out_dtype)
 
 
+# Compiled per-tensor merges by signature (static config + argument types),
+# shared by every run in the process: executables or futures of them.
+_EXECUTABLES: dict[Any, Any] = {}
+_EXECUTABLES_LOCK = threading.Lock()
+
+
 def compile_count() -> int:
   """Number of compiled per-tensor merge functions so far (for tests)."""
-  return _merge_leaf._cache_size()  # pylint: disable=protected-access
+  return len(_EXECUTABLES)
 
 
-def _merge_one(job: Job, arrays: list[np.ndarray], tx=None) -> jax.Array:
-  tx = tx if tx is not None else job.build()
+def _call(job: Job, tx, arrays) -> tuple[Any, tuple[Any, ...], dict[str, Any]]:
+  """``(signature, dynamic args, static kwargs)`` of ``job``'s merge call.
+
+  ``arrays`` are the inputs, or `jax.ShapeDtypeStruct`s standing for them.
+  """
   bi = job.base_index
   base = None if bi is None else arrays[bi]
   models = tuple(a for i, a in enumerate(arrays) if i != bi)
   spec = job.spec()
   state = tx.init({_LEAF: jax.ShapeDtypeStruct(spec.shape, jnp.float32)})
-  cd = None if job.compute_dtype is None else np.dtype(job.compute_dtype)
-  return _merge_leaf(tx.update, models, state, base, job.key,
-                     out_dtype=np.dtype(spec.dtype), compute_dtype=cd)
+  static = dict(out_dtype=np.dtype(spec.dtype), compute_dtype=None
+                if job.compute_dtype is None else np.dtype(job.compute_dtype))
+  args = (models, state, base, job.key)
+  avals = tuple((tuple(x.shape), str(x.dtype)) for x in jax.tree.leaves(args))
+  sig = (tx.update, jax.tree.structure(args), avals,
+         tuple(sorted((k, str(v)) for k, v in static.items())))
+  return sig, args, static
+
+
+def _executable(job: Job, tx, arrays):
+  """The compiled merge for ``job`` (compiling it, or waiting for a compile
+  already under way), and the arguments to call it with."""
+  sig, args, static = _call(job, tx, arrays)
+  with _EXECUTABLES_LOCK:
+    entry = _EXECUTABLES.get(sig)
+    mine = entry is None
+    if mine:
+      entry = _EXECUTABLES[sig] = cf.Future()
+  if mine:
+    try:
+      entry.set_result(_merge_leaf.lower(tx.update, *args, **static).compile())
+    except BaseException as e:  # pylint: disable=broad-except
+      with _EXECUTABLES_LOCK:
+        del _EXECUTABLES[sig]  # let a later call retry (and raise) itself
+      entry.set_exception(e)
+  return entry.result(), args
+
+
+def _precompile(jobs: Sequence[Job], pool: cf.Executor) -> list[cf.Future]:
+  """Compiles every distinct per-tensor merge on ``pool`` while reads begin.
+
+  On CPU, compiling the six distinct shapes of a Llama TIES merge takes
+  several seconds; started up front they overlap the first reads and each
+  other instead of stalling the merge loop once per new shape.
+  """
+  futures, seen = [], set()
+  for job in jobs:
+    tx = job.build()
+    specs = [jax.ShapeDtypeStruct(job.shape(r, n), r.dtype(n))
+             for r, n in job.inputs]
+    sig = _call(job, tx, specs)[0]
+    if sig not in seen:
+      seen.add(sig)
+      futures.append(pool.submit(_executable, job, tx, specs))
+  return futures
+
+
+def _merge_one(job: Job, arrays: list[np.ndarray], tx=None) -> jax.Array:
+  tx = tx if tx is not None else job.build()
+  compiled, args = _executable(job, tx, arrays)
+  return compiled(*args)
 
 
 # --------------------------------------------------------- global trimming --
@@ -294,6 +351,9 @@ def run_jobs(jobs: Sequence[Job], out_dir: str, *,
       cf.ThreadPoolExecutor(threads, thread_name_prefix='mergejax-read') as pool:
     if global_trim is not None:
       global_trim(pool)
+    compile_pool = cf.ThreadPoolExecutor(2, thread_name_prefix='mergejax-jit')
+    _precompile(jobs, compile_pool)
+    compile_pool.shutdown(wait=False)  # it finishes its queue in background
     writer = st.ShardedWriter(tmp, specs, max_shard_size=max_shard_size,
                               metadata=metadata)
     stats.shards = len(writer.files)
