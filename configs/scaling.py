@@ -20,20 +20,15 @@ Other methods or sizes:
       --config.methods_to_run=task_arithmetic,ties,knots --config.ks='(2,4,8)'
 """
 
-import importlib.util
-import os
-
 import ml_collections
+
+from mergejax._src import config_files
 
 
 def _default_config(arg):
   # Loaded by path, like every config file: the repository root need not be on
   # sys.path.
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'default.py')
-  spec = importlib.util.spec_from_file_location('_default_config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return config_files.load_sibling(__file__, 'default.py').get_config(arg)
 
 
 def get_config(arg=None):

@@ -20,19 +20,14 @@ Override e.g. the density grid:
       --config.densities='(0.1,0.5,1.0)'
 """
 
-import importlib.util
-import os
+from mergejax._src import config_files
 
 
 def _default_config(arg):
   # The zoo and the lambda grid are the default experiment's (same zoo hash, so
   # a shared workdir trains it once). Loaded by path: config files are loaded
   # by path too and the repository root need not be on sys.path.
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'default.py')
-  spec = importlib.util.spec_from_file_location('_default_config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return config_files.load_sibling(__file__, 'default.py').get_config(arg)
 
 
 def get_config(arg=None):

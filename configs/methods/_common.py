@@ -15,25 +15,18 @@ presets; the first is the default and a bare ``file.py:name`` selects one),
 sweep; ``False``: the single configured point).
 """
 
-import importlib.util
-import os
 
 import ml_collections
 from ml_collections import config_dict
 
+from mergejax._src import config_files
 from mergejax._src import sweep as sweep_lib
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def load_sibling(path: str):
-  """Imports a config file by path (config files are not a package)."""
-  path = os.path.join(_HERE, path)
-  name = '_mergejax_cfg_' + os.path.splitext(os.path.basename(path))[0]
-  spec = importlib.util.spec_from_file_location(name, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  """Imports a config file of this directory by path (not a package)."""
+  return config_files.load_sibling(__file__, path)
 
 
 def weights():

@@ -11,8 +11,7 @@ Run the default sweep over the digits zoo, or one point (``sweep=False``):
       --config.merge.r=0.05
 """
 
-import importlib.util
-import os
+from mergejax._src import config_files
 
 
 # The default sweep (``:sweep=False`` turns it off); floats vmap in one call.
@@ -21,16 +20,8 @@ SWEEP = dict(
 )
 
 
-def _common():
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), '_common.py')
-  spec = importlib.util.spec_from_file_location('_mergejax_cfg_common', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 def get_config(arg=None):
-  c = _common()
+  c = config_files.load_sibling(__file__, '_common.py')
   variants = dict(
       mergekit=dict(
           r=0.1,
