@@ -32,18 +32,16 @@ import jax.numpy as jnp
 
 from mergejax._src import base
 from mergejax._src import checks
+from mergejax._src import methods_subspace
 from mergejax._src import paths
 from mergejax._src import reduce
 from mergejax._src import select
 from mergejax._src import subspace
 
-OTHER_RULES = ('mean', 'sum', 'zero')
-
-
-def _static_mask(mask):
-  if mask is None or isinstance(mask, str) or callable(mask):
-    return mask
-  return tuple(mask)
+# One rule set for the non-matrix leaves, shared with the other SVD methods.
+_static_mask = methods_subspace._static_mask  # pylint: disable=protected-access
+_check_other = methods_subspace._check_other  # pylint: disable=protected-access
+_reduce_other = methods_subspace._reduce_other  # pylint: disable=protected-access
 
 
 # ----------------------------------------------------------------------------
@@ -147,8 +145,7 @@ def tsv_reduce(energy: float | jax.Array = 1.0, *, exclude: Any = None,
     Array([3., 0., 2., 0.], dtype=float32)
   """
   e = checks.hparam(energy, 'energy', low=0.0, high=1.0, low_inclusive=False)
-  if other not in OTHER_RULES:
-    raise ValueError(f'other must be one of {OTHER_RULES}, got {other!r}.')
+  _check_other(other)
   return base.MergeTransformation(
       lambda params: TSVReduceState(e),
       base.static_fn.of(_tsv_reduce_update, exclude=_static_mask(exclude),
@@ -204,12 +201,8 @@ def _tsv_reduce_update(updates, state, params=None, *, key=None, exclude, conv,
     if p in mats:
       y = tsv_reduce_matrix(subspace.to_matrix(x, conv), state.energy, p)
       out[p] = y.reshape(x.shape[1:])
-    elif other == 'mean':
-      out[p] = jnp.mean(x, axis=0)
-    elif other == 'sum':
-      out[p] = jnp.sum(x, axis=0)
     else:
-      out[p] = jnp.zeros(x.shape[1:], x.dtype)
+      out[p] = _reduce_other(x, other)
   return paths.unflatten_like(updates, out), state
 
 
