@@ -61,6 +61,7 @@ from mergejax._src.layerwise import layer_scale
 from mergejax._src.lora import check_lora
 from mergejax._src.lora import LoRA
 from mergejax._src.lora import lora_delta
+from mergejax._src.lora import lora_from_delta
 from mergejax._src.lora import merge_lora
 from mergejax._src.masks import consensus_mask
 from mergejax._src.masks import magnitude_mask

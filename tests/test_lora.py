@@ -57,3 +57,35 @@ def test_lora_lego_recovers_a_repeated_adapter_and_clusters_units():
   assert (ids == ids[0]).all() and len(set(ids[0])) == 3  # unit j of every copy together
   out = mj.merge_lora(mj.methods.lora_lego(rank=4, scale=2.0), _adapters())
   assert out['q'].a.shape == (8, 4) and out['q'].b.shape == (4, 6)
+
+
+def test_lora_from_delta_is_exact_at_full_rank_and_eckart_young_below():
+  rng = np.random.default_rng(1)
+  tau = {'k0': jnp.asarray(rng.standard_normal((12, 20)), jnp.float32),
+         'k1': jnp.asarray(rng.standard_normal((20, 20)), jnp.float32),
+         'bias': jnp.asarray(rng.standard_normal(20), jnp.float32)}
+  full = mj.lora_from_delta(tau, None)
+  assert full['k0'].a.shape == (12, 12) and full['k0'].b.shape == (12, 20)
+  assert full['k1'].a.shape == (20, 20) and full['bias'] is tau['bias']
+  dense = mj.lora_delta(full)
+  for k in tau:
+    np.testing.assert_allclose(dense[k], tau[k], rtol=1e-5, atol=1e-5)
+  low = mj.lora_from_delta(tau, 3)
+  for k in ('k0', 'k1'):
+    u, s, vh = np.linalg.svd(np.asarray(tau[k], np.float64))
+    np.testing.assert_allclose(mj.lora_delta(low)[k], (u[:, :3] * s[:3]) @ vh[:3],
+                               rtol=1e-4, atol=1e-4)
+    # The singular values are split evenly: a^T a == b b^T == diag(s_r).
+    a, b = np.asarray(low[k].a), np.asarray(low[k].b)
+    np.testing.assert_allclose(a.T @ a, np.diag(s[:3]), atol=1e-4)
+    np.testing.assert_allclose(b @ b.T, np.diag(s[:3]), atol=1e-4)
+  # The adapters feed the LoRA merges directly.
+  out = mj.merge_lora(mj.methods.lora_svd(rank=3), [low, low])
+  np.testing.assert_allclose(mj.lora_delta(out)['k1'], 2 * mj.lora_delta(low)['k1'],
+                             rtol=1e-4, atol=1e-4)
+  bf = mj.lora_from_delta(jax.tree.map(lambda x: x.astype(jnp.bfloat16), tau), 2)
+  assert bf['k0'].a.dtype == jnp.bfloat16 and bf['bias'].dtype == jnp.bfloat16
+  with pytest.raises(ValueError, match=r"rank 13 is impossible for leaf 'k0' of shape \(12, 20\)"):
+    mj.lora_from_delta(tau, 13)
+  with pytest.raises(ValueError, match='positive int'):
+    mj.lora_from_delta(tau, 0)

@@ -15,6 +15,9 @@ leaves, e.g. trained biases, are merged by a weighted sum). Methods:
   ``K r`` rank-one units into ``rank`` clusters with k-means; each cluster's
   merged unit is the mean of its members.
 
+`lora_from_delta` turns dense deltas (e.g. the task vectors of fully
+fine-tuned models) into adapters by truncated SVD of each matrix leaf.
+
 Both return adapters (factor pairs). Use them with `merge_lora`, which checks
 the pairs (ranks must agree within a pair and across adapters, naming the
 leaf) and runs the transformation under jit; with ``rank`` equal to the input
@@ -49,6 +52,63 @@ def lora_delta(adapter: Any) -> Any:
   return jax.tree.map(
       lambda x: (x.a.astype(jnp.float32) @ x.b.astype(jnp.float32)
                  if _is_lora(x) else x), adapter, is_leaf=_is_lora)
+
+
+def lora_from_delta(delta: Any, rank: int | None) -> Any:
+  """Best rank-``rank`` `LoRA` factors of every 2-D leaf of a dense delta.
+
+  Each matrix leaf ``tau (in, out)`` (Flax layout, e.g. a task vector
+  ``theta_t - theta_0``) becomes ``LoRA(a, b)`` from its truncated SVD
+  ``tau ~ U_r S_r V_r^T``: ``a = U_r S_r^(1/2)`` ``(in, r)``, ``b = S_r^(1/2)
+  V_r^T`` ``(r, out)``, the best rank-``r`` approximation in Frobenius and
+  spectral norm (Eckart-Young), with the singular values split evenly between
+  the factors. Other leaves (biases, scalars, conv kernels) stay dense, as
+  `lora_svd` and `lora_lego` merge dense leaves directly. The SVD runs in
+  float32; factors come back in the leaf's dtype.
+
+  Args:
+    delta: a pytree of dense arrays.
+    rank: static rank of every factor pair; None means each matrix's full rank
+      ``min(in, out)`` (then ``a @ b`` reproduces the leaf up to rounding).
+
+  Returns:
+    The pytree with `LoRA` nodes in place of the 2-D leaves.
+
+  Raises:
+    ValueError: naming the leaf, when ``rank`` is below 1 or above
+      ``min(in, out)`` of a matrix leaf.
+
+  Example:
+    >>> import jax.numpy as jnp, mergejax as mj
+    >>> tau = {'w': jnp.outer(jnp.arange(1., 4.), jnp.ones(2)), 'b': jnp.ones(2)}
+    >>> ad = mj.lora_from_delta(tau, rank=1)
+    >>> ad['w'].a.shape, ad['w'].b.shape, ad['b'].shape
+    ((3, 1), (1, 2), (2,))
+    >>> bool(jnp.allclose(mj.lora_delta(ad)['w'], tau['w'], atol=1e-5))
+    True
+  """
+  if rank is not None and (int(rank) != rank or rank < 1):
+    raise ValueError(f'lora_from_delta: rank must be a positive int or None, '
+                     f'got {rank!r}.')
+
+  def one(path, x):
+    x = jnp.asarray(x)
+    if x.ndim != 2:
+      return x
+    n_in, n_out = x.shape
+    full = min(n_in, n_out)
+    rk = full if rank is None else int(rank)
+    if rk > full:
+      raise ValueError(
+          f'lora_from_delta: rank {rk} is impossible for leaf '
+          f'{paths.path_str(path)!r} of shape {tuple(x.shape)}: at most '
+          f'{full}. Lower the rank or pass rank=None (each leaf\'s full rank).')
+    u, s, vh = jnp.linalg.svd(x.astype(jnp.float32), full_matrices=False)
+    sq = jnp.sqrt(s[:rk])
+    return LoRA((u[:, :rk] * sq[None]).astype(x.dtype),
+                (sq[:, None] * vh[:rk]).astype(x.dtype))
+
+  return jax.tree_util.tree_map_with_path(one, delta)
 
 
 def check_lora(adapters: Sequence[Any]) -> None:
