@@ -45,9 +45,20 @@ maps one numeric hyperparameter to its grid (vmapped, chosen on validation);
   backbone's features of ``per_task`` labelled training inputs per task; each
   test input runs with its own mix ``theta* + sum_t w_t(x) v_t``. The oracle
   router (one-hot task weights) is reported as a ``<name>_oracle`` row.
-* ``not_applicable``: listed but not run (LoRA factor merges on a dense zoo).
+* ``lora``: the methods see a LoRA zoo derived from the dense fine-tunes
+  (``experiments.default.lora_zoo``): every matrix of each task vector
+  ``tau_i = theta_i - theta_0`` is replaced by its best rank-``lora_rank``
+  factorisation (truncated SVD, ``a = U sqrt(S)``, ``b = sqrt(S) V^T``); biases
+  stay dense task vectors. LoRA factor merges (``lora_svd``, ``lora_lego``)
+  merge the factor pairs (``mergejax.merge_lora``) and the merged adapter is
+  added to the base; any other method (``factory``) merges the rank-r
+  fine-tunes ``theta_0 + a_i b_i`` (``lora_ta``: task arithmetic on them, the
+  reference that shows what the truncation alone costs).
+* ``not_applicable``: listed but not run.
 
-An optional ``inner = dict(arg=..., name=..., kwargs=...)`` passes another
+An optional ``factory`` names the `mergejax.methods` function when it differs
+from the entry's name (``lora_ta`` runs ``task_arithmetic``). An optional
+``inner = dict(arg=..., name=..., kwargs=...)`` passes another
 method, ``mergejax.methods.<name>(**kwargs)``, as the factory's ``arg`` (e.g.
 the merge whose update ``lines`` rescales).
 """
@@ -63,8 +74,9 @@ METHODS = (
     'karcher', 'nearswap', 'arcee_fusion',
     # Subspace, mask and continual methods.
     'tsv', 'rtsvm', 'iso_c', 'iso_cts', 'knots', 'consensus', 'pcb', 'lines',
-    'widen', 'opcm', 'tall_masks', 'emr', 'twin', 'reversible', 'lora_lego',
-    'lora_svd',
+    'widen', 'opcm', 'tall_masks', 'emr', 'twin', 'reversible',
+    # LoRA merges on the rank-r LoRA zoo derived from the fine-tunes.
+    'lora_lego', 'lora_svd', 'lora_ta',
 )
 
 TASKS = ('rot90', 'rot180', 'rot270', 'hflip', 'vflip', 'transpose', 'invert',
@@ -114,15 +126,22 @@ def get_config(arg=None):
   config.merge.thresholds = (1e-3, 1e-2) if smoke else (5e-4, 1e-3, 2e-3, 5e-3,
                                                         1e-2, 2e-2, 5e-2)
   config.merge.params = 'backbone'  # merged subtree; heads stay per task
+  # Rank of the LoRA zoo (the 'lora' protocol): static, it sets the shapes.
+  config.merge.lora_rank = 4 if smoke else 16
 
   m = config.merge
   density = m.get_ref('density')
   lam = dict(lambda_=m.get_ref('lambdas'))
 
-  def entry(kwargs=None, sweep=None, protocol='models', inner=None):
+  def entry(kwargs=None, sweep=None, protocol='models', inner=None,
+            factory=None):
     e = dict(kwargs=kwargs or {}, sweep=sweep or {}, protocol=protocol)
     if inner:
       e['inner'] = inner
+    if factory:
+      e['factory'] = factory
+    if protocol == 'lora':
+      e['lora_rank'] = m.get_ref('lora_rank')
     return ml_collections.ConfigDict(e)
 
   k = len(config.zoo.tasks)
@@ -172,9 +191,15 @@ def get_config(arg=None):
       # (the one-hot oracle router is reported as a second row).
       twin=entry(protocol='routed'),
       reversible=entry(dict(budget=max(1, k // 2)), protocol='per_task'),
-      # LoRA factor merges: the zoo's fine-tunes are dense.
-      lora_lego=entry(protocol='not_applicable'),
-      lora_svd=entry(protocol='not_applicable'),
+      # LoRA merges of the rank-r LoRA zoo (one adapter per task). lora_svd:
+      # the best rank-r approximation of weights * sum_i a_i b_i (output rank
+      # = input rank); lora_lego: k-means of the K r rank-one units into r
+      # clusters, scaled by `scale`; lora_ta: task arithmetic on the rank-r
+      # fine-tunes (no merge-side truncation), the reference for both.
+      lora_lego=entry(sweep=dict(scale=m.get_ref('lambdas')), protocol='lora'),
+      lora_svd=entry(sweep=dict(weights=m.get_ref('lambdas')),
+                     protocol='lora'),
+      lora_ta=entry(sweep=lam, protocol='lora', factory='task_arithmetic'),
   )
   methods['twin'].router = dict(per_task=128, hidden=(), steps=300,
                                 learning_rate=1e-2)
@@ -183,6 +208,6 @@ def get_config(arg=None):
   config.methods = ml_collections.ConfigDict(methods)
   # Comma-separated methods to run, in this order ('' runs every entry).
   # The smoke subset covers every protocol with methods that compile fast.
-  config.methods_to_run = ('linear,task_arithmetic,slerp,nuslerp,emr,lora_lego'
-                           if smoke else ','.join(METHODS))
+  config.methods_to_run = ('linear,task_arithmetic,slerp,nuslerp,emr,lora_lego,'
+                           'lora_svd,lora_ta' if smoke else ','.join(METHODS))
   return config

@@ -29,7 +29,7 @@ from mergejax import zoo
 # so that stale caches are not reused.
 ZOO_VERSION = 1
 PROTOCOLS = ('models', 'no_base', 'sum_endpoint', 'fold', 'per_task',
-             'routed', 'not_applicable')
+             'routed', 'lora', 'not_applicable')
 
 
 def zoo_hash(config) -> str:
@@ -71,6 +71,25 @@ def build_zoo(config, workdir: str):
           dict(path=path, cached=cached, seconds=seconds))
 
 
+def lora_zoo(base, fts: list, rank: int | None) -> list:
+  """The LoRA zoo derived from the dense fine-tunes: one adapter per task.
+
+  Each fine-tune's task vector ``tau_i = theta_i - theta_0`` keeps its best
+  rank-``rank`` factorisation on every matrix leaf (`mergejax.lora_from_delta`:
+  truncated SVD, ``a = U sqrt(S)``, ``b = sqrt(S) V^T`` in Flax (in, out)
+  layout); other leaves (biases) stay dense task vectors. ``rank=None`` keeps
+  each matrix's full rank (the adapters then reproduce the task vectors).
+  """
+  derive = jax.jit(lambda b, ft: mj.lora_from_delta(
+      jax.tree.map(jnp.subtract, ft, b), rank))
+  return [derive(base, ft) for ft in fts]
+
+
+def _is_lora_method(factory) -> bool:
+  """Whether a factory merges `mergejax.LoRA` factor pairs (`merge_lora`)."""
+  return getattr(factory, '__module__', None) == mj.merge_lora.__module__
+
+
 def _accepted(factory, names) -> set[str]:
   params = inspect.signature(factory).parameters
   if any(p.kind == p.VAR_KEYWORD for p in params.values()):
@@ -82,18 +101,25 @@ def _stack(trees):
   return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
 
 
-def merge_method(name: str, entry, base, fts: list, key: jax.Array):
+def merge_method(name: str, entry, base, fts: list, key: jax.Array, *,
+                 adapters: list | None = None):
   """Merges with one method entry.
 
   With a sweep, the merge runs as one ``jax.vmap``-ped call over the swept
-  hyperparameter (one compilation); otherwise once.
+  hyperparameter (one compilation); otherwise once. The factory is
+  ``mergejax.methods.<entry.factory>`` if the entry names one, else
+  ``mergejax.methods.<name>``. The ``lora`` protocol merges the LoRA zoo
+  ``adapters`` (derived with `lora_zoo` at ``entry.lora_rank`` when None): a
+  LoRA factor merge (``lora_svd``, ``lora_lego``) runs on the factor pairs via
+  `mergejax.merge_lora` and its merged adapter is added to the base; any other
+  method merges the rank-r fine-tunes ``theta_0 + a_i b_i``.
 
   Returns:
     ``(backbones, sweep, notes)``: ``backbones`` has a leading axis S (the
     grid, or 1), and for the ``per_task`` protocol a second axis K (task i's
     rebuilt model); ``sweep`` is ``(name, values)`` or None.
   """
-  factory = getattr(mj.methods, name)
+  factory = getattr(mj.methods, entry.get('factory', name))
   notes = []
   kwargs = entry.kwargs.to_dict()
   sweep = entry.sweep.to_dict()
@@ -127,6 +153,13 @@ def merge_method(name: str, entry, base, fts: list, key: jax.Array):
     b, models = base, fts
   elif protocol == 'no_base':
     b, models = None, fts
+  elif protocol == 'lora':
+    b = base
+    if adapters is None:
+      adapters = lora_zoo(base, fts, entry.lora_rank)
+    if not _is_lora_method(factory):
+      models = [jax.tree.map(jnp.add, base, mj.lora_delta(ad))
+                for ad in adapters]
   else:  # sum_endpoint
     b = base
     models = [jax.tree.map(lambda x0, *xs: x0 + sum(x - x0 for x in xs),
@@ -134,6 +167,9 @@ def merge_method(name: str, entry, base, fts: list, key: jax.Array):
 
   def one(**hp):
     tx = factory(**kwargs, **hp)
+    if protocol == 'lora' and _is_lora_method(factory):
+      merged = mj.lora_delta(mj.merge_lora(tx, adapters, key=key))
+      return jax.tree.map(lambda x0, d: (x0 + d).astype(x0.dtype), b, merged)
     if protocol != 'per_task':
       return mj.merge(tx, b, models, key=key)
     _, state = mj.merge(tx, b, models, key=key, return_state=True)
@@ -160,7 +196,7 @@ def merge_method(name: str, entry, base, fts: list, key: jax.Array):
 def _routed(name, entry, base, fts, tasks, heads, config, key):
   """The ``routed`` protocol: a twin merge evaluated with a trained router."""
   from experiments import twin_routed  # pylint: disable=g-import-not-at-top
-  factory = getattr(mj.methods, name)
+  factory = getattr(mj.methods, entry.get('factory', name))
   shared, state = mj.merge(factory(**entry.kwargs.to_dict()), base, fts,
                            key=key, return_state=True)
   r = entry.router.to_dict() if 'router' in entry else {}
@@ -181,9 +217,16 @@ def _row(acc, ft_acc, names):
               avg_normalized=float(zoo.normalized(acc, ft_acc).mean()))
 
 
+def _setting(rec) -> str:
+  """Fixed settings (e.g. ``lora_rank``), then the validation-chosen value."""
+  items = {**rec.get('setting', {}), **rec.get('selected', {})}
+  return ', '.join(f'{k}={v:g}' for k, v in items.items())
+
+
 def _fmt_table(rows: list[tuple[str, str, dict]], names) -> str:
   short = [n[:7] for n in names]
-  head = (f'{"model":<22}{"setting":<16}' + ''.join(f'{s:>8}' for s in short)
+  sw = max([16] + [len(s) + 2 for _, s, r in rows if r is not None])
+  head = (f'{"model":<22}{"setting":<{sw}}' + ''.join(f'{s:>8}' for s in short)
           + f'{"avg":>8}{"norm":>8}')
   lines = [head, '-' * len(head)]
   for label, setting, r in rows:
@@ -191,7 +234,7 @@ def _fmt_table(rows: list[tuple[str, str, dict]], names) -> str:
       lines.append(f'{label:<22}{setting}')
       continue
     accs = ''.join(f'{r["accuracy"][n]:>8.3f}' for n in names)
-    lines.append(f'{label:<22}{setting:<16}{accs}{r["avg_accuracy"]:>8.3f}'
+    lines.append(f'{label:<22}{setting:<{sw}}{accs}{r["avg_accuracy"]:>8.3f}'
                  f'{r["avg_normalized"]:>8.3f}')
   return '\n'.join(lines)
 
@@ -275,12 +318,48 @@ def main(config, workdir: str) -> dict[str, Any]:
                      f'config.methods; valid: {sorted(config.methods)}.')
   merge_key = jax.random.fold_in(jax.random.key(config.seed), 1)
   methods = {}
+  loras = {}  # LoRA zoos by rank, derived once for all 'lora' entries
+
+  def get_lora_zoo(rank):
+    if rank not in loras:
+      t0 = time.perf_counter()
+      ads = jax.block_until_ready(lora_zoo(base_bb, ft_bbs, rank))
+      seconds = time.perf_counter() - t0
+      # What the truncation costs: the relative Frobenius error of each task
+      # vector's matrices, and the rank-r fine-tunes on their own tasks.
+      rel = {}
+      for ad, ft in zip(ads, ft_bbs):
+        tau = jax.tree.map(jnp.subtract, ft, base_bb)
+        for p, t, d in zip(mj.leaf_paths(tau), jax.tree.leaves(tau),
+                           jax.tree.leaves(mj.lora_delta(ad))):
+          if t.ndim == 2:  # the factorised leaves
+            rel.setdefault(p, []).append(
+                float(jnp.linalg.norm(t - d) / jnp.linalg.norm(t)))
+      rel = {p: float(np.mean(v)) for p, v in rel.items()}
+      lora_fts = _stack([jax.tree.map(jnp.add, base_bb, mj.lora_delta(ad))
+                         for ad in ads])
+      own = np.diag(ev.accuracies(lora_fts, 'test'))
+      loras[rank] = (ads, dict(rank=rank, seconds=seconds,
+                               relative_error=rel,
+                               finetuned=_row(own, ft_acc, names)))
+      print(f'  LoRA zoo: rank-{rank} truncated SVD of every task vector '
+            f'matrix in {seconds:.1f}s; the rank-{rank} fine-tunes reach '
+            f'{own.mean():.3f} on their own tasks (dense {ft_acc.mean():.3f});'
+            ' mean relative error of the task vectors: '
+            + ', '.join(f'{p} {e:.3f}' for p, e in rel.items()), flush=True)
+    return loras[rank][0]
+
   for name in order:
     entry = config.methods[name]
+    fname = entry.get('factory', name)
     rec = dict(protocol=entry.protocol, kwargs=entry.kwargs.to_dict())
-    if not hasattr(mj.methods, name) or entry.protocol == 'not_applicable':
-      why = ('not applicable to this zoo' if hasattr(mj.methods, name) else
-             f'mergejax.methods has no {name!r} yet')
+    if fname != name:
+      rec['factory'] = fname
+    if entry.protocol == 'lora':
+      rec['setting'] = dict(lora_rank=entry.lora_rank)
+    if not hasattr(mj.methods, fname) or entry.protocol == 'not_applicable':
+      why = ('not applicable to this zoo' if hasattr(mj.methods, fname) else
+             f'mergejax.methods has no {fname!r} yet')
       rec.update(status='skipped', note=why)
       print(f'  skip {name}: {why}', flush=True)
       methods[name] = rec
@@ -290,7 +369,10 @@ def main(config, workdir: str) -> dict[str, Any]:
     try:
       key = jax.random.fold_in(merge_key, zlib.crc32(name.encode()))
       if entry.protocol != 'routed':
-        bbs, sweep, notes = merge_method(name, entry, base_bb, ft_bbs, key)
+        ads = (get_lora_zoo(entry.lora_rank) if entry.protocol == 'lora'
+               else None)
+        bbs, sweep, notes = merge_method(name, entry, base_bb, ft_bbs, key,
+                                         adapters=ads)
       if entry.protocol == 'routed':  # Twin-Merging with a trained router
         val, test, notes, extra = _routed(name, entry, base_bb, ft_bbs, tasks,
                                           heads, config, key)
@@ -327,7 +409,7 @@ def main(config, workdir: str) -> dict[str, Any]:
       print(f'  ERROR {name}: {type(e).__name__}: {str(e)[:300]}', flush=True)
     rec['seconds'] = time.perf_counter() - t0
     if rec['status'] == 'ok':
-      sel = ', '.join(f'{k}={v:g}' for k, v in rec.get('selected', {}).items())
+      sel = _setting(rec)
       print(f'  {name:<18} avg acc {rec["avg_accuracy"]:.3f}  normalized '
             f'{rec["avg_normalized"]:.3f}  {sel}  ({rec["seconds"]:.1f}s)'
             + (f'  [{rec["note"]}]' if 'note' in rec else ''), flush=True)
@@ -361,10 +443,12 @@ def main(config, workdir: str) -> dict[str, Any]:
   rows += [(f'fine-tune {n}', 'task heads', baselines[f'finetune/{n}'])
            for n in names]
   rows += [('fine-tuned (own task)', '', baselines['finetuned'])]
+  for rank, (_, info) in loras.items():
+    baselines[f'finetuned_lora{rank}'] = info['finetuned']
+    rows.append((f'fine-tuned rank {rank}', 'own task', info['finetuned']))
   for n, r in methods.items():
     if r['status'] == 'ok':
-      sel = ', '.join(f'{k}={v:g}' for k, v in r.get('selected', {}).items())
-      rows.append((n, sel or '-', r))
+      rows.append((n, _setting(r) or '-', r))
     else:
       rows.append((n, f'({r["status"]})', None))
   table = _fmt_table(rows, names)
@@ -375,6 +459,8 @@ def main(config, workdir: str) -> dict[str, Any]:
       zoo=dict(hash=zoo_hash(config), **zoo_info,
                backbone_params=int(sum(x.size for x in
                                        jax.tree.leaves(base_bb)))),
+      lora_zoo={str(rank): {k: v for k, v in info.items() if k != 'finetuned'}
+                for rank, (_, info) in loras.items()},
       baselines=baselines, methods=methods, summary=summary, table=table,
       seconds=dict(total=total, zoo=zoo_info['seconds'],
                    merges=sum(r.get('seconds', 0.0) for r in methods.values())),

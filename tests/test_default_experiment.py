@@ -7,6 +7,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -45,7 +46,8 @@ def test_smoke_run_writes_results_and_plot(smoke_run):
   requested = default_config.get_config('smoke').methods_to_run.split(',')
   assert list(on_disk['methods']) == requested
   for name, rec in on_disk['methods'].items():
-    if hasattr(mj.methods, name) and rec['protocol'] != 'not_applicable':
+    if (hasattr(mj.methods, rec.get('factory', name))
+        and rec['protocol'] != 'not_applicable'):
       assert rec['status'] == 'ok', (name, rec.get('error'))
       assert set(rec['accuracy']) == set(names)
       assert 0.0 <= rec['avg_accuracy'] <= 1.0
@@ -53,6 +55,17 @@ def test_smoke_run_writes_results_and_plot(smoke_run):
       assert rec['status'] == 'skipped'
   if hasattr(mj.methods, 'emr'):  # per-task protocol
     assert on_disk['methods']['emr']['status'] == 'ok'
+  # The LoRA merges run on the LoRA zoo and appear in the table.
+  rank = default_config.get_config('smoke').merge.lora_rank
+  for name in ('lora_svd', 'lora_lego', 'lora_ta'):
+    rec = on_disk['methods'][name]
+    assert rec['status'] == 'ok' and rec['setting'] == {'lora_rank': rank}
+    line, = [l for l in on_disk['table'].splitlines() if l.startswith(name)]
+    assert f'lora_rank={rank}, ' in line, line
+  assert on_disk['methods']['lora_ta']['factory'] == 'task_arithmetic'
+  assert f'fine-tuned rank {rank}' in on_disk['table']
+  assert set(on_disk['baselines'][f'finetuned_lora{rank}']['accuracy']) == set(names)
+  assert list(on_disk['lora_zoo']) == [str(rank)]
   ta = on_disk['methods']['task_arithmetic']
   assert ta['sweep']['param'] == 'lambda_'
   assert len(ta['sweep']['val_avg_accuracy']) == len(ta['sweep']['values'])
@@ -106,6 +119,50 @@ def test_sweep_is_one_vmapped_call_and_equals_a_loop():
     single = mj.merge(mj.methods.task_arithmetic(lambda_=v), base, fts)
     np.testing.assert_allclose(out['w'][i], single['w'], rtol=1e-6, atol=1e-6)
   np.testing.assert_array_equal(out['w'], out2['w'])
+
+
+def test_lora_zoo_is_exact_at_full_rank_and_lora_protocol_matches_dense():
+  rng = np.random.default_rng(0)
+  base = {'Dense_0': {'kernel': jnp.asarray(rng.standard_normal((6, 5)),
+                                            jnp.float32),
+                      'bias': jnp.zeros(5)},
+          'Dense_1': {'kernel': jnp.asarray(rng.standard_normal((5, 5)),
+                                            jnp.float32),
+                      'bias': jnp.zeros(5)}}
+  fts = [jax.tree.map(lambda x: x + 0.1 * jnp.asarray(
+      rng.standard_normal(x.shape), jnp.float32), base) for _ in range(3)]
+  # Full rank: each adapter reproduces its task vector; biases stay dense.
+  ads = experiment.lora_zoo(base, fts, None)
+  for ad, ft in zip(ads, fts):
+    assert isinstance(ad['Dense_0']['kernel'], mj.LoRA)
+    assert ad['Dense_0']['kernel'].a.shape == (6, 5)
+    tau = jax.tree.map(jnp.subtract, ft, base)
+    jax.tree.map(lambda d, t: np.testing.assert_allclose(d, t, atol=1e-5),
+                 mj.lora_delta(ad), tau)
+  low = experiment.lora_zoo(base, fts, 2)
+  assert low[0]['Dense_1']['kernel'].b.shape == (2, 5)
+  # With full-rank adapters, lora_svd (output rank = input rank) and lora_ta
+  # are exactly task arithmetic, for every swept value.
+  config = default_config.get_config('smoke')
+  key = jax.random.key(0)
+  ref, (_, values), _ = experiment.merge_method(
+      'task_arithmetic', config.methods.task_arithmetic, base, fts, key)
+  for name in ('lora_svd', 'lora_ta'):
+    e = config.methods[name].to_dict()
+    e['lora_rank'] = None
+    out, (_, v), notes = experiment.merge_method(
+        name, ml_collections.ConfigDict(e), base, fts, key)
+    assert v == values and not notes
+    jax.tree.map(lambda o, r: np.testing.assert_allclose(o, r, atol=1e-5),
+                 out, ref)
+  # At rank 2 lora_svd truncates the summed delta to rank 2.
+  out, _, _ = experiment.merge_method('lora_svd', config.methods.lora_svd,
+                                      base, fts, key, adapters=low)
+  d = np.asarray(out['Dense_1']['kernel'][0] - base['Dense_1']['kernel'])
+  assert np.linalg.matrix_rank(d, tol=1e-5) == 2
+  out, _, _ = experiment.merge_method('lora_lego', config.methods.lora_lego,
+                                      base, fts, key, adapters=low)
+  assert jax.tree.structure(out) == jax.tree.structure(base)
 
 
 def test_protocols_for_two_model_methods():
