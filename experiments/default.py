@@ -338,7 +338,7 @@ def main(config, workdir: str) -> dict[str, Any]:
       rel = {p: float(np.mean(v)) for p, v in rel.items()}
       lora_fts = _stack([jax.tree.map(jnp.add, base_bb, mj.lora_delta(ad))
                          for ad in ads])
-      own = np.diag(ev.accuracies(lora_fts, 'test'))
+      own = ev.own_task_accuracies(lora_fts, 'test')
       loras[rank] = (ads, dict(rank=rank, seconds=seconds,
                                relative_error=rel,
                                finetuned=_row(own, ft_acc, names)))
