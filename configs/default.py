@@ -94,6 +94,10 @@ def get_config(arg=None):
   config.seed = 0
   config.progress = True  # tqdm bars (they switch off in non-interactive runs)
   config.strict = False  # re-raise a method's error instead of recording it
+  # Host BLAS/LAPACK threads during the run (None: the library default). One
+  # thread: OpenBLAS workers spin between XLA's SVD/QR calls, which on a
+  # loaded 2-core machine made SVD-based merges tens of times slower.
+  config.blas_threads = 1
 
   config.zoo = ml_collections.ConfigDict()
   config.zoo.tasks = ('rot90', 'invert', 'permute') if smoke else TASKS
