@@ -65,7 +65,10 @@ def test_unrolled_and_vmapped_model_map_agree(monkeypatch):
   x = jnp.asarray(rng.normal(size=(4, 9000)).astype(np.float32))
   ks = jnp.array([10, 900, 4500, 8999])
   unrolled = select.batched_topk_masks([x], ks)[0]
-  monkeypatch.setattr(modelaxis, 'UNROLL_MAX', 1)
+  monkeypatch.setattr(select, '_UNROLL_MIN', 1)  # rows one by one...
+  one_by_one = select.batched_topk_masks([x], ks)[0]
+  np.testing.assert_array_equal(unrolled, one_by_one)
+  monkeypatch.setattr(modelaxis, 'UNROLL_MAX', 1)  # ...and model_map's vmap
   vmapped = select.batched_topk_masks([x], ks)[0]
   np.testing.assert_array_equal(unrolled, vmapped)
 

@@ -25,6 +25,9 @@ _CHUNK = 4096
 _MAX_ENTRIES = (1 << 31) - _CHUNK
 # Histogram slice (entries): its index array stays in cache.
 _SCAN = 1 << 18
+# Rows of at least this many entries are selected one by one (see
+# `batched_topk_masks`).
+_UNROLL_MIN = 1 << 20
 
 
 def magnitude_bits(x: jax.Array) -> jax.Array:
@@ -188,8 +191,9 @@ def batched_topk_masks(xs: Sequence[jax.Array], k: jax.Array, *,
   """`topk_masks` for a batch: leading axis B on every array and on ``k``.
 
   Row ``b`` keeps the ``k[b]`` largest magnitudes among ``x[b]`` of all
-  ``xs``. Rows are processed by `modelaxis.model_map` (unrolled for a few
-  models, so no stacked intermediate is materialised).
+  ``xs``. Large rows are processed by `modelaxis.model_map` (unrolled for a
+  few models, so no stacked intermediate is materialised), small ones by
+  ``vmap`` (one compiled select).
 
   Args:
     xs: arrays shaped ``[B, ...]``.
@@ -199,9 +203,13 @@ def batched_topk_masks(xs: Sequence[jax.Array], k: jax.Array, *,
   Returns:
     A list of bool arrays shaped like ``xs``.
   """
-  return modelaxis.model_map(
-      lambda row, kk: _topk_row(row, kk, exact=exact), list(xs),
-      jnp.asarray(k))
+  fn = lambda row, kk: _topk_row(row, kk, exact=exact)  # pylint: disable=unnecessary-lambda-assignment
+  # Unrolled rows let XLA fold the stack's slices (no stacked copy of big
+  # tensors) but compile one select per row; below _UNROLL_MIN entries a row
+  # the compile time matters more, and vmap compiles one.
+  if sum(int(np.prod(x.shape[1:])) for x in xs) < _UNROLL_MIN:
+    return jax.vmap(fn)(list(xs), jnp.asarray(k))
+  return modelaxis.model_map(fn, list(xs), jnp.asarray(k))
 
 
 def _topk_row(xs: Sequence[jax.Array], k: jax.Array, *, exact: bool
