@@ -395,3 +395,26 @@ def test_reconstruct_error_without_method_state():
   _, st = mj.merge(M.task_arithmetic(), base, models, return_state=True)
   with pytest.raises(ValueError, match='holds no EMRState'):
     M.reconstruct(st, base, 0)
+
+
+def test_lapack_calls_take_one_matrix_even_when_batched_or_vmapped():
+  # jaxlib splits a batched LAPACK call over XLA's intra-op pool and blocks
+  # a pool thread on it; two such calls side by side hung the default
+  # experiment. Every SVD/QR/eigh must reach LAPACK one matrix at a time.
+  from mergejax._src import subspace  # pylint: disable=g-import-not-at-top
+  import re  # pylint: disable=g-import-not-at-top
+  x = np.random.default_rng(0).normal(size=(2, 3, 5, 4)).astype(np.float32)
+  fns = {'svd': subspace.svd, 'qr': subspace.qr,
+         'eigh': lambda m: subspace.eigh(m @ jnp.swapaxes(m, -1, -2))}
+  for name, fn in fns.items():
+    for f in (fn, jax.vmap(fn), jax.vmap(jax.vmap(fn))):
+      text = jax.jit(f).lower(x).as_text()
+      calls = re.findall(r'stablehlo.custom_call @(\w+)\(([^)]*)\) .*?: '
+                         r'\((tensor<[^>]*>)', text)
+      assert calls, (name, 'no LAPACK call found')
+      for target, _, operand in calls:
+        dims = operand[len('tensor<'):].split('x')[:-1]
+        assert len(dims) == 2, (name, target, operand)
+  u, s, vh = jax.vmap(subspace.svd)(x)
+  np.testing.assert_allclose(np.asarray((u * s[..., None, :]) @ vh), x,
+                             atol=1e-5)

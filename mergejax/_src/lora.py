@@ -35,6 +35,7 @@ import jax.numpy as jnp
 from mergejax._src import base
 from mergejax._src import checks
 from mergejax._src import paths
+from mergejax._src import subspace
 
 
 class LoRA(NamedTuple):
@@ -103,7 +104,7 @@ def lora_from_delta(delta: Any, rank: int | None) -> Any:
           f'lora_from_delta: rank {rk} is impossible for leaf '
           f'{paths.path_str(path)!r} of shape {tuple(x.shape)}: at most '
           f'{full}. Lower the rank or pass rank=None (each leaf\'s full rank).')
-    u, s, vh = jnp.linalg.svd(x.astype(jnp.float32), full_matrices=False)
+    u, s, vh = subspace.svd(x)
     sq = jnp.sqrt(s[:rk])
     return LoRA((u[:, :rk] * sq[None]).astype(x.dtype),
                 (sq[:, None] * vh[:rk]).astype(x.dtype))
@@ -230,9 +231,9 @@ def _lora_svd_update(updates, state, params=None, *, key=None, rank):
           f'{min(n_in, n_out, k * r)}).')
     a_cat = jnp.transpose(a * w[:, None, None], (1, 0, 2)).reshape(n_in, k * r)
     b_cat = b.reshape(k * r, n_out)
-    qa, ra = jnp.linalg.qr(a_cat)
-    qb, rb = jnp.linalg.qr(b_cat.T)
-    u, s, vh = jnp.linalg.svd(ra @ rb.T, full_matrices=False)
+    qa, ra = subspace.qr(a_cat)
+    qb, rb = subspace.qr(b_cat.T)
+    u, s, vh = subspace.svd(ra @ rb.T)
     sq = jnp.sqrt(s[:rk])
     return LoRA(qa @ (u[:, :rk] * sq[None]), (sq[:, None] * vh[:rk]) @ qb.T)
 

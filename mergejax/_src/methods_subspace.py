@@ -916,7 +916,7 @@ def reversible(budget: int, *, scope: str = 'leaf',
 
 def _top_eig(g, n_dirs):
   """Top ``n_dirs`` eigenvectors of a PSD Gram matrix, descending; all sqrt-eigvals."""
-  w, v = jnp.linalg.eigh(g)
+  w, v = subspace.eigh(g)
   w, v = w[::-1], v[:, ::-1]
   return v[:, :n_dirs], jnp.sqrt(jnp.maximum(w, 0.0))
 

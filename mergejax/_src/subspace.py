@@ -142,9 +142,56 @@ def resolve_rank(rank: int | float | None, m: int, n: int, path: str,
 # Dense linear algebra helpers (float32, batched over leading axes).
 
 
+def one_matrix_at_a_time(fn):
+  """Wraps a LAPACK-backed ``fn`` of ``[m, n]`` to map batches sequentially.
+
+  jaxlib's CPU LAPACK kernels split a *batched* call over XLA's intra-op
+  thread pool and block a pool thread until the pieces finish; when every
+  pool thread is inside such a call (two batched SVDs running side by side
+  on a 2-core machine), none is left to run the pieces and the process
+  hangs with all threads idle (seen in the default experiment, jaxlib
+  0.10.2). Calling LAPACK on one matrix at a time, also under ``vmap``,
+  never blocks a pool thread.
+
+  Args:
+    fn: a function of one matrix (last two axes), e.g. ``jnp.linalg.svd``.
+
+  Returns:
+    ``fn`` for ``[..., m, n]`` inputs: leading axes (and ``vmap`` axes) are
+    mapped with ``lax.map``.
+  """
+  @jax.custom_batching.custom_vmap
+  def one(x):
+    return fn(x)
+
+  @one.def_vmap
+  def _batched(axis_size, in_batched, x):  # pylint: disable=unused-variable
+    del axis_size, in_batched
+    out = jax.lax.map(one, x)
+    return out, jax.tree.map(lambda _: True, out)
+
+  def apply(x):
+    if x.ndim == 2:
+      return one(x)
+    lead = x.shape[:-2]
+    out = jax.lax.map(one, x.reshape((-1,) + x.shape[-2:]))
+    return jax.tree.map(lambda o: o.reshape(lead + o.shape[1:]), out)
+
+  return apply
+
+
+_svd = one_matrix_at_a_time(
+    lambda m: jnp.linalg.svd(m, full_matrices=False))
+qr = one_matrix_at_a_time(jnp.linalg.qr)
+eigh = one_matrix_at_a_time(jnp.linalg.eigh)
+
+
 def svd(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Thin SVD in float32: ``x = u @ diag(s) @ vh`` over the last two axes."""
-  return jnp.linalg.svd(x.astype(jnp.float32), full_matrices=False)
+  """Thin SVD in float32: ``x = u @ diag(s) @ vh`` over the last two axes.
+
+  Batches run one matrix per LAPACK call (see `one_matrix_at_a_time`).
+  """
+  return tuple(_svd(x.astype(jnp.float32)))
 
 
 def truncated_svd(x: jax.Array, rank: int
