@@ -93,12 +93,6 @@ def _main(argv):
   # Compiled merges are cached on disk next to the zoo, so a second run of the
   # same experiment skips most compilation too.
   import jax  # pylint: disable=g-import-not-at-top
-  # With asynchronous dispatch, XLA:CPU (jaxlib 0.10.2) intermittently never
-  # completes a computation of the default experiment (3 of 5 runs: every
-  # thread idle, the main thread waiting on a result); dispatching
-  # synchronously avoided it in every run since. The experiments wait on each
-  # result anyway, so little is lost.
-  jax.config.update('jax_cpu_enable_async_dispatch', False)
   jax.config.update('jax_compilation_cache_dir',
                     os.path.join(os.path.abspath(_WORKDIR.value), 'jax_cache'))
   run(_CONFIG.value, _WORKDIR.value)
