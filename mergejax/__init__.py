@@ -78,6 +78,14 @@ from mergejax import methods  # pylint: disable=g-bad-import-order
 from mergejax import distributed  # pylint: disable=g-bad-import-order
 from mergejax import sharding  # pylint: disable=g-bad-import-order
 from mergejax._src.sharding import sharded_merge  # pylint: disable=g-bad-import-order
-from mergejax import permute  # pylint: disable=g-bad-import-order
 
 __version__ = '0.1.0'
+
+
+def __getattr__(name):
+  # `mergejax.permute` pulls in scipy.optimize, flax and optax (~0.4 s); the
+  # CLI and plain merges do not need it, so it loads on first use.
+  if name == 'permute':
+    import importlib  # pylint: disable=g-import-not-at-top
+    return importlib.import_module('mergejax.permute')
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
