@@ -19,7 +19,7 @@ import numpy as np
 
 from mergejax._src import modelaxis
 
-_BINS = 1 << 16
+BINS = 1 << 16
 # Tie-break chunk (entries); positions are int32, hence the size limit.
 _CHUNK = 4096
 _MAX_ENTRIES = (1 << 31) - _CHUNK
@@ -36,7 +36,7 @@ def magnitude_bits(x: jax.Array) -> jax.Array:
       jnp.abs(x.astype(jnp.float32)), jnp.uint32).reshape(-1)
 
 
-def _scan_hist(flat: jax.Array, key, size: int, prep=None) -> jax.Array:
+def scan_hist(flat: jax.Array, key, size: int, prep=None) -> jax.Array:
   """Histogram (``size`` bins) of ``key(prep(slice), start)`` over ``flat``.
 
   ``prep`` maps a slice of ``flat`` to uint32 bits (default: ``flat`` is
@@ -63,16 +63,19 @@ def _scan_hist(flat: jax.Array, key, size: int, prep=None) -> jax.Array:
   return h
 
 
-def _hi_key(b, start):
+def hi_key(b, start):
+  """Histogram key: the high 16 bits (see `scan_hist`)."""
   del start
   return (b >> 16).astype(jnp.int32)
 
 
-def _lo_key(bucket):
+def lo_key(bucket):
+  """Histogram key: the low 16 bits of entries in high-bits ``bucket``."""
+
   def key(b, start):
     del start
     return jnp.where((b >> 16) == bucket.astype(jnp.uint32),
-                     (b & 0xFFFF).astype(jnp.int32), _BINS)
+                     (b & 0xFFFF).astype(jnp.int32), BINS)
   return key
 
 
@@ -109,9 +112,9 @@ def _threshold(bits: Sequence[jax.Array], k: jax.Array, prep=None
   three come from the two histograms, with no extra pass over the data.
   """
   k = jnp.asarray(k, jnp.int32)
-  hi = sum(_scan_hist(b, _hi_key, _BINS, prep) for b in bits)
+  hi = sum(scan_hist(b, hi_key, BINS, prep) for b in bits)
   bucket, k_in = _pick(hi, k)
-  lo = sum(_scan_hist(b, _lo_key(bucket), _BINS, prep) for b in bits)
+  lo = sum(scan_hist(b, lo_key(bucket), BINS, prep) for b in bits)
   low, need = _pick(lo, k_in)
   t = (bucket.astype(jnp.uint32) << 16) | low.astype(jnp.uint32)
   return t, need, lo[low]
@@ -254,7 +257,7 @@ def _first_ties(flats: list[jax.Array], t: jax.Array, need: jax.Array,
       pos = start + jnp.arange(b.shape[0], dtype=jnp.int32)
       return jnp.where(b == t, pos // _CHUNK, chunks)
 
-    counts.append(_scan_hist(f, key, chunks, magnitude_bits))
+    counts.append(scan_hist(f, key, chunks, magnitude_bits))
   starts = jnp.asarray(np.concatenate(
       [o + _CHUNK * np.arange(-(-m // _CHUNK)) for o, m in zip(offsets, sizes)]),
                        jnp.int32)

@@ -188,13 +188,9 @@ def _tv_hist(models, base, bucket, *, compute_dtype, low):
   b = _cast_in(base, compute_dtype)
   hists = []
   for i, m in enumerate(models):
-    bits = select.magnitude_bits(_cast_in(m, compute_dtype) - b)
-    if low:
-      idx = jnp.where((bits >> 16) == bucket[i], bits & 0xFFFF, 1 << 16)
-    else:
-      idx = bits >> 16
-    hists.append(jnp.zeros(1 << 16, jnp.int32).at[idx.astype(jnp.int32)].add(
-        1, mode='drop'))
+    key = select.lo_key(bucket[i]) if low else select.hi_key
+    hists.append(select.scan_hist((_cast_in(m, compute_dtype) - b).reshape(-1),
+                                  key, select.BINS, select.magnitude_bits))
   return jnp.stack(hists)
 
 
