@@ -25,20 +25,11 @@ import ml_collections
 from mergejax._src import config_files
 
 
-def _default_config(arg):
-  # Loaded by path, like every config file: the repository root need not be on
-  # sys.path.
-  return config_files.load_sibling(__file__, 'default.py').get_config(arg)
-
-
 def get_config(arg=None):
   """Returns the config; ``arg`` is a variant: None/'default' or 'smoke'."""
-  variant = arg or 'default'
-  if variant not in ('default', 'smoke'):
-    raise ValueError(f"Unknown variant {variant!r}: use 'default' or 'smoke'.")
-  smoke = variant == 'smoke'
-  config = _default_config(variant)
-  config.experiment = 'scaling'
+  # The zoo and the lambda grid are the default experiment's (same zoo hash,
+  # so a shared workdir trains it once).
+  config, smoke = config_files.default_variant(__file__, arg, 'scaling')
   # Numbers of merged models (the first K fine-tunes, in zoo task order).
   config.ks = (2, 3) if smoke else (2, 3, 4, 5, 6, 7, 8)
   # Methods of the 'models' protocol with an entry in config.methods. tsv is

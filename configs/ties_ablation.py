@@ -23,21 +23,11 @@ Override e.g. the density grid:
 from mergejax._src import config_files
 
 
-def _default_config(arg):
-  # The zoo and the lambda grid are the default experiment's (same zoo hash, so
-  # a shared workdir trains it once). Loaded by path: config files are loaded
-  # by path too and the repository root need not be on sys.path.
-  return config_files.load_sibling(__file__, 'default.py').get_config(arg)
-
-
 def get_config(arg=None):
   """Returns the config; ``arg`` is a variant: None/'default' or 'smoke'."""
-  variant = arg or 'default'
-  if variant not in ('default', 'smoke'):
-    raise ValueError(f"Unknown variant {variant!r}: use 'default' or 'smoke'.")
-  smoke = variant == 'smoke'
-  config = _default_config(variant)
-  config.experiment = 'ties_ablation'
+  # The zoo and the lambda grid are the default experiment's (same zoo hash,
+  # so a shared workdir trains it once).
+  config, smoke = config_files.default_variant(__file__, arg, 'ties_ablation')
   # The per-method entries of the default experiment do not apply here.
   del config.methods
   del config.methods_to_run

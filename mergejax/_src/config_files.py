@@ -30,3 +30,27 @@ def load_sibling(anchor: str, name: str) -> ModuleType:
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
+
+
+def default_variant(anchor: str, arg: str | None, experiment: str):
+  """The default experiment's config for an experiment built on its zoo.
+
+  Args:
+    anchor: the calling config's ``__file__`` (``default.py`` is its sibling).
+    arg: the variant, None/``'default'`` or ``'smoke'``.
+    experiment: the ``experiments.<name>`` module to run instead.
+
+  Returns:
+    ``(config, smoke)``: the default config with ``experiment`` set, and
+    whether the smoke variant was asked for. The zoo (and so its hash and
+    cache) is the default experiment's.
+
+  Raises:
+    ValueError: for any other variant.
+  """
+  variant = arg or 'default'
+  if variant not in ('default', 'smoke'):
+    raise ValueError(f"Unknown variant {variant!r}: use 'default' or 'smoke'.")
+  config = load_sibling(anchor, 'default.py').get_config(variant)
+  config.experiment = experiment
+  return config, variant == 'smoke'
