@@ -68,6 +68,9 @@ def build_zoo(config, workdir: str):
   t0 = time.perf_counter()
   tree, cached = zoo.load_or_train(path, train, abstract)
   seconds = time.perf_counter() - t0
+  print(f'zoo: {k} tasks {[t.name for t in tasks]}, width {zc.width}; '
+        f'{"restored from cache" if cached else "trained"} in {seconds:.1f}s '
+        f'({path})', flush=True)
   return (digits, tasks, model, zoo.Zoo(tree['base'], tree['finetuned']),
           dict(path=path, cached=cached, seconds=seconds))
 
@@ -305,9 +308,6 @@ def _main(config, workdir: str) -> dict[str, Any]:
   digits, tasks, model, z, zoo_info = build_zoo(config, workdir)
   del digits
   names = [t.name for t in tasks]
-  print(f'zoo: {len(names)} tasks {names}, width {config.zoo.width}; '
-        f'{"restored from cache" if zoo_info["cached"] else "trained"} in '
-        f'{zoo_info["seconds"]:.1f}s ({zoo_info["path"]})', flush=True)
 
   sub = config.merge.params
   heads = z.finetuned['head']

@@ -95,9 +95,6 @@ def main(config, workdir: str) -> dict[str, Any]:
   fts = [_take(z.finetuned[sub], i) for i in range(len(names))]
   ft_acc = np.diag(ev.accuracies(z.finetuned[sub], 'test'))
   base_acc = ev.accuracies(jax.tree.map(lambda x: x[None], base_bb), 'test')[0]
-  print(f'zoo: {len(names)} tasks, width {config.zoo.width}; '
-        f'{"restored" if zoo_info["cached"] else "trained"} in '
-        f'{zoo_info["seconds"]:.1f}s', flush=True)
 
   points = sweep_lib.parse_sweep(config.sweep.product, config.sweep.zip)
   key = jax.random.fold_in(jax.random.key(config.seed), 2)

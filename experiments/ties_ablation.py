@@ -43,9 +43,6 @@ def setup(config, workdir: str) -> dict[str, Any]:
   os.makedirs(workdir, exist_ok=True)
   _, tasks, model, z, zoo_info = default_exp.build_zoo(config, workdir)
   names = [t.name for t in tasks]
-  print(f'zoo: {len(names)} tasks {names}, width {config.zoo.width}; '
-        f'{"restored from cache" if zoo_info["cached"] else "trained"} in '
-        f'{zoo_info["seconds"]:.1f}s ({zoo_info["path"]})', flush=True)
   sub = config.merge.params
   heads = z.finetuned['head']
   ev = zoo.TaskEvaluator(model, tasks, heads)
