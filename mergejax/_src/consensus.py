@@ -20,7 +20,6 @@ import jax.numpy as jnp
 from mergejax._src import base
 from mergejax._src import checks
 from mergejax._src import modelaxis
-from mergejax._src.sparsify import _bcast
 from mergejax._src.sparsify import _choice
 
 Weights = float | Sequence[float] | jax.Array | None

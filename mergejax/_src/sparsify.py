@@ -192,18 +192,12 @@ def _trim_update(updates, state, params=None, *, key=None, scope, exact, count,
     masks = []
     for u in leaves:
       ks = keep_count(rho, u[0].size, count=count)
-      masks.append(_per_model_topk([u], ks, exact)[0])
+      masks.append(select.batched_topk_masks([u], ks, exact=exact)[0])
   else:
     ks = keep_count(rho, sum(u[0].size for u in leaves), count=count)
-    masks = _per_model_topk(leaves, ks, exact)
+    masks = select.batched_topk_masks(leaves, ks, exact=exact)
   out = [apply_mask(u, m, 1.0, rescale) for u, m in zip(leaves, masks)]
   return jax.tree.unflatten(treedef, out), state
-
-
-def _per_model_topk(leaves: list[jax.Array], ks: jax.Array, exact: bool
-                    ) -> list[jax.Array]:
-  """Top-k masks per model (leading axis), over all of ``leaves`` jointly."""
-  return select.batched_topk_masks(leaves, ks, exact=exact)
 
 
 # ---------------------------------------------------------------- DARE
@@ -332,8 +326,8 @@ def _breadcrumbs_update(updates, state, params=None, *, key=None, rescale):
     n_top = jnp.floor(gamma * jnp.float32(n) + min(n * 2.0**-23, 1e-2))
     n_top = jnp.clip(n_top.astype(jnp.int32), 0, n)
     drop = jnp.minimum(n_top, n - target)
-    upper = _per_model_topk([u], drop + target, True)[0]
-    outliers = _per_model_topk([u], drop, True)[0]
+    upper = select.batched_topk_masks([u], drop + target)[0]
+    outliers = select.batched_topk_masks([u], drop)[0]
     kept = jnp.where(upper & ~outliers, u, jnp.zeros((), u.dtype))
     if rescale == 'l1':
       kept = rescale_l1(u, kept)

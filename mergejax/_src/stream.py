@@ -155,14 +155,14 @@ def _executable(job: Job, tx, arrays):
   return entry.result(), args
 
 
-def _precompile(jobs: Sequence[Job], pool: cf.Executor) -> list[cf.Future]:
+def _precompile(jobs: Sequence[Job], pool: cf.Executor) -> None:
   """Compiles every distinct per-tensor merge on ``pool`` while reads begin.
 
   On CPU, compiling the six distinct shapes of a Llama TIES merge takes
   several seconds; started up front they overlap the first reads and each
   other instead of stalling the merge loop once per new shape.
   """
-  futures, seen = [], set()
+  seen = set()
   for job in jobs:
     tx = job.build()
     specs = [jax.ShapeDtypeStruct(job.shape(r, n), r.dtype(n))
@@ -170,8 +170,7 @@ def _precompile(jobs: Sequence[Job], pool: cf.Executor) -> list[cf.Future]:
     sig = _call(job, tx, specs)[0]
     if sig not in seen:
       seen.add(sig)
-      futures.append(pool.submit(_executable, job, tx, specs))
-  return futures
+      pool.submit(_executable, job, tx, specs)
 
 
 def _merge_one(job: Job, arrays: list[np.ndarray], tx=None) -> jax.Array:
