@@ -62,18 +62,12 @@ def model_sum(x: jax.Array, weights: jax.Array | None = None) -> jax.Array:
     ``[...]``.
   """
   x = jnp.asarray(x)
-  if weights is None:
-    return model_fold(jnp.add, x)
-  # Weight each slice inside the fold, not the whole stack first: a multiply
-  # of the stack would hide the slices from XLA (see `model_map`).
-  w = jnp.broadcast_to(jnp.asarray(weights, x.dtype), x.shape[:1])
-  k = x.shape[0]
-  if k <= UNROLL_MAX:
-    acc = w[0] * x[0]
-    for i in range(1, k):
-      acc = acc + w[i] * x[i]
-    return acc
-  return jax.lax.fori_loop(1, k, lambda i, a: a + w[i] * x[i], w[0] * x[0])
+  if weights is not None:
+    # Weight each slice (`model_map`), not the whole stack: a multiply of the
+    # stack would hide its slices from XLA.
+    w = jnp.broadcast_to(jnp.asarray(weights, x.dtype), x.shape[:1])
+    x = model_map(jnp.multiply, w, x)
+  return model_fold(jnp.add, x)
 
 
 def model_mean(x: jax.Array) -> jax.Array:
