@@ -41,6 +41,7 @@ from mergejax._src.permute.evaluate import lerp
 from mergejax._src.permute.evaluate import repair
 from mergejax._src.permute.evaluate import reset_batch_stats
 from mergejax._src.permute.pleas import choose_ratios
+from mergejax._src.permute.pleas import LayerDims
 from mergejax._src.permute.pleas import merged_size
 from mergejax._src.permute.pleas import pleas
 from mergejax._src.permute.pleas import PleasResult

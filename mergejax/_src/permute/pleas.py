@@ -1,27 +1,51 @@
-"""PLeaS: partial permutations and layer-wise least squares, for MLP chains.
+"""PLeaS: partial permutations and layer-wise least squares, for MLP and CNN chains.
 
-Two models of one architecture (``Dense_0 … Dense_L`` as `models.MLP`, hidden
-groups ``P_0 … P_{L-1}``), e.g. trained on different tasks, are merged into one
-wider model of a chosen size between 1x and 2x:
+Two models of one architecture, e.g. trained on different tasks, are merged
+into one wider model of a chosen size between 1x and 2x. Supported chains
+(inferred from the parameter names):
+
+* MLPs ``Dense_0 … Dense_L`` (`models.MLP`), hidden groups ``P_0 … P_{L-1}``;
+* VGG-style CNNs (`models.CNN`): ``Conv_i`` (3x3, stride 1, ``SAME``) + an
+  optional per-channel norm (``Norm_i``: BatchNorm, or GroupNorm with one
+  channel per group) + ReLU, a global mean pool, then ``Dense_j`` layers and
+  the head; groups ``P_Conv_i``, ``P_Dense_j`` as `cnn_spec`. LayerNorm mixes
+  the channels of ``[merged | sep_A | sep_B]`` (its mean and variance run over
+  all of them), which breaks the block structure: it is rejected.
+
+The method:
 
 1. **Matching**: activation matching (correlation) aligns B's hidden units to
-   A's; the matched similarity ``c_i`` of every unit pair is kept.
+   A's, one LAP per group (conv groups use every spatial position as a
+   sample); the matched similarity ``c_i`` of every unit pair is kept.
 2. **Partial permutation**: per hidden group a ratio ``r_k`` of units is kept
    *separate* (one copy from each model) and the best-matched ``1 - r_k`` are
    merged; the group's width becomes ``n_k (1 + r_k)``, ordered
    ``[merged | sep_A | sep_B]``. `choose_ratios` picks the ratios for a
-   parameter budget with a greedy solver (no commercial optimiser): it
-   repeatedly separates the worst-matched units per parameter spent.
+   budget in parameters (default) or FLOPs with a greedy solver (no
+   commercial optimiser): it repeatedly separates the worst-matched units per
+   parameter (FLOP) spent.
 3. **Least squares**: every layer is solved in closed form. Its targets
    ``Y~ = [(Y_A[m] + Y_B[m])/2, Y_A[s], Y_B[s]]`` are the original layers'
-   pre-activations, assembled by blocks. Its inputs are, by default, the
-   merged network's own features (layers solved in order); PLeaS' reference
-   uses the original models' features
+   pre-activations (pre-norm for convs), assembled by blocks. Its inputs are,
+   by default, the merged network's own features (layers solved in order);
+   PLeaS' reference uses the original models' features
    ``X~ = [(X_A[m] + X_B[m])/2, X_A[s], X_B[s]]`` instead (``inputs=
-   'original'``). The Gram matrices ``X^T X``, ``X^T Y~`` are accumulated
-   over batches; each output block is a ridge regression on its allowed
-   input blocks (sep_A and sep_B never feed each other). The task heads stay
-   separate: the merged model outputs ``[logits_A | logits_B]``.
+   'original'``). A conv is a linear map of its im2col patches
+   (`jax.lax.conv_general_dilated_patches`, channel-major: patch index
+   ``c * kh * kw + tap``), so it is solved like a Dense layer whose input
+   blocks are the channel blocks expanded to their taps, with every spatial
+   position a row. The Gram matrices ``X^T X``, ``X^T Y~`` are accumulated
+   over batches in float64; each output block is a ridge regression on its
+   allowed input blocks (sep_A and sep_B never feed each other). The task
+   heads stay separate: the merged model outputs ``[logits_A | logits_B]``.
+   ``fit='gradient'`` replaces the closed form by PLeaS' reference fit (Adam,
+   cosine schedule, masked sep_A <-> sep_B blocks) on the same statistics.
+4. **Norms**: merged channels average the two norms' scale and bias,
+   separate channels keep their own. BatchNorm statistics of the merged model
+   are recomputed layer by layer, in order, as exact averages over all rows of
+   ``batches`` (what `evaluate.reset_batch_stats` gives for equal-sized
+   batches; here computed directly from the merged pre-norm outputs, since
+   each layer's merged inputs need the statistics of the layers before it).
 
 ``least_squares=False`` gives the permute-then-average baseline at the same
 widths (PLeaS' block construction), ``align=False`` the no-alignment one. The
@@ -31,68 +55,151 @@ instead of task data.
 
 from __future__ import annotations
 
+import functools
+import re
 from typing import Any, Iterable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from mergejax._src.permute import evaluate
+from mergejax._src.permute import models as models_lib
+from mergejax._src.permute.builders import cnn_spec
 from mergejax._src.permute.builders import mlp_spec
 from mergejax._src.permute.spec import apply_permutation
 
 
 class PleasResult(NamedTuple):
-  """The merged ``params`` (`models.MLP` layout), hidden ``widths``, ``ratios``, ``size``.
+  """The merged model and how it was built.
 
-  ``ridges``: the ridge used per layer (None without least squares).
+  Attributes:
+    params: merged params (`models.MLP` or `models.CNN` layout).
+    widths: widths of all hidden groups, in order (convs, then hidden denses).
+    ratios: fraction of units kept separate, per hidden group.
+    size: merged size relative to one model (in the ``measure`` used).
+    ridges: the ridge used per layer (None without least squares).
+    batch_stats: recomputed BatchNorm statistics (``norm='batch'``), else None.
+    features: conv widths (empty for an MLP).
+    dense: hidden Dense widths (all of ``widths`` for an MLP).
+    norm: the CNN's norm (``'none' | 'batch' | 'group'``).
   """
   params: Any
   widths: tuple[int, ...]
   ratios: tuple[float, ...]
   size: float
   ridges: tuple[float, ...] | None = None
+  batch_stats: Any = None
+  features: tuple[int, ...] = ()
+  dense: tuple[int, ...] = ()
+  norm: str = 'none'
+
+  @property
+  def variables(self) -> dict[str, Any]:
+    """``{'params': …}`` plus ``'batch_stats'`` when there are any."""
+    if self.batch_stats is None:
+      return {'params': self.params}
+    return {'params': self.params, 'batch_stats': self.batch_stats}
+
+  def module(self, num_outputs: int):
+    """The Flax module that applies ``variables`` (``num_outputs = out_a + out_b``)."""
+    if self.features:
+      return models_lib.CNN(features=self.features, dense=self.dense,
+                            num_outputs=num_outputs, norm=self.norm)
+    return models_lib.MLP(self.widths, num_outputs=num_outputs)
 
 
-# With a grid of ridges, every _HOLDOUT-th data row is held out to choose one.
+class LayerDims(NamedTuple):
+  """Sizes of one layer for `merged_size` (a plain ``(n_in, n_out)`` is a Dense).
+
+  Attributes:
+    n_in: input units (channels).
+    n_out: output units (channels).
+    taps: kernel taps per input channel (``kh * kw`` for a conv, 1 for Dense).
+    positions: output positions per example (``H * W`` for a conv): FLOPs only.
+    per_unit: parameters per output unit besides the weights (bias, norm scale
+      and bias).
+  """
+  n_in: int
+  n_out: int
+  taps: int = 1
+  positions: int = 1
+  per_unit: int = 1
+
+
+# With a grid of ridges, every _HOLDOUT-th example is held out to choose one.
 _HOLDOUT = 5
+_BN_EPS = 1e-5   # flax.linen.BatchNorm's default epsilon
+_GN_EPS = 1e-6   # flax.linen.GroupNorm's default epsilon
+_MEASURES = ('params', 'flops')
 
 
-def _layer_dims(params, num_hidden):
-  return [params[f'Dense_{l}']['kernel'].shape for l in range(num_hidden + 1)]
-
-
-def merged_size(dims: Sequence[tuple[int, int]], ratios: Sequence[float]) -> float:
-  """Parameters of the merged model relative to one model (heads kept separate).
+def merged_size(dims: Sequence[tuple[int, ...]], ratios: Sequence[float], *,
+                measure: str = 'params') -> float:
+  """Size of the merged model relative to one model (heads kept separate).
 
   A layer between groups with ratios ``r_in``, ``r_out`` has
-  ``n_in n_out ((1 + r_in)(1 + r_out) - 2 r_in r_out)`` weights (the zero
-  sep_A/sep_B cross blocks removed) plus ``n_out (1 + r_out)`` biases; the
-  input is shared (``r = 0``) and the heads are separate (``r = 1``).
+  ``taps n_in n_out ((1 + r_in)(1 + r_out) - 2 r_in r_out)`` weights (the
+  zero sep_A/sep_B cross blocks removed) plus ``per_unit n_out (1 + r_out)``
+  biases and norm parameters; the input is shared (``r = 0``) and the heads
+  are separate (``r = 1``). ``measure='flops'`` counts multiply-adds, PLeaS'
+  model ``base ((1 + r_in)(1 + r_out) - 2 r_in r_out)`` with
+  ``base = positions taps n_in n_out``, so conv layers weigh by their spatial
+  positions.
+
+  Args:
+    dims: per layer ``(n_in, n_out)`` (Dense) or a `LayerDims`.
+    ratios: fraction of units kept separate per hidden group (one fewer than
+      layers).
+    measure: ``'params'`` or ``'flops'``.
+
+  Example:
+    >>> from mergejax import permute
+    >>> permute.merged_size([(4, 8), (8, 2)], [1.0])
+    2.0
+    >>> conv = permute.LayerDims(1, 8, taps=9, positions=64, per_unit=1)
+    >>> round(permute.merged_size([conv, (8, 2)], [0.0], measure='flops'), 3)
+    1.003
   """
+  if measure not in _MEASURES:
+    raise ValueError(f"measure must be 'params' or 'flops', got {measure!r}.")
+  if len(ratios) != len(dims) - 1:
+    raise ValueError(f'merged_size: {len(dims)} layers need {len(dims) - 1} ratios '
+                     f'(one per hidden group), got {len(ratios)}.')
   r = [0.0] + list(ratios) + [1.0]
   total = one = 0.0
-  for l, (n_in, n_out) in enumerate(dims):
+  for l, d in enumerate(dims):
+    d = LayerDims(*d)
     ri, ro = r[l], r[l + 1]
-    total += n_in * n_out * ((1 + ri) * (1 + ro) - 2 * ri * ro) + n_out * (1 + ro)
-    one += n_in * n_out + n_out
+    f = (1 + ri) * (1 + ro) - 2 * ri * ro
+    if measure == 'params':
+      w = d.n_in * d.n_out * d.taps
+      total += w * f + d.per_unit * d.n_out * (1 + ro)
+      one += w + d.per_unit * d.n_out
+    else:
+      w = d.positions * d.taps * d.n_in * d.n_out
+      total += w * f
+      one += w
   return total / one
 
 
-def choose_ratios(similarities: Sequence[np.ndarray], dims: Sequence[tuple[int, int]],
-                  size: float, *, step: int | None = None) -> tuple[float, ...]:
+def choose_ratios(similarities: Sequence[np.ndarray], dims: Sequence[tuple[int, ...]],
+                  size: float, *, step: int | None = None,
+                  measure: str = 'params') -> tuple[float, ...]:
   """Greedy ratios for a size budget: separate the worst-matched units first.
 
   Each move separates ``step`` more units of one group (default 1/16 of its
   width); among the moves that fit the budget it takes the one with the largest
   summed dissimilarity ``sum (1 - c_i)`` of the units it separates per
-  parameter added. Stops when no move fits.
+  parameter (or FLOP) added. Stops when no move fits.
 
   Args:
     similarities: per hidden group, the matched similarity of every unit.
-    dims: ``(n_in, n_out)`` of every Dense layer (L + 1 of them).
+    dims: per layer ``(n_in, n_out)`` or `LayerDims` (one more than groups).
     size: target size relative to one model (>= the all-merged size).
     step: units per move (default ``max(1, n // 16)``).
+    measure: ``'params'`` or ``'flops'`` (`merged_size`).
 
   Returns:
     The ratios ``r_k`` (fraction of units kept separate) per hidden group.
@@ -100,6 +207,7 @@ def choose_ratios(similarities: Sequence[np.ndarray], dims: Sequence[tuple[int, 
   sims = [np.sort(np.asarray(s, np.float64)) for s in similarities]  # worst first
   widths = [len(s) for s in sims]
   kept = [0] * len(sims)
+  size_of = functools.partial(merged_size, dims, measure=measure)
   while True:
     best, best_gain = None, -np.inf
     for k, n in enumerate(widths):
@@ -109,8 +217,8 @@ def choose_ratios(similarities: Sequence[np.ndarray], dims: Sequence[tuple[int, 
       new = list(kept)
       new[k] = min(n, kept[k] + st)
       ratios = [c / w for c, w in zip(new, widths)]
-      cur = merged_size(dims, [c / w for c, w in zip(kept, widths)])
-      nxt = merged_size(dims, ratios)
+      cur = size_of([c / w for c, w in zip(kept, widths)])
+      nxt = size_of(ratios)
       if nxt > size + 1e-9:
         continue
       gain = np.sum(1.0 - sims[k][kept[k]:new[k]]) / max(nxt - cur, 1e-12)
@@ -121,42 +229,227 @@ def choose_ratios(similarities: Sequence[np.ndarray], dims: Sequence[tuple[int, 
     kept = best
 
 
-def _hidden_and_preacts(params, x, num_hidden):
-  hs, zs = [], []
+# --------------------------------------------------------------------------- #
+# The layer chain: names, forward pass, permutation spec.
+# --------------------------------------------------------------------------- #
+class _Chain(NamedTuple):
+  layers: tuple[tuple[str, str], ...]  # (module name, 'conv' | 'dense'), in order
+  groups: tuple[str, ...]              # hidden group names (one per layer but the head)
+  norm: str                            # conv norm: 'none' | 'batch' | 'group'
+  cnn: bool
+
+
+def _split_variables(tree):
+  """``(params, batch_stats or None)`` of a params tree or a variables dict."""
+  if isinstance(tree, dict) and 'params' in tree:
+    extra = set(tree) - {'params', 'batch_stats'}
+    if extra:
+      raise ValueError(f'pleas: unsupported variable collections {sorted(extra)}; '
+                       "pass params or {'params': …, 'batch_stats': …}.")
+    return tree['params'], tree.get('batch_stats')
+  return tree, None
+
+
+def _indexed(params, prefix):
+  idx = sorted(int(m.group(1)) for k in params
+               if (m := re.fullmatch(prefix + r'_(\d+)', str(k))))
+  if idx != list(range(len(idx))):
+    raise ValueError(f'pleas: {prefix}_i modules must be numbered 0, 1, …; got '
+                     f'{[f"{prefix}_{i}" for i in idx]}.')
+  return len(idx)
+
+
+def _infer_chain(params, num_hidden, norm, has_stats) -> _Chain:
+  """The layer chain from the module names (``Conv_i``, ``Norm_i``, ``Dense_j``)."""
+  if not isinstance(params, dict):
+    raise ValueError(f'pleas: expected a params dict, got {type(params).__name__}.')
+  num_convs, num_dense = _indexed(params, 'Conv'), _indexed(params, 'Dense')
+  if num_dense == 0:
+    raise ValueError('pleas: the params have no Dense_j modules (the head); '
+                     f'top-level keys: {sorted(params)[:8]}.')
+  if num_convs == 0:  # MLP: num_hidden (as given; default all but the head)
+    if norm not in (None, 'none'):
+      raise ValueError(f'pleas: norm={norm!r} applies to CNNs only (no Conv_i).')
+    if num_hidden is None:
+      num_hidden = num_dense - 1
+    if not 0 <= num_hidden < num_dense:
+      raise ValueError(f'pleas: num_hidden={num_hidden} but the params have '
+                       f'{num_dense} Dense layers (at most {num_dense - 1} hidden).')
+    layers = tuple((f'Dense_{l}', 'dense') for l in range(num_hidden + 1))
+    return _Chain(layers, tuple(f'P_{k}' for k in range(num_hidden)), 'none', False)
+  if num_hidden is not None and num_hidden != num_convs + num_dense - 1:
+    raise ValueError(f'pleas: num_hidden={num_hidden} but the CNN has {num_convs} '
+                     f'convs and {num_dense} Dense layers ({num_convs + num_dense - 1} '
+                     'hidden groups); leave num_hidden out for CNNs.')
+  has_norm = 'Norm_0' in params
+  if norm is None:
+    if has_stats:
+      norm = 'batch'
+    elif has_norm:
+      raise ValueError(
+          'pleas: the CNN has Norm_i params but no batch_stats, so it is LayerNorm '
+          "or GroupNorm. LayerNorm (models.CNN's default) normalises over all "
+          'channels, mixing the merged and separate blocks, and is not supported; '
+          "for GroupNorm with one channel per group pass norm='group'; for "
+          "BatchNorm pass {'params': …, 'batch_stats': …}.")
+    else:
+      norm = 'none'
+  if norm == 'layer':
+    raise ValueError(
+        "pleas: norm='layer' is not supported: LayerNorm normalises over all "
+        'channels, mixing the [merged | sep_A | sep_B] blocks (the sep_A <-> sep_B '
+        "blocks would no longer be independent). Use norm='batch', 'group' "
+        "(one channel per group) or 'none'.")
+  if norm not in ('none', 'batch', 'group'):
+    raise ValueError(f"pleas: norm must be 'none', 'batch' or 'group', got {norm!r}.")
+  if norm == 'batch' and not has_stats:
+    raise ValueError("pleas: norm='batch' needs the running statistics: pass "
+                     "{'params': …, 'batch_stats': …} for both models.")
+  if has_norm != (norm != 'none'):
+    raise ValueError(f'pleas: norm={norm!r} but the params '
+                     f"{'have' if has_norm else 'have no'} Norm_i modules.")
+  for i in range(num_convs):
+    if 'bias' not in params[f'Conv_{i}'] or params[f'Conv_{i}']['kernel'].ndim != 4:
+      raise ValueError(f'pleas: Conv_{i} must be a 2D conv with a bias (models.CNN); '
+                       f'got leaves {sorted(params[f"Conv_{i}"])}.')
+  layers = (tuple((f'Conv_{i}', 'conv') for i in range(num_convs)) +
+            tuple((f'Dense_{j}', 'dense') for j in range(num_dense)))
+  groups = (tuple(f'P_Conv_{i}' for i in range(num_convs)) +
+            tuple(f'P_Dense_{j}' for j in range(num_dense - 1)))
+  return _Chain(layers, groups, norm, True)
+
+
+def _check_pair(pa, pb, sa, sb, chain):
+  """Same structure and shapes, except the heads' output sizes."""
+  head = chain.layers[-1][0]
+  fa, fb = evaluate.paths.flatten_to_dict(pa), evaluate.paths.flatten_to_dict(pb)
+  if set(fa) != set(fb):
+    raise ValueError('pleas: the two models have different parameter trees: only in '
+                     f'A {sorted(set(fa) - set(fb))[:6]}, only in B '
+                     f'{sorted(set(fb) - set(fa))[:6]}.')
+  for p in fa:
+    shape_a, shape_b = tuple(np.shape(fa[p])), tuple(np.shape(fb[p]))
+    same = shape_a[:-1] == shape_b[:-1] if p.startswith(head + '/') else shape_a == shape_b
+    if not same:
+      raise ValueError(f'pleas: leaf {p!r} has shape {shape_a} in A and {shape_b} in B; '
+                       'the models must share an architecture (only the heads may '
+                       'differ in their number of outputs).')
+  if (sa is None) != (sb is None):
+    raise ValueError('pleas: pass batch_stats for both models or for neither.')
+
+
+def _bcast(v, ndim):
+  return jnp.reshape(v, (1,) * (ndim - 1) + (-1,))
+
+
+def _conv(h, kernel):
+  return jax.lax.conv_general_dilated(h, kernel, (1, 1), 'SAME',
+                                      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
+def _patches(h, kh, kw):
+  """im2col ``[N, H, W, C] -> [N H W, C kh kw]``, channel-major (``c * kh * kw + tap``)."""
+  p = jax.lax.conv_general_dilated_patches(
+      h, (kh, kw), (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  return p.reshape(-1, p.shape[-1])
+
+
+def _normalize(z, p, st, norm):
+  if norm == 'none':
+    return z
+  if norm == 'batch':
+    mean, var, eps = _bcast(st['mean'], z.ndim), _bcast(st['var'], z.ndim), _BN_EPS
+  else:  # GroupNorm, one channel per group: per example over the positions
+    mean = jnp.mean(z, axis=(1, 2), keepdims=True)
+    var = jnp.maximum(jnp.mean(z * z, axis=(1, 2), keepdims=True) - mean * mean, 0.0)
+    eps = _GN_EPS
+  return ((z - mean) * jax.lax.rsqrt(var + eps) * _bcast(p['scale'], z.ndim)
+          + _bcast(p['bias'], z.ndim))
+
+
+@functools.partial(jax.jit, static_argnames=('chain', 'upto'))
+def _forward(params, stats, x, chain, upto=None):
+  """``(ins, zs, hs)``: per layer its input and pre-norm output; hidden features.
+
+  ``upto=l`` runs layers ``0 … l-1`` and also returns the input of layer ``l``
+  as ``ins[l]`` (pooled if it is the first Dense after the convs).
+  """
+  n = len(chain.layers) if upto is None else upto
+  ins, zs, hs = [], [], []
   h = x
-  for l in range(num_hidden + 1):
-    d = params[f'Dense_{l}']
-    z = h @ d['kernel'] + d['bias'][None]
+  for l, (name, kind) in enumerate(chain.layers[:n + 1]):
+    if kind == 'dense' and h.ndim == 4:  # global mean pool after the convs
+      h = jnp.mean(h, axis=(1, 2))
+    ins.append(h)
+    if l == n:
+      break
+    d = params[name]
+    if kind == 'conv':
+      z = _conv(h, d['kernel']) + _bcast(d['bias'], 4)
+    else:
+      z = h @ d['kernel'] + d['bias'][None]
     zs.append(z)
-    h = jax.nn.relu(z)
-    if l < num_hidden:
+    if l < len(chain.layers) - 1:
+      if kind == 'conv':
+        i = name.split('_')[1]
+        z = _normalize(z, params.get(f'Norm_{i}'), (stats or {}).get(f'Norm_{i}'),
+                       chain.norm)
+      h = jax.nn.relu(z)
       hs.append(h)
-  return hs, zs
+  return ins, zs, hs
 
 
-def _blocks(n, merged_idx, sep_idx):
-  return np.asarray(merged_idx), np.asarray(sep_idx)
+def _spec(chain):
+  if not chain.cnn:
+    return mlp_spec(len(chain.groups))
+  num_convs = sum(k == 'conv' for _, k in chain.layers)
+  return cnn_spec(num_convs, len(chain.layers) - num_convs, norm=chain.norm)
 
 
+def _layer_dims(params, chain, x):
+  """`LayerDims` of every layer (input ``x`` gives the conv positions)."""
+  dims = []
+  for name, kind in chain.layers:
+    k = params[name]['kernel']
+    if kind == 'conv':
+      per_unit = 1 + (2 if chain.norm != 'none' else 0)
+      dims.append(LayerDims(k.shape[2], k.shape[3], k.shape[0] * k.shape[1],
+                            x.shape[1] * x.shape[2], per_unit))
+    else:
+      dims.append(LayerDims(k.shape[0], k.shape[1]))
+  return dims
+
+
+# --------------------------------------------------------------------------- #
+# PLeaS.
+# --------------------------------------------------------------------------- #
 def pleas(params_a: Any, params_b: Any, batches: Iterable[Any] | Any, *,
-          num_hidden: int, size: float,
+          size: float, num_hidden: int | None = None,
           ridge: float | Sequence[float] = 1e-3,
           least_squares: bool = True, align: bool = True,
           ratios: Sequence[float] | None = None,
           inputs: str = 'merged', ridge_to: str = 'zero',
-          batch_tasks: Sequence[int | None] | None = None) -> PleasResult:
-  """Merges two MLPs into one of ``size`` x one model's parameters (module docstring).
+          batch_tasks: Sequence[int | None] | None = None,
+          norm: str | None = None, measure: str = 'params',
+          fit: str = 'closed_form', fit_steps: int = 400,
+          fit_lr: float = 5e-4) -> PleasResult:
+  """Merges two MLPs or CNNs into one of ``size`` x one model (module docstring).
 
   Args:
-    params_a: model A (``Dense_0 … Dense_L`` params, e.g. `models.MLP`).
+    params_a: model A: params of `models.MLP` (``Dense_0 … Dense_L``) or
+      `models.CNN` (``Conv_i``, ``Norm_i``, ``Dense_j``); for BatchNorm the
+      variables ``{'params': …, 'batch_stats': …}``.
     params_b: model B, same architecture (its own head).
-    batches: a list of input batches ``[N, d_in]`` for matching and the
-      least-squares statistics (task data, or generic data for PLeaS-free).
-    num_hidden: number of hidden layers L.
-    size: target size relative to one model (the minimum is the all-merged
-      trunk plus two heads; 2.0 keeps both models whole).
+    batches: a list of input batches (``[N, d_in]`` for an MLP,
+      ``[N, H, W, C]`` for a CNN) for matching and the least-squares
+      statistics (task data, or generic data for PLeaS-free).
+    size: target size relative to one model, in ``[1, 2]`` (sizes below the
+      all-merged trunk plus two heads give that model; 2.0 keeps both models
+      whole).
+    num_hidden: MLPs: number of hidden layers L (default: all Dense layers
+      but the last). CNNs: leave it out (the chain is read from the names).
     ridge: ridge strength relative to the mean diagonal of each Gram matrix;
-      or a sequence of candidates: then every 5th data row is held out, each
+      or a sequence of candidates: then every 5th example is held out, each
       layer takes the candidate with the smallest held-out squared error and
       is refitted on all rows with it (`PleasResult.ridges`).
     least_squares: solve the weights (PLeaS); False averages the blocks
@@ -176,37 +469,87 @@ def pleas(params_a: Any, params_b: Any, batches: Iterable[Any] | Any, *,
     batch_tasks: optional task of each batch: 0 (A's task), 1 (B's) or
       None. Merged outputs are fitted on every row; A's separate outputs and
       head (they serve only task A) on A's and untagged rows, B's likewise.
+    norm: CNN norm: ``'none'``, ``'batch'`` or ``'group'`` (GroupNorm with
+      one channel per group); default inferred (``'batch'`` when
+      ``batch_stats`` are given, ``'none'`` without ``Norm_i`` modules).
+      ``'layer'`` raises (LayerNorm mixes the blocks).
+    measure: what ``size`` counts: ``'params'`` (default) or ``'flops'``
+      (`merged_size`; conv FLOPs scale with the spatial positions).
+    fit: ``'closed_form'`` (default) or ``'gradient'``: PLeaS' reference fit,
+      Adam with a cosine schedule from the permute-then-average weights on
+      the same (full-batch) objective, the sep_A <-> sep_B blocks masked.
+    fit_steps: Adam steps per layer for ``fit='gradient'`` (reference: 400).
+    fit_lr: peak learning rate for ``fit='gradient'`` (reference: 5e-4).
 
   Returns:
-    A `PleasResult`; evaluate ``params`` with
-    ``models.MLP(result.widths, num_outputs=out_a + out_b)``.
+    A `PleasResult`; evaluate with
+    ``result.module(out_a + out_b).apply(result.variables, x)``
+    (``models.MLP(result.widths, …)`` or ``models.CNN(result.features,
+    result.dense, …, norm=result.norm)``).
+
+  Example:
+    >>> import jax
+    >>> from mergejax import permute
+    >>> from mergejax.permute import models
+    >>> cnn = models.CNN(features=(4,), dense=(), num_outputs=2, norm='none')
+    >>> x = jax.random.normal(jax.random.key(0), (8, 5, 5, 1))
+    >>> a = cnn.init(jax.random.key(1), x)['params']
+    >>> b = cnn.init(jax.random.key(2), x)['params']
+    >>> r = permute.pleas(a, b, [x], size=2.0)
+    >>> r.features, r.module(4).apply(r.variables, x).shape
+    ((8,), (8, 4))
   """
   if inputs not in ('merged', 'original'):
     raise ValueError(f"inputs must be 'merged' or 'original', got {inputs!r}.")
-  batches = list(batches)
+  if fit not in ('closed_form', 'gradient'):
+    raise ValueError(f"fit must be 'closed_form' or 'gradient', got {fit!r}.")
+  if measure not in _MEASURES:
+    raise ValueError(f"measure must be 'params' or 'flops', got {measure!r}.")
+  if ratios is None and not 1.0 <= float(size) <= 2.0:
+    raise ValueError(f'size must be in [1, 2] (x one model), got {size!r}.')
+  batches = list(batches) if isinstance(batches, (list, tuple)) else (
+      [batches] if hasattr(batches, 'shape') else list(batches))
+  if not batches:
+    raise ValueError('pleas: no batches given.')
   sources = [None] * len(batches) if batch_tasks is None else list(batch_tasks)
   if len(sources) != len(batches) or any(t not in (None, 0, 1) for t in sources):
     raise ValueError('batch_tasks must give 0 (task A), 1 (task B) or None for '
                      f'each of the {len(batches)} batches, got {batch_tasks!r}.')
   if ridge_to not in ('zero', 'average'):
     raise ValueError(f"ridge_to must be 'zero' or 'average', got {ridge_to!r}.")
-  spec = mlp_spec(num_hidden)
-  fn = lambda p, x: {f'P_{k}': h for k, h in
-                     enumerate(_hidden_and_preacts(p, x, num_hidden)[0])}
-  perms, costs = evaluate.activation_matching(fn, params_a, params_b, batches,
+  pa, sa = _split_variables(params_a)
+  pb, sb = _split_variables(params_b)
+  chain = _infer_chain(pa, num_hidden, norm, sa is not None)
+  _check_pair(pa, pb, sa, sb, chain)
+  if chain.cnn and batches[0].ndim != 4:
+    raise ValueError(f'pleas: a CNN needs [N, H, W, C] batches, got shape '
+                     f'{tuple(batches[0].shape)}.')
+  num_layers = len(chain.layers)
+
+  def features(v, x):
+    return dict(zip(chain.groups, _forward(v[0], v[1], x, chain)[2]))
+
+  perms, costs = evaluate.activation_matching(features, (pa, sa), (pb, sb), batches,
                                               return_costs=True)
   if not align:
     perms = {g: jnp.arange(p.shape[0], dtype=jnp.int32) for g, p in perms.items()}
-  pb = apply_permutation(spec, perms, params_b)
-  sims = [np.asarray(costs[f'P_{k}'])[np.arange(len(perms[f'P_{k}'])),
-                                      np.asarray(perms[f'P_{k}'])]
-          for k in range(num_hidden)]
-  dims = _layer_dims(params_a, num_hidden)
+  spec = _spec(chain)
+  if sb is None:
+    pb = apply_permutation(spec, perms, pb)
+  else:
+    vb = apply_permutation(spec, perms, {'params': pb, 'batch_stats': sb})
+    pb, sb = vb['params'], vb['batch_stats']
+  sims = [np.asarray(costs[g])[np.arange(len(perms[g])), np.asarray(perms[g])]
+          for g in chain.groups]
+  dims = _layer_dims(pa, chain, batches[0])
   if ratios is None:
-    ratios = choose_ratios(sims, dims, size)
+    ratios = choose_ratios(sims, dims, size, measure=measure)
+  elif len(ratios) != len(sims) or not all(0.0 <= r <= 1.0 for r in ratios):
+    raise ValueError(f'pleas: ratios must give a value in [0, 1] for each of the '
+                     f'{len(sims)} hidden groups {chain.groups}, got {ratios!r}.')
   # Units: merged = best matched (1 - r) fraction, separate = the rest.
   groups = []
-  for k in range(num_hidden):
+  for k in range(len(sims)):
     n = len(sims[k])
     n_sep = int(round(ratios[k] * n))
     order = np.argsort(-sims[k], kind='stable')
@@ -216,72 +559,110 @@ def pleas(params_a: Any, params_b: Any, batches: Iterable[Any] | Any, *,
   def assemble(xa, xb, k):
     """[(a[m] + b[m])/2, a[s], b[s]] along the last axis for group k."""
     m, s = groups[k]
-    return jnp.concatenate([(xa[:, m] + xb[:, m]) / 2, xa[:, s], xb[:, s]], axis=1)
+    return jnp.concatenate([(xa[..., m] + xb[..., m]) / 2, xa[..., s], xb[..., s]],
+                           axis=-1)
 
-  out = {}
+  out, stats_out = {}, ({} if chain.norm == 'batch' else None)
   chosen = []
   grid = tuple(float(r) for r in np.atleast_1d(np.asarray(ridge, np.float64)))
-  if least_squares:
-    for l in range(num_hidden + 1):  # in order: layer l reads layers < l
-      fit, val = {}, {}  # per data source: (X^T X, X^T Y), fitting / held out
+  for l, (name, kind) in enumerate(chain.layers):  # in order: layer l reads < l
+    head = l == num_layers - 1
+    ka, kb = pa[name]['kernel'], pb[name]['kernel']
+    taps = ka.shape[0] * ka.shape[1] if kind == 'conv' else 1
+    avg = _average_blocks(_rows_first(ka), _rows_first(kb), pa[name]['bias'],
+                          pb[name]['bias'], groups, l, head)
+    if not least_squares:
+      w = np.concatenate([avg[0].reshape(-1, avg[0].shape[-1]), avg[1][None]], 0)
+    else:
+      fit_st, val = {}, {}  # per data source: (X^T X, X^T Y), fitting / held out
       offset = 0
       for x, src in zip(batches, sources):
-        _, za = _hidden_and_preacts(params_a, x, num_hidden)
-        hb, zb = _hidden_and_preacts(pb, x, num_hidden)
+        ins_a, za, _ = _forward(pa, sa, x, chain)
+        ins_b, zb, _ = _forward(pb, sb, x, chain)
         if l == 0:
-          xin = x
+          xin = ins_a[0]
         elif inputs == 'merged':  # what merged layer l will actually read
-          xin = _merged_hidden(out, x, l)
+          xin = _forward(out, stats_out, x, chain, upto=l)[0][l]
         else:  # PLeaS' reference: the original models' features
-          ha, _ = _hidden_and_preacts(params_a, x, num_hidden)
-          xin = assemble(ha[l - 1], hb[l - 1], l - 1)
+          xin = assemble(ins_a[l], ins_b[l], l - 1)
+        if kind == 'conv':
+          xin = _patches(xin, ka.shape[0], ka.shape[1])
         xin = jnp.concatenate([xin, jnp.ones((xin.shape[0], 1), xin.dtype)], 1)
-        y = (assemble(za[l], zb[l], l) if l < num_hidden
-             else jnp.concatenate([za[l], zb[l]], 1))
+        y = (jnp.concatenate([za[l], zb[l]], -1) if head
+             else assemble(za[l], zb[l], l))
+        y = y.reshape(-1, y.shape[-1])
         xin, y = np.asarray(xin, np.float64), np.asarray(y, np.float64)
-        # Every `_HOLDOUT`-th row (counted across batches) is held out.
-        held = (offset + np.arange(xin.shape[0])) % _HOLDOUT == 0
-        offset += xin.shape[0]
+        # Every `_HOLDOUT`-th example (counted across batches) is held out,
+        # with all its positions.
+        n_ex = x.shape[0]
+        held = np.repeat((offset + np.arange(n_ex)) % _HOLDOUT == 0,
+                         xin.shape[0] // n_ex)
+        offset += n_ex
         if len(grid) == 1:
           held[:] = False
-        for acc, rows in ((fit, ~held), (val, held)):
+        for acc, rows in ((fit_st, ~held), (val, held)):
           st = (xin[rows].T @ xin[rows], xin[rows].T @ y[rows])
           acc[src] = st if src not in acc else (acc[src][0] + st[0],
                                                 acc[src][1] + st[1])
-      w0 = None
-      if ridge_to == 'average':  # permute-then-average weights, same layout
-        avg = _average_blocks(params_a[f'Dense_{l}'], pb[f'Dense_{l}'], groups,
-                              l, num_hidden)
-        w0 = np.concatenate([np.asarray(avg['kernel'], np.float64),
-                             np.asarray(avg['bias'], np.float64)[None]], 0)
-      blocks = _out_blocks(groups, l, num_hidden, params_a, params_b)
-      solve = lambda st, r: _solve_blocks(st, blocks, groups, l, r, w0)
+      w_avg = np.concatenate([np.asarray(avg[0], np.float64).reshape(
+          -1, avg[0].shape[-1]), np.asarray(avg[1], np.float64)[None]], 0)
+      w0 = w_avg if ridge_to == 'average' else None
+      blocks = _out_blocks(groups, l, head, pa[name]['bias'].shape[0],
+                           pb[name]['bias'].shape[0])
+      in_blocks = _index_blocks(groups, l - 1, ka.shape[-2] if l == 0 else None, taps)
+      if fit == 'closed_form':
+        solve = lambda st, r: _solve_blocks(st, blocks, in_blocks, r, w0)
+      else:
+        solve = lambda st, r: _fit_gradient(st, blocks, in_blocks, r, w0, w_avg,
+                                            fit_steps, fit_lr)
       lam = grid[0]
       if len(grid) > 1:  # choose the ridge on the held-out rows, refit on all
-        errs = [_held_out_error(solve(fit, r), val, blocks) for r in grid]
+        errs = [_held_out_error(solve(fit_st, r), val, blocks) for r in grid]
         lam = grid[int(np.argmin(errs))]
         for src, (g, h) in val.items():
-          f = fit.get(src)
-          fit[src] = (g, h) if f is None else (f[0] + g, f[1] + h)
+          f = fit_st.get(src)
+          fit_st[src] = (g, h) if f is None else (f[0] + g, f[1] + h)
       chosen.append(lam)
-      w = solve(fit, lam)
-      out[f'Dense_{l}'] = {'kernel': jnp.asarray(w[:-1], jnp.float32),
-                           'bias': jnp.asarray(w[-1], jnp.float32)}
-  else:
-    for l in range(num_hidden + 1):
-      out[f'Dense_{l}'] = _average_blocks(params_a[f'Dense_{l}'], pb[f'Dense_{l}'],
-                                          groups, l, num_hidden)
+      w = solve(fit_st, lam)
+    kernel = np.asarray(w[:-1]).reshape(avg[0].shape)
+    if kind == 'conv':  # [C_in, kh, kw, C_out] -> Flax HWIO
+      kernel = kernel.transpose(1, 2, 0, 3)
+    out[name] = {'kernel': jnp.asarray(kernel, jnp.float32),
+                 'bias': jnp.asarray(w[-1], jnp.float32)}
+    if kind == 'conv' and chain.norm != 'none':
+      i = name.split('_')[1]
+      na, nb = pa[f'Norm_{i}'], pb[f'Norm_{i}']
+      out[f'Norm_{i}'] = {k: jnp.asarray(assemble(
+          np.asarray(na[k], np.float64)[None], np.asarray(nb[k], np.float64)[None], l)[0],
+          jnp.float32) for k in ('scale', 'bias')}
+      if chain.norm == 'batch':
+        stats_out[f'Norm_{i}'] = _batch_stats(out, stats_out, batches, chain, l)
   return PleasResult(out, widths, tuple(float(r) for r in ratios),
-                     merged_size(dims, ratios), tuple(chosen) or None)
+                     merged_size(dims, ratios, measure=measure), tuple(chosen) or None,
+                     stats_out,
+                     widths[:sum(k == 'conv' for _, k in chain.layers)] if chain.cnn else (),
+                     widths[sum(k == 'conv' for _, k in chain.layers):], chain.norm)
 
 
-def _merged_hidden(out, x, l):
-  """Hidden features of the merged layers ``0 … l-1`` (already solved)."""
-  h = x
-  for k in range(l):
-    d = out[f'Dense_{k}']
-    h = jax.nn.relu(h @ d['kernel'] + d['bias'][None])
-  return h
+def _rows_first(kernel):
+  """A kernel with input units first: Dense ``[in, out]``; conv ``[C_in, kh, kw, C_out]``."""
+  k = np.asarray(kernel, np.float64)
+  return k.transpose(2, 0, 1, 3) if k.ndim == 4 else k
+
+
+def _batch_stats(out, stats_out, batches, chain, l):
+  """Exact mean / variance of merged layer l's pre-norm output over all rows."""
+  s = ss = 0.0
+  n = 0
+  d = out[chain.layers[l][0]]
+  for x in batches:
+    h = _forward(out, stats_out, x, chain, upto=l)[0][l]
+    z = np.asarray(_conv(h, d['kernel']) + _bcast(d['bias'], 4), np.float64)
+    z = z.reshape(-1, z.shape[-1])
+    s, ss, n = s + z.sum(0), ss + (z * z).sum(0), n + z.shape[0]
+  mean = s / n
+  return {'mean': jnp.asarray(mean, jnp.float32),
+          'var': jnp.asarray(np.maximum(ss / n - mean ** 2, 0.0), jnp.float32)}
 
 
 def _block_stats(stats, allowed):
@@ -300,26 +681,96 @@ def _block_stats(stats, allowed):
   return g, h
 
 
-def _solve_blocks(stats, blocks, groups, l, ridge, w0=None):
-  """Block ridge least squares of layer l from per-source Gram statistics.
+def _block_rows(in_blocks, allowed, d_in):
+  return np.concatenate([in_blocks[a] for a in allowed] + [[d_in]]).astype(int)
+
+
+def _solve_blocks(stats, blocks, in_blocks, ridge, w0=None):
+  """Block ridge least squares of one layer from per-source Gram statistics.
 
   Minimises ``|X W - Y|^2 + lam |W - w0|^2`` per output block (``w0 = 0``
-  if None; ``lam`` relative to the mean diagonal of the block's ``X^T X``).
-  Returns the ``[d_in + 1, d_out]`` float64 solution (last row: the bias).
+  if None; ``lam`` relative to the mean diagonal of the block's ``X^T X``),
+  with the block's weights restricted to its allowed input rows
+  (``in_blocks``: patch indices for a conv). Returns the ``[d_in + 1, d_out]``
+  float64 solution (last row: the bias).
   """
   g_all, h_all = _block_stats(stats, ('m', 'a', 'b'))
   d_in = g_all.shape[0] - 1
-  in_blocks = _index_blocks(groups, l - 1, d_in)
   w = np.zeros((d_in + 1, h_all.shape[1]))
   for cols, allowed in blocks:
     g, h = _block_stats(stats, allowed)
     lam = ridge * np.mean(np.diag(g))
-    rows = np.concatenate([in_blocks[a] for a in allowed] + [[d_in]]).astype(int)
+    rows = _block_rows(in_blocks, allowed, d_in)
     gi = g[np.ix_(rows, rows)] + lam * np.eye(len(rows))
     rhs = h[np.ix_(rows, cols)]
     if w0 is not None:
       rhs = rhs + lam * w0[np.ix_(rows, cols)]
     w[np.ix_(rows, cols)] = np.linalg.solve(gi, rhs)
+  return w
+
+
+def _objective(w, stats, blocks, in_blocks, ridge, w0=None):
+  """The ridge objective `_solve_blocks` minimises, summed over the output blocks."""
+  total = 0.0
+  d_in = _block_stats(stats, ('m', 'a', 'b'))[0].shape[0] - 1
+  for cols, allowed in blocks:
+    g, h = _block_stats(stats, allowed)
+    lam = ridge * np.mean(np.diag(g))
+    wc = w[:, cols]
+    ref = 0.0 if w0 is None else w0[:, cols]
+    rows = _block_rows(in_blocks, allowed, d_in)
+    total += (np.sum(wc * (g @ wc)) - 2 * np.sum(wc * h[:, cols]) +
+              lam * np.sum((wc[rows] - (ref if w0 is None else ref[rows])) ** 2))
+  return total
+
+
+def _fit_gradient(stats, blocks, in_blocks, ridge, w0, w_init, steps, lr):
+  """PLeaS' reference fit: Adam + cosine schedule on the block objective.
+
+  The same objective as `_solve_blocks` (per output block, from its Gram
+  statistics, i.e. full batch), scaled to a mean over rows and outputs; the
+  weights start at ``w_init`` (permute-then-average) and a mask keeps every
+  disallowed (sep_A <-> sep_B) entry at zero.
+  """
+  g_all, h_all = _block_stats(stats, ('m', 'a', 'b'))
+  d_in, d_out = g_all.shape[0] - 1, h_all.shape[1]
+  gs, hs, colmask, lams, scale = [], [], [], [], []
+  mask = np.zeros((d_in + 1, d_out))
+  for cols, allowed in blocks:
+    g, h = _block_stats(stats, allowed)
+    mask[np.ix_(_block_rows(in_blocks, allowed, d_in), cols)] = 1.0
+    cm = np.zeros(d_out)
+    cm[cols] = 1.0
+    gs.append(g)
+    hs.append(h)
+    colmask.append(cm)
+    lams.append(ridge * np.mean(np.diag(g)))
+    scale.append(max(g[-1, -1], 1.0) * d_out)  # rows (the bias column's Gram) x outputs
+  f32 = lambda v: jnp.asarray(np.asarray(v), jnp.float32)
+  w0 = np.zeros_like(mask) if w0 is None else w0
+  w = _adam_fit(f32(gs), f32(hs), f32(colmask), f32(lams), f32(scale), f32(mask),
+                f32(w_init * mask), f32(w0 * mask), jnp.float32(lr), steps=int(steps))
+  return np.asarray(w, np.float64) * mask
+
+
+@functools.partial(jax.jit, static_argnames=('steps',))
+def _adam_fit(gs, hs, colmask, lams, scale, mask, w_init, w0, lr, steps):
+  opt = optax.adam(optax.cosine_decay_schedule(lr, steps))
+
+  def loss(w):
+    quad = jnp.sum(jnp.einsum('bij,jo->bio', gs, w) * w[None], axis=1)  # [B, d_out]
+    lin = jnp.sum(hs * w[None], axis=1)
+    reg = jnp.sum(mask * (w - w0) ** 2, axis=0)
+    per = (quad - 2 * lin + lams[:, None] * reg[None]) * colmask
+    return jnp.sum(per / scale[:, None])
+
+  def step(carry, _):
+    w, state = carry
+    grad = jax.grad(loss)(w) * mask  # the structural zeros get no update
+    upd, state = opt.update(grad, state, w)
+    return (optax.apply_updates(w, upd), state), None
+
+  (w, _), _ = jax.lax.scan(step, (w_init, opt.init(w_init)), None, length=steps)
   return w
 
 
@@ -333,49 +784,51 @@ def _held_out_error(w, val, blocks):
   return err
 
 
-def _index_blocks(groups, k, d_in):
-  """Input index blocks {'m','a','b'} of the merged layer reading group k."""
+def _index_blocks(groups, k, d_in=None, taps=1):
+  """Input index blocks {'m','a','b'} of the layer reading group k (-1: the input).
+
+  With ``taps`` (a conv's ``kh * kw``) every channel ``c`` expands to its
+  patch indices ``c * taps … c * taps + taps - 1``.
+  """
   if k < 0:  # the shared input
-    return {'m': np.arange(d_in), 'a': np.zeros(0, int), 'b': np.zeros(0, int)}
-  nm, ns = len(groups[k][0]), len(groups[k][1])
-  return {'m': np.arange(nm), 'a': nm + np.arange(ns), 'b': nm + ns + np.arange(ns)}
+    ch = {'m': np.arange(d_in), 'a': np.zeros(0, int), 'b': np.zeros(0, int)}
+  else:
+    nm, ns = len(groups[k][0]), len(groups[k][1])
+    ch = {'m': np.arange(nm), 'a': nm + np.arange(ns), 'b': nm + ns + np.arange(ns)}
+  return {b: (c[:, None] * taps + np.arange(taps)[None]).reshape(-1)
+          for b, c in ch.items()}
 
 
-def _out_blocks(groups, l, num_hidden, pa, pb):
-  """(output columns, allowed input blocks) of merged layer l."""
-  if l == num_hidden:  # separate heads
-    na = pa[f'Dense_{l}']['kernel'].shape[1]
-    nb = pb[f'Dense_{l}']['kernel'].shape[1]
+def _out_blocks(groups, l, head, na, nb):
+  """(output columns, allowed input blocks) of merged layer l (heads: na, nb outputs)."""
+  if head:  # separate heads
     return [(np.arange(na), ('m', 'a')), (na + np.arange(nb), ('m', 'b'))]
   nm, ns = len(groups[l][0]), len(groups[l][1])
   return [(np.arange(nm), ('m', 'a', 'b')), (nm + np.arange(ns), ('m', 'a')),
           (nm + ns + np.arange(ns), ('m', 'b'))]
 
 
-def _average_blocks(da, db, groups, l, num_hidden):
-  """PLeaS' block construction without least squares (Flax (in, out) layout)."""
-  ka, kb = np.asarray(da['kernel']), np.asarray(db['kernel'])
-  ba, bb = np.asarray(da['bias']), np.asarray(db['bias'])
+def _average_blocks(ka, kb, ba, bb, groups, l, head):
+  """PLeaS' block construction without least squares.
+
+  ``ka``, ``kb``: kernels with the input units first and the output units
+  last (`_rows_first`). Returns the merged ``(kernel, bias)`` in that layout.
+  """
+  ba, bb = np.asarray(ba), np.asarray(bb)
   if l == 0:
     mi, si = np.arange(ka.shape[0]), np.zeros(0, int)
   else:
     mi, si = groups[l - 1]
-  if l == num_hidden:
-    mo, so = np.zeros(0, int), None
-  else:
-    mo, so = groups[l]
-  rows_a = [ka[mi], ka[si], np.zeros((len(si), ka.shape[1]))]  # inputs m|a|b
-  rows_b = [kb[mi], np.zeros((len(si), kb.shape[1])), kb[si]]
-  ka_full = np.concatenate(rows_a, 0)  # A's layer on the merged input layout
-  kb_full = np.concatenate(rows_b, 0)
-  if l == num_hidden:
+  zeros = lambda k: np.zeros((len(si),) + k.shape[1:])
+  ka_full = np.concatenate([ka[mi], ka[si], zeros(ka)], 0)  # inputs m | a | b
+  kb_full = np.concatenate([kb[mi], zeros(kb), kb[si]], 0)
+  if head:
     # Heads: A's head reads merged + sep_A; B's head merged + sep_B.
-    k = np.concatenate([ka_full, kb_full], 1)
-    return {'kernel': jnp.asarray(k, jnp.float32),
-            'bias': jnp.asarray(np.concatenate([ba, bb]), jnp.float32)}
+    return np.concatenate([ka_full, kb_full], -1), np.concatenate([ba, bb])
   # Merged outputs: average of A and B (each reading its own separate inputs
   # with half weight, the merged inputs averaged); separate outputs: own model.
-  k_m = (ka_full[:, mo] + kb_full[:, mo]) / 2
-  k = np.concatenate([k_m, ka_full[:, so], kb_full[:, so]], 1)
+  mo, so = groups[l]
+  k_m = (ka_full[..., mo] + kb_full[..., mo]) / 2
+  k = np.concatenate([k_m, ka_full[..., so], kb_full[..., so]], -1)
   b = np.concatenate([(ba[mo] + bb[mo]) / 2, ba[so], bb[so]])
-  return {'kernel': jnp.asarray(k, jnp.float32), 'bias': jnp.asarray(b, jnp.float32)}
+  return k, b
