@@ -1,5 +1,7 @@
 """Tests of PLeaS: size model, greedy ratios, block construction and least squares."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -162,3 +164,213 @@ def test_task_tagged_batches_fit_each_head_on_its_task():
   assert err[False] < 0.5 * err[True]
   with pytest.raises(ValueError, match='batch_tasks'):
     permute.pleas(a, b, [xa, xb], batch_tasks=[0], **kw)
+
+
+# --------------------------------------------------------------------------- #
+# CNN chains (models.CNN) and the gradient fit.
+# --------------------------------------------------------------------------- #
+from mergejax._src.permute import pleas as pleas_lib  # noqa: E402
+
+XC = jax.random.normal(jax.random.key(3), (48, 6, 6, 2))
+CNN_KW = dict(features=(4, 6), dense=(5,), num_outputs=3)
+
+
+@functools.lru_cache(maxsize=None)
+def _cnn_pair(norm):
+  """Two CNNs (variables for BatchNorm, with non-trivial running statistics)."""
+  m = M.CNN(norm=norm, **CNN_KW)
+  vs = [m.init(jax.random.key(k), XC) for k in (1, 2)]
+  if norm == 'batch':
+    train = lambda v, x: m.apply(v, x, train=True, mutable=['batch_stats'])
+    # Running statistics of the data the merge sees (PLeaS recomputes them).
+    vs = [permute.reset_batch_stats(train, v, [XC[:24], XC[24:]]) for v in vs]
+    return vs, [m.apply(v, XC) for v in vs]
+  return [v['params'] for v in vs], [m.apply(v, XC) for v in vs]
+
+
+def test_patches_are_channel_major_like_a_direct_conv():
+  k = jax.random.normal(KEY, (3, 3, 2, 5))
+  y = jax.lax.conv_general_dilated(XC, k, (1, 1), 'SAME',
+                                   dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  flat = pleas_lib._rows_first(k).reshape(2 * 9, 5)  # [C_in, kh, kw, C_out]
+  np.testing.assert_allclose(pleas_lib._patches(XC, 3, 3) @ flat, y.reshape(-1, 5),
+                             atol=1e-5)
+
+
+def test_conv_least_squares_recovers_a_known_conv():
+  # im2col least squares with the input channels expanded to patch indices:
+  # fitting a conv to its own outputs returns its kernel and bias.
+  k = jax.random.normal(KEY, (3, 3, 2, 5))
+  b = jnp.arange(5.0)
+  y = pleas_lib._conv(XC, k) + b[None, None, None]
+  xp = np.asarray(pleas_lib._patches(XC, 3, 3), np.float64)
+  xp = np.concatenate([xp, np.ones((xp.shape[0], 1))], 1)
+  yp = np.asarray(y, np.float64).reshape(-1, 5)
+  in_blocks = pleas_lib._index_blocks([], -1, d_in=2, taps=9)
+  assert sorted(np.concatenate(list(in_blocks.values()))) == list(range(18))
+  w = pleas_lib._solve_blocks({None: (xp.T @ xp, xp.T @ yp)},
+                              [(np.arange(5), ('m', 'a', 'b'))], in_blocks, 1e-12)
+  np.testing.assert_allclose(w[:-1].reshape(2, 3, 3, 5).transpose(1, 2, 0, 3), k,
+                             atol=1e-4)
+  np.testing.assert_allclose(w[-1], b, atol=1e-4)
+
+
+@pytest.mark.parametrize('norm', ['none', 'batch', 'group'])
+def test_cnn_full_size_is_exact_task_aware_ensemble(norm):
+  (a, b), (ya, yb) = _cnn_pair(norm)
+  kw = dict(norm='group') if norm == 'group' else {}
+  res = permute.pleas(a, b, [XC[:24], XC[24:]], size=2.0, ridge=1e-9, **kw)
+  assert res.features == (8, 12) and res.dense == (10,) and res.norm == norm
+  assert res.ratios == (1.0, 1.0, 1.0) and res.size == 2.0
+  assert (res.batch_stats is None) == (norm != 'batch')
+  out = res.module(6).apply(res.variables, XC)
+  np.testing.assert_allclose(out[:, :3], ya, atol=1e-4)
+  np.testing.assert_allclose(out[:, 3:], yb, atol=1e-4)
+
+
+def test_cnn_batch_stats_are_the_merged_models_data_statistics():
+  # Recomputed on the merged model over all rows of the batches: in eval mode
+  # it then normalises exactly as train mode does on all the data at once.
+  (a, b), _ = _cnn_pair('batch')
+  res = permute.pleas(a, b, [XC[:24], XC[24:]], size=1.3, least_squares=False)
+  m = res.module(6)
+  train_out = m.apply(res.variables, XC, train=True, mutable=['batch_stats'])[0]
+  np.testing.assert_allclose(m.apply(res.variables, XC), train_out, atol=1e-4)
+  # reset_batch_stats (EMA inversion, float32) agrees up to its own rounding.
+  train = lambda v, x: m.apply(v, x, train=True, mutable=['batch_stats'])
+  reset = permute.reset_batch_stats(train, res.variables, [XC[:24], XC[24:]])
+  jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-2, atol=1e-3),
+               res.batch_stats, reset['batch_stats'])
+
+
+def test_cnn_identical_models_merge_exactly():
+  (a, _), (ya, _) = _cnn_pair('none')
+  spec = permute.cnn_spec(2, 2, norm='none')
+  b = permute.apply_permutation(spec, permute.random_permutations(spec, a, KEY), a)
+  res = permute.pleas(a, b, [XC], size=1.0, least_squares=False)
+  assert res.ratios == (0.0, 0.0, 0.0) and res.features == (4, 6)
+  np.testing.assert_allclose(res.module(6).apply(res.variables, XC)[:, :3], ya,
+                             atol=1e-5)
+
+
+def _structural_zeros(res):
+  """Every sep_A <-> sep_B entry of every kernel (conv: all taps)."""
+  vals = []
+  names = [f'Conv_{i}' for i in range(len(res.features))] + [
+      f'Dense_{j}' for j in range(len(res.dense) + 1)]
+  for l in range(1, len(names)):
+    k = np.asarray(res.params[names[l]]['kernel'])
+    n_in, r_in = res.widths[l - 1], res.ratios[l - 1]
+    s_in = int(round(r_in * n_in / (1 + r_in)))
+    a_in, b_in = slice(n_in - 2 * s_in, n_in - s_in), slice(n_in - s_in, n_in)
+    if l == len(names) - 1:  # heads: A (first 3 outputs), B (last 3)
+      outs = (slice(0, 3), slice(3, 6))
+    else:
+      n_out, r_out = res.widths[l], res.ratios[l]
+      s_out = int(round(r_out * n_out / (1 + r_out)))
+      outs = (slice(n_out - 2 * s_out, n_out - s_out), slice(n_out - s_out, n_out))
+    vals += [k[..., a_in, outs[1]], k[..., b_in, outs[0]]]
+  return np.concatenate([v.reshape(-1) for v in vals])
+
+
+def test_cnn_pleas_beats_permute_average_and_keeps_structural_zeros():
+  (a, b), (ya, yb) = _cnn_pair('none')
+  target = jnp.concatenate([ya, yb], 1)
+  err, res = {}, {}
+  for name, kw in (('pleas', {}), ('avg', dict(least_squares=False)),
+                   ('none', dict(least_squares=False, align=False))):
+    res[name] = r = permute.pleas(a, b, [XC[:24], XC[24:]], size=1.1, **kw)
+    assert r.size <= 1.1 + 1e-9
+    err[name] = float(jnp.mean((r.module(6).apply(r.variables, XC) - target) ** 2))
+  assert res['pleas'].widths == res['avg'].widths
+  assert err['pleas'] < 0.5 * err['avg'], err
+  zeros = _structural_zeros(res['pleas'])
+  assert zeros.size > 0 and np.all(zeros == 0)
+
+
+def test_cnn_sizes_count_conv_weights_and_flops():
+  (a, b), _ = _cnn_pair('group')
+  dims = pleas_lib._layer_dims(a, pleas_lib._infer_chain(a, None, 'group', False), XC)
+  assert dims[0] == permute.LayerDims(2, 4, 9, 36, 3)
+  one = sum(x.size for x in jax.tree.leaves(a))
+  for measure in ('params', 'flops'):
+    for size in (1.2, 1.5):
+      res = permute.pleas(a, b, [XC], size=size, least_squares=False, norm='group',
+                          measure=measure)
+      assert res.size <= size + 1e-9 and res.size > size - 0.15
+      if measure == 'params':  # the size model counts the real merged tree
+        n = sum(x.size for x in jax.tree.leaves(res.params))
+        np.testing.assert_allclose(res.size * one, n - _structural_zeros(res).size)
+      else:  # FLOPs: the convs weigh by their 36 positions
+        np.testing.assert_allclose(
+            permute.merged_size(dims, res.ratios, measure='flops'), res.size)
+
+
+def test_cnn_and_argument_errors_are_clear():
+  (a, b), _ = _cnn_pair('none')
+  norms = {f'Norm_{i}': {'scale': jnp.ones(n), 'bias': jnp.zeros(n)}
+           for i, n in enumerate(CNN_KW['features'])}
+  la = {**a, **norms}  # models.CNN(norm='layer') params: Norm_i, no batch_stats
+  with pytest.raises(ValueError, match='LayerNorm'):
+    permute.pleas(la, la, [XC], size=1.5)
+  with pytest.raises(ValueError, match='LayerNorm'):
+    permute.pleas(la, la, [XC], size=1.5, norm='layer')
+  with pytest.raises(ValueError, match='batch_stats'):
+    permute.pleas(la, la, [XC], size=1.5, norm='batch')
+  wide = {**b, 'Conv_1': {'kernel': jnp.ones((3, 3, 4, 7)), 'bias': jnp.ones(7)}}
+  with pytest.raises(ValueError, match=r"Conv_1/\w+' has shape"):
+    permute.pleas(a, wide, [XC], size=1.5)
+  with pytest.raises(ValueError, match='only in'):
+    permute.pleas(a, {**b, 'Dense_9': b['Dense_1']}, [XC], size=1.5)
+  for size in (0.5, 2.5):
+    with pytest.raises(ValueError, match='size'):
+      permute.pleas(a, b, [XC], size=size)
+  with pytest.raises(ValueError, match='num_hidden'):
+    permute.pleas(a, b, [XC], size=1.5, num_hidden=2)
+  with pytest.raises(ValueError, match='fit'):
+    permute.pleas(a, b, [XC], size=1.5, fit='sgd')
+  with pytest.raises(ValueError, match='ratios'):
+    permute.pleas(a, b, [XC], size=1.5, ratios=(0.5,))
+  with pytest.raises(ValueError, match='NHWC|H, W'):
+    permute.pleas(a, b, [XC.reshape(48, -1)], size=1.5)
+
+
+def test_gradient_fit_approaches_the_closed_form_objective():
+  # PLeaS' reference fit (masked Adam, cosine schedule) on the same block
+  # objective: with enough steps it reaches the closed-form optimum; the
+  # reference's 400 steps at 5e-4 move from the start towards it.
+  rng = np.random.default_rng(0)
+  groups = [(np.arange(3), np.arange(3, 5)), (np.arange(2), np.arange(2, 4))]
+  x = np.concatenate([rng.normal(size=(300, 7)), np.ones((300, 1))], 1)
+  y = rng.normal(size=(300, 6)) + x[:, :6]
+  stats = {None: (x.T @ x, x.T @ y)}
+  blocks = pleas_lib._out_blocks(groups, 1, False, 0, 0)
+  in_blocks = pleas_lib._index_blocks(groups, 0)
+  obj = lambda w: pleas_lib._objective(w, stats, blocks, in_blocks, 1e-3)
+  closed = pleas_lib._solve_blocks(stats, blocks, in_blocks, 1e-3)
+  start = np.zeros_like(closed)
+  ref = pleas_lib._fit_gradient(stats, blocks, in_blocks, 1e-3, None, start, 400, 5e-4)
+  long = pleas_lib._fit_gradient(stats, blocks, in_blocks, 1e-3, None, start, 2000, 1e-2)
+  assert obj(closed) < obj(ref) < obj(start)
+  np.testing.assert_allclose(obj(long), obj(closed), rtol=1e-6)
+  np.testing.assert_allclose(long, closed, atol=1e-4)
+  # Inputs: merged 0-2, sep_A 3-4, sep_B 5-6; outputs: merged 0-1, sep_A 2-3,
+  # sep_B 4-5. The sep_A <-> sep_B blocks stay exactly zero.
+  for w in (ref, long):
+    assert np.all(w[5:7, 2:4] == 0) and np.all(w[3:5, 4:6] == 0)
+    assert np.any(w[3:5, 2:4] != 0) and np.any(w[5:7, 4:6] != 0)
+
+
+def test_gradient_fit_end_to_end():
+  a, b = _models()
+  x = jax.random.normal(KEY, (256, 5))
+  ya = M.MLP((12, 10), num_outputs=3).apply({'params': a}, x)
+  yb = M.MLP((12, 10), num_outputs=3).apply({'params': b}, x)
+  target = jnp.concatenate([ya, yb], 1)
+  kw = dict(num_hidden=2, size=1.3, inputs='original')
+  err = lambda r: float(jnp.mean((_apply(r, x) - target) ** 2))
+  closed = permute.pleas(a, b, [x], **kw)
+  grad = permute.pleas(a, b, [x], fit='gradient', fit_steps=600, fit_lr=2e-2, **kw)
+  avg = permute.pleas(a, b, [x], least_squares=False, **kw)
+  assert grad.widths == closed.widths
+  assert err(grad) < err(avg) and err(grad) < 1.5 * err(closed), (err(grad), err(closed))

@@ -525,6 +525,10 @@ def pleas(params_a: Any, params_b: Any, batches: Iterable[Any] | Any, *,
     raise ValueError(f'pleas: a CNN needs [N, H, W, C] batches, got shape '
                      f'{tuple(batches[0].shape)}.')
   num_layers = len(chain.layers)
+  if ratios is not None and (len(ratios) != len(chain.groups) or
+                             not all(0.0 <= r <= 1.0 for r in ratios)):
+    raise ValueError(f'pleas: ratios must give a value in [0, 1] for each of the '
+                     f'{len(chain.groups)} hidden groups {chain.groups}, got {ratios!r}.')
 
   def features(v, x):
     return dict(zip(chain.groups, _forward(v[0], v[1], x, chain)[2]))
@@ -544,9 +548,6 @@ def pleas(params_a: Any, params_b: Any, batches: Iterable[Any] | Any, *,
   dims = _layer_dims(pa, chain, batches[0])
   if ratios is None:
     ratios = choose_ratios(sims, dims, size, measure=measure)
-  elif len(ratios) != len(sims) or not all(0.0 <= r <= 1.0 for r in ratios):
-    raise ValueError(f'pleas: ratios must give a value in [0, 1] for each of the '
-                     f'{len(sims)} hidden groups {chain.groups}, got {ratios!r}.')
   # Units: merged = best matched (1 - r) fraction, separate = the rest.
   groups = []
   for k in range(len(sims)):
