@@ -46,4 +46,8 @@ from mergejax._src.permute.pleas import merged_size
 from mergejax._src.permute.pleas import pleas
 from mergejax._src.permute.pleas import PleasResult
 from mergejax._src.permute.matching import merge_many
-from mergejax._src.permute.matching import ste_matching
+from mergejax._src.permute.learned import permutation_matrices
+from mergejax._src.permute.learned import sinkhorn_matching
+from mergejax._src.permute.learned import SinkhornMatchingResult
+from mergejax._src.permute.learned import soft_apply_permutation
+from mergejax._src.permute.learned import ste_matching
