@@ -1,4 +1,4 @@
-"""PLeaS on digits: two MLPs trained on disjoint class splits, merged at sizes 1x–2x.
+"""PLeaS on digits: two MLPs or CNNs trained on disjoint class splits, merged at 1x–2x.
 
 Model A learns digits 0–4, model B digits 5–9 (different initialisations,
 5-way heads). Each merge keeps both heads; accuracy is task-aware (each task's
@@ -7,6 +7,9 @@ equal size: PLeaS (matching + partial permutation + closed-form least
 squares), permute-then-average (same widths, blocks averaged), and
 no-alignment averaging (same widths, no matching). ``config.data_free`` uses
 Gaussian inputs instead of task data for matching and least squares.
+``config.arch='cnn'`` trains `models.CNN` on the digits as 8x8x1 images
+(with BatchNorm, the endpoints' running statistics are exact averages over
+their training data; PLeaS recomputes the merged model's on the merge data).
 
 The test set has ~225 digits per task, so one digit moves the mean accuracy
 by ~0.22 points, and the digits on which methods disagree are the endpoints'
@@ -19,6 +22,7 @@ task-aware test negative log-likelihood (a proper score, not limited to the
 few low-margin digits that decide accuracy).
 
   python -m experiments.main --config=configs/pleas.py --workdir=/tmp/pleas
+  python -m experiments.main --config=configs/pleas.py:cnn --workdir=/tmp/pleas_cnn
 """
 
 from __future__ import annotations
@@ -29,23 +33,80 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from experiments import rebasin
 from mergejax import permute
 from mergejax.permute import models as M
 
 
-def _logits(params, widths, x, head=None):
-  out = M.MLP(tuple(widths), num_outputs=10 if head is not None else 5).apply(
-      {'params': params}, jnp.asarray(x))
+def _endpoint_module(config):
+  if config.arch == 'cnn':
+    return M.CNN(tuple(config.cnn_features), tuple(config.cnn_dense), num_outputs=5,
+                 norm=config.cnn_norm)
+  return M.MLP(tuple([config.width] * config.depth), num_outputs=5)
+
+
+def _variables(v):
+  return v if isinstance(v, dict) and 'params' in v else {'params': v}
+
+
+def _logits(module, variables, x, head=None):
+  out = module.apply(_variables(variables), jnp.asarray(x))
   if head is None:
     return np.asarray(out)
   return np.asarray(out[:, :5] if head == 0 else out[:, 5:])
 
 
+def train_cnn(key, data, *, module, epochs, batch_size, lr):
+  """Trains `models.CNN` with Adam on (x, y).
+
+  Returns params, or ``{'params', 'batch_stats'}`` for BatchNorm, with the
+  running statistics recomputed exactly on the training inputs.
+  """
+  x, y = data
+  init_key, key = jax.random.split(key)
+  variables = module.init(init_key, jnp.asarray(x[:2]))
+  params, stats = variables['params'], variables.get('batch_stats')
+  opt = optax.adam(lr)
+  state = opt.init(params)
+
+  @jax.jit
+  def step(params, stats, state, xb, yb):
+    def loss(p):
+      v = {'params': p} if stats is None else {'params': p, 'batch_stats': stats}
+      if stats is None:
+        logits, new = module.apply(v, xb, train=True), None
+      else:
+        logits, upd = module.apply(v, xb, train=True, mutable=['batch_stats'])
+        new = upd['batch_stats']
+      ce = optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
+      return ce, new
+    (_, new), g = jax.value_and_grad(loss, has_aux=True)(params)
+    upd, state = opt.update(g, state, params)
+    return optax.apply_updates(params, upd), new, state
+
+  n = len(x)
+  for e in range(epochs):
+    perm = np.asarray(jax.random.permutation(jax.random.fold_in(key, e), n))
+    for i in range(0, n - batch_size + 1, batch_size):
+      b = perm[i:i + batch_size]
+      params, stats, state = step(params, stats, state, x[b], y[b])
+  if stats is None:
+    return params
+  train = lambda v, xb: module.apply(v, xb, train=True, mutable=['batch_stats'])
+  return permute.reset_batch_stats(train, {'params': params, 'batch_stats': stats},
+                                   rebasin.batches(x, 256))
+
+
 def main(config, workdir):
   os.makedirs(workdir, exist_ok=True)
   (xtr, ytr), (xte, yte) = rebasin.load_digits(config.seed)
+  if config.arch == 'cnn':  # 8x8 grey-level images
+    xtr, xte = xtr.reshape(-1, 8, 8, 1), xte.reshape(-1, 8, 8, 1)
+  elif config.arch != 'mlp':
+    raise ValueError(f"config.arch must be 'mlp' or 'cnn', got {config.arch!r}.")
+  module = _endpoint_module(config)
   tasks = []
   for lo in (0, 5):
     tr, te = (ytr >= lo) & (ytr < lo + 5), (yte >= lo) & (yte < lo + 5)
@@ -53,11 +114,13 @@ def main(config, workdir):
   features = [config.width] * config.depth
   if config.data_free:
     rng = np.random.default_rng(config.seed)
-    data = rng.standard_normal((len(xtr), xtr.shape[1])).astype(np.float32)
+    data = rng.standard_normal(xtr.shape).astype(np.float32)
   else:
     data = np.concatenate([tasks[0][0][0], tasks[1][0][0]])
   batches = rebasin.batches(data, 256)
-  pleas_kw = dict(inputs=config.ls_inputs)
+  pleas_kw = dict(inputs=config.ls_inputs, fit=config.fit)
+  # Every method gets the same BatchNorm statistics policy.
+  bn_kw = dict(bn_stats=config.bn_stats) if config.arch == 'cnn' else {}
   if config.task_tagged and not config.data_free:  # each task's rows, tagged
     parts = [rebasin.batches(tasks[i][0][0], 256) for i in range(2)]
     batches = parts[0] + parts[1]
@@ -67,22 +130,29 @@ def main(config, workdir):
              'no_alignment': dict(least_squares=False, align=False)}
   pairs, ends = [], []
   for p in range(config.num_pairs):  # pair 0: keys 100, 101
-    models = [rebasin.train_mlp(jax.random.key(100 + 2 * p + i), tasks[i][0],
-                                features=features, epochs=config.epochs,
-                                batch_size=config.batch_size, lr=config.lr,
-                                num_outputs=5) for i in range(2)]
+    if config.arch == 'cnn':
+      models = [train_cnn(jax.random.key(100 + 2 * p + i), tasks[i][0], module=module,
+                          epochs=config.epochs, batch_size=config.batch_size,
+                          lr=config.lr) for i in range(2)]
+    else:
+      models = [rebasin.train_mlp(jax.random.key(100 + 2 * p + i), tasks[i][0],
+                                  features=features, epochs=config.epochs,
+                                  batch_size=config.batch_size, lr=config.lr,
+                                  num_outputs=5) for i in range(2)]
     pairs.append(models)
-    ends.append([_acc_single(models[i], features, *tasks[i][1]) for i in range(2)])
+    ends.append([_acc_single(module, models[i], *tasks[i][1]) for i in range(2)])
+  arch_kw = dict(num_hidden=config.depth) if config.arch == 'mlp' else {}
   rows = []
   for size in config.sizes:
     row = {'target_size': size}
     per = {m: [] for m in methods}
     for models in pairs:
-      ref = [_logits(models[i], features, tasks[i][1][0]) for i in range(2)]
+      ref = [_logits(module, models[i], tasks[i][1][0]) for i in range(2)]
       for name, kw in methods.items():
-        r = permute.pleas(models[0], models[1], batches, num_hidden=config.depth,
-                          size=size, ridge=config.ridge, **kw)
-        out = [_logits(r.params, r.widths, tasks[i][1][0], head=i) for i in range(2)]
+        r = permute.pleas(models[0], models[1], batches, size=size, ridge=config.ridge,
+                          measure=config.measure, **arch_kw, **bn_kw, **kw)
+        out = [_logits(r.module(10), r.variables, tasks[i][1][0], head=i)
+               for i in range(2)]
         acc = np.mean([np.mean(o.argmax(-1) == tasks[i][1][1])
                        for i, o in enumerate(out)])
         mse = np.mean([np.mean((o - f) ** 2) for o, f in zip(out, ref)])
@@ -104,12 +174,19 @@ def main(config, workdir):
     print(json.dumps(row), flush=True)
   ends = np.asarray(ends)
   n = len(pairs)
-  lines = [f'Digits MLP {config.depth}x{config.width}, A: digits 0-4, B: 5-9; task-aware '
+  arch = (f'MLP {config.depth}x{config.width}' if config.arch == 'mlp' else
+          f'CNN convs {tuple(config.cnn_features)} + dense {tuple(config.cnn_dense)}, '
+          f'norm={config.cnn_norm}, 8x8x1')
+  lines = [f'Digits {arch}, A: digits 0-4, B: 5-9; task-aware '
            f'test accuracy (mean of both tasks), mean over {n} model pairs; endpoints '
            f'{ends[:, 0].mean() * 100:.1f}% / {ends[:, 1].mean() * 100:.1f}%; '
            f'data_free={config.data_free}; least squares on {config.ls_inputs} inputs'
-           f"{'; task-tagged rows' if 'batch_tasks' in pleas_kw else ''}\n",
-           '| size (x one model) | PLeaS | permute + average | no alignment | '
+           f"{'; task-tagged rows' if 'batch_tasks' in pleas_kw else ''}"
+           f"{'; gradient fit' if config.fit == 'gradient' else ''}"
+           f"{'; size in FLOPs' if config.measure == 'flops' else ''}"
+           f"{f'; BN statistics: {config.bn_stats}' if config.arch == 'cnn' else ''}\n",
+           f'| size (x one model, {config.measure}) | PLeaS | permute + average | '
+           'no alignment | '
            f'PLeaS best (of {n} pairs) | logit MSE to endpoints: PLeaS / perm + avg / '
            'none | test NLL: PLeaS / perm + avg / none |', '|---|---|---|---|---|---|---|']
   for r in rows:
@@ -137,8 +214,8 @@ def _nll(logits, labels):
   return -logp[np.arange(len(labels)), labels]
 
 
-def _acc_single(params, features, x, y):
-  logits = M.MLP(tuple(features), num_outputs=5).apply({'params': params}, jnp.asarray(x))
+def _acc_single(module, variables, x, y):
+  logits = module.apply(_variables(variables), jnp.asarray(x))
   return float(jnp.mean(jnp.argmax(logits, -1) == jnp.asarray(y)))
 
 

@@ -243,6 +243,22 @@ def test_cnn_batch_stats_are_the_merged_models_data_statistics():
                res.batch_stats, reset['batch_stats'])
 
 
+def test_cnn_keep_separate_bn_stats_is_exact_at_full_size_on_other_data():
+  # The endpoints' running statistics come from XC; the merge sees other data.
+  # Recomputing them (the reference) changes the model; keeping the separate
+  # channels' statistics gives the exact ensemble at 2.0.
+  (a, b), (ya, yb) = _cnn_pair('batch')
+  other = [2.0 * XC[:24] + 1.0]
+  errs = {}
+  for mode in ('recompute', 'keep_separate'):
+    r = permute.pleas(a, b, other, size=2.0, least_squares=False, bn_stats=mode)
+    out = r.module(6).apply(r.variables, XC)
+    errs[mode] = float(jnp.max(jnp.abs(out - jnp.concatenate([ya, yb], 1))))
+  assert errs['keep_separate'] < 1e-4 < errs['recompute'], errs
+  with pytest.raises(ValueError, match='bn_stats'):
+    permute.pleas(a, b, other, size=2.0, bn_stats='keep')
+
+
 def test_cnn_identical_models_merge_exactly():
   (a, _), (ya, _) = _cnn_pair('none')
   spec = permute.cnn_spec(2, 2, norm='none')

@@ -432,7 +432,7 @@ def pleas(params_a: Any, params_b: Any, batches: Iterable[Any] | Any, *,
           batch_tasks: Sequence[int | None] | None = None,
           norm: str | None = None, measure: str = 'params',
           fit: str = 'closed_form', fit_steps: int = 400,
-          fit_lr: float = 5e-4) -> PleasResult:
+          fit_lr: float = 5e-4, bn_stats: str = 'recompute') -> PleasResult:
   """Merges two MLPs or CNNs into one of ``size`` x one model (module docstring).
 
   Args:
@@ -480,6 +480,13 @@ def pleas(params_a: Any, params_b: Any, batches: Iterable[Any] | Any, *,
       the same (full-batch) objective, the sep_A <-> sep_B blocks masked.
     fit_steps: Adam steps per layer for ``fit='gradient'`` (reference: 400).
     fit_lr: peak learning rate for ``fit='gradient'`` (reference: 5e-4).
+    bn_stats: BatchNorm running statistics of the merged model.
+      ``'recompute'`` (default, PLeaS' reference): every channel's, on the
+      merged model over all rows of ``batches``, layer by layer.
+      ``'keep_separate'``: separate channels keep their own model's running
+      statistics (their least-squares targets are that model's pre-norm
+      outputs), merged channels are recomputed; at size 2.0 this is the exact
+      ensemble whatever data the endpoints' statistics came from.
 
   Returns:
     A `PleasResult`; evaluate with
@@ -501,6 +508,9 @@ def pleas(params_a: Any, params_b: Any, batches: Iterable[Any] | Any, *,
   """
   if inputs not in ('merged', 'original'):
     raise ValueError(f"inputs must be 'merged' or 'original', got {inputs!r}.")
+  if bn_stats not in ('recompute', 'keep_separate'):
+    raise ValueError("bn_stats must be 'recompute' or 'keep_separate', got "
+                     f'{bn_stats!r}.')
   if fit not in ('closed_form', 'gradient'):
     raise ValueError(f"fit must be 'closed_form' or 'gradient', got {fit!r}.")
   if measure not in _MEASURES:
@@ -637,7 +647,13 @@ def pleas(params_a: Any, params_b: Any, batches: Iterable[Any] | Any, *,
           np.asarray(na[k], np.float64)[None], np.asarray(nb[k], np.float64)[None], l)[0],
           jnp.float32) for k in ('scale', 'bias')}
       if chain.norm == 'batch':
-        stats_out[f'Norm_{i}'] = _batch_stats(out, stats_out, batches, chain, l)
+        st = _batch_stats(out, stats_out, batches, chain, l)
+        if bn_stats == 'keep_separate':  # [recomputed m | A's s | B's s]
+          m = len(groups[l][0])
+          st = {k: jnp.concatenate([v[:m], jnp.asarray(assemble(
+              np.asarray(sa[f'Norm_{i}'][k])[None], np.asarray(sb[f'Norm_{i}'][k])[None],
+              l)[0, m:], jnp.float32)]) for k, v in st.items()}
+        stats_out[f'Norm_{i}'] = st
   return PleasResult(out, widths, tuple(float(r) for r in ratios),
                      merged_size(dims, ratios, measure=measure), tuple(chosen) or None,
                      stats_out,
