@@ -3,8 +3,10 @@
 For each pair of MLPs trained from different initialisations, the barrier
 ``max_lam L(lam) - (L(0) + L(1))/2`` of the linear interpolation (train loss
 and test error) for: naive interpolation, weight matching, activation matching
-(correlation), and weight matching + REPAIR. Writes ``rebasin.json``,
-``rebasin.md`` and ``rebasin.png`` into the workdir.
+(correlation), weight matching + REPAIR, and the learned matchers (on by
+default, ``config.ste`` / ``config.sinkhorn``): Git Re-Basin's STE v2 and
+Sinkhorn re-basin, both trained on the midpoint training loss. Writes
+``rebasin.json``, ``rebasin.md`` and ``rebasin.png`` into the workdir.
 
   python -m experiments.main --config=configs/rebasin.py --workdir=/tmp/rebasin
 """
@@ -110,6 +112,48 @@ def batches(x, size=256):
   return [jnp.asarray(x[i:i + size]) for i in range(0, len(x), size)]
 
 
+def equal_batches(data, size):
+  """``(x, y)`` as full ``size`` batches, stacked ``[n, size, ...]`` (ragged tail dropped)."""
+  x, y = data
+  n = len(x) // size
+  return (jnp.asarray(x[:n * size]).reshape((n, size) + x.shape[1:]),
+          jnp.asarray(y[:n * size]).reshape((n, size) + y.shape[1:]))
+
+
+def ce_loss_fn(module):
+  def fn(p, batch):
+    logits = module.apply({'params': p}, batch[0])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, batch[1]).mean()
+  return fn
+
+
+def learned_matchings(config, spec, module, a, b, train, pair):
+  """``{name: (perms, seconds)}`` for the enabled learned matchers."""
+  out = {}
+  loss_fn = ce_loss_fn(module)
+  stacked = equal_batches(train, config.learned_batch_size)
+  if config.ste:
+    t0 = time.time()
+    perms = permute.ste_matching(
+        spec, a, b, loss_fn, [jax.tree.map(lambda x: x[i], stacked)
+                              for i in range(stacked[0].shape[0])],
+        steps=config.ste_steps, learning_rate=config.ste_lr,
+        key=jax.random.key(pair))
+    out['ste'] = (perms, time.time() - t0)
+  if config.sinkhorn:
+    t0 = time.time()
+    data = config.sinkhorn_loss in ('midpoint', 'random')  # else data-free
+    perms = permute.sinkhorn_matching(
+        spec, a, b, key=jax.random.key(pair), loss=config.sinkhorn_loss,
+        loss_fn=loss_fn if data else None, batches=stacked if data else None,
+        steps=config.sinkhorn_steps,
+        learning_rate=config.sinkhorn_lr, tau=config.sinkhorn_tau,
+        straight_through=config.sinkhorn_straight_through)
+    jax.block_until_ready(perms)
+    out['sinkhorn'] = (perms, time.time() - t0)
+  return out
+
+
 def main(config, workdir):
   os.makedirs(workdir, exist_ok=True)
   train, test = load_digits(config.seed)
@@ -138,8 +182,15 @@ def main(config, workdir):
     b_am = permute.apply_permutation(spec, am, b)
     row = {'pair': pair, 'train_s': t_train, 'wm_s': t_wm, 'am_s': t_am,
            'wm_sweeps': int(wm.sweeps)}
-    for name, bb in (('naive', b), ('weight_matching', b_wm),
-                     ('activation_matching', b_am)):
+    aligned = [('naive', b), ('weight_matching', b_wm),
+               ('activation_matching', b_am)]
+    for name, (perms, secs) in learned_matchings(config, spec, module, a, b,
+                                                 train, pair).items():
+      aligned.append((name, permute.apply_permutation(spec, perms, b)))
+      row[f'{name}_s'] = secs
+      row[f'{name}_same_as_wm'] = bool(all(
+          np.array_equal(perms[g], wm.permutations[g]) for g in perms))
+    for name, bb in aligned:
       for split, fn in (('train', train_m), ('test', test_m)):
         r = permute.interpolation_barrier(fn, a, bb, num=config.num_lambdas)
         row[f'{name}/{split}_loss_barrier'] = float(r.barrier['loss'])
@@ -171,6 +222,7 @@ def main(config, workdir):
     print(json.dumps(row), flush=True)
 
   methods = ['naive', 'weight_matching', 'activation_matching', 'wm_repair']
+  methods += [m for m in ('ste', 'sinkhorn') if config[m]]
   lines = [f'Digits MLP {config.depth}x{config.width}, {config.pairs} pairs '
            f'(mean over pairs); barrier = max_lam L(lam) - (L(0)+L(1))/2\n',
            '| method | train loss barrier | test loss barrier | test error barrier |',
@@ -186,6 +238,11 @@ def main(config, workdir):
   lines.append(f'\nEndpoint test error (mean): {ends * 100:.1f}%; weight matching '
                f'{np.mean([r["wm_s"] for r in results]):.2f} s, '
                f'{np.mean([r["wm_sweeps"] for r in results]):.1f} sweeps.')
+  for m in ('ste', 'sinkhorn'):
+    if config[m]:
+      lines.append(f'{m}: {config[m + "_steps"]} steps on the midpoint train '
+                   f'loss, {np.mean([r[m + "_s"] for r in results]):.1f} s per '
+                   'pair (incl. compilation).')
   table = '\n'.join(lines)
   print(table)
   with open(os.path.join(workdir, 'rebasin.md'), 'w') as f:
