@@ -384,7 +384,15 @@ def sinkhorn_matching(spec: PermutationSpec, reference: Any, other: Any, *,
     raise ValueError(f'steps must be an integer >= 1, got {steps!r}.')
   if isinstance(n_iter, bool) or not isinstance(n_iter, (int, np.integer)) or n_iter < 1:
     raise ValueError(f'n_iter must be an integer >= 1, got {n_iter!r}.')
+  if key is None:
+    raise ValueError('sinkhorn_matching needs a PRNG key (the logits start '
+                     'from noise), e.g. key=jax.random.key(0).')
   tau = _positive(tau, 'tau')
+  if not (np.isfinite(init_noise) and init_noise >= 0):
+    raise ValueError(f'init_noise must be finite and >= 0, got {init_noise}.')
+  if callable(learning_rate):
+    raise ValueError('learning_rate must be a number; for a schedule pass '
+                     'optimizer=optax.adam(schedule) instead.')
   if optimizer is not None and learning_rate is not None:
     raise ValueError('Give either optimizer or learning_rate, not both: the '
                      "learning rate belongs to the optimizer's own schedule.")
