@@ -109,10 +109,11 @@ def _task():
   """A, and B = a noisy permuted copy of A; the task: regress A's outputs."""
   spec = permute.mlp_spec(2)
   m, a = _mlp(seed=0)
-  noisy = jax.tree.map(lambda x, n: x + 0.5 * n, a, _mlp(seed=1)[1])
+  noisy = jax.tree.map(lambda x, n: np.asarray(x) + 0.5 * np.asarray(n), a,
+                       _mlp(seed=1)[1])
   planted = permute.random_permutations(spec, a, jax.random.key(5))
   b = _apply(spec, planted, noisy)
-  x = jax.random.normal(jax.random.key(2), (4, 32, 6))
+  x = jnp.asarray(np.random.default_rng(2).normal(size=(4, 32, 6)), jnp.float32)
   y = jax.jit(m.apply)({'params': a}, x.reshape(-1, 6)).reshape(4, 32, -1)
 
   mid = jax.jit(lambda bb: _regression_loss(permute.lerp(a, bb, 0.5),
