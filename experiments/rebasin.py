@@ -240,8 +240,15 @@ def main(config, workdir):
                f'{np.mean([r["wm_sweeps"] for r in results]):.1f} sweeps.')
   for m in ('ste', 'sinkhorn'):
     if config[m]:
-      lines.append(f'{m}: {config[m + "_steps"]} steps on the midpoint train '
-                   f'loss, {np.mean([r[m + "_s"] for r in results]):.1f} s per '
+      what = ('the midpoint train loss' if m == 'ste' else
+              {'midpoint': 'the midpoint train loss',
+               'random': 'the train loss at lam ~ U(0, 1)',
+               'l2': 'the L2 weight distance (data-free)',
+               'cosine': 'the cosine weight distance (data-free)'
+               }[config.sinkhorn_loss] +
+              (', straight-through' if config.sinkhorn_straight_through else ''))
+      lines.append(f'{m}: {config[m + "_steps"]} steps on {what}, '
+                   f'{np.mean([r[m + "_s"] for r in results]):.1f} s per '
                    'pair (incl. compilation).')
   table = '\n'.join(lines)
   print(table)
