@@ -323,7 +323,10 @@ def sinkhorn_matching(spec: PermutationSpec, reference: Any, other: Any, *,
   cycled inside it. ``learning_rate`` and ``tau`` are traced, so new values
   re-use the compiled loop; ``spec``, ``loss``, ``loss_fn``, ``steps``,
   ``n_iter``, ``optimizer`` and ``solver`` are static (a new ``loss_fn`` or
-  ``optimizer`` object compiles again: define them once).
+  ``optimizer`` object compiles again: define them once). The stacked batches
+  stay in device memory for the whole loop. Call the function itself outside
+  ``jit``: it validates concrete inputs and solves the final LAP on the host
+  (for the default host solvers).
 
   Nested (per-head) groups are supported: a child group has one logit matrix
   per slot of its parent (``[H, n, n]``), applied after the heads' soft
