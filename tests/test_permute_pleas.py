@@ -293,13 +293,15 @@ def test_cnn_pleas_beats_permute_average_and_keeps_structural_zeros():
   (a, b), (ya, yb) = _cnn_pair('none')
   target = jnp.concatenate([ya, yb], 1)
   err, res = {}, {}
-  for name, kw in (('pleas', {}), ('avg', dict(least_squares=False)),
+  for name, kw in (('pleas', {}), ('original', dict(inputs='original')),
+                   ('avg', dict(least_squares=False)),
                    ('none', dict(least_squares=False, align=False))):
     res[name] = r = permute.pleas(a, b, [XC[:24], XC[24:]], size=1.1, **kw)
     assert r.size <= 1.1 + 1e-9
     err[name] = float(jnp.mean((r.module(6).apply(r.variables, XC) - target) ** 2))
   assert res['pleas'].widths == res['avg'].widths
   assert err['pleas'] < 0.5 * err['avg'], err
+  assert err['pleas'] <= err['original'] < err['avg'], err  # reference fit, conv path
   zeros = _structural_zeros(res['pleas'])
   assert zeros.size > 0 and np.all(zeros == 0)
 

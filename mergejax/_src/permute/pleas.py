@@ -64,6 +64,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from mergejax._src import paths
 from mergejax._src.permute import evaluate
 from mergejax._src.permute import models as models_lib
 from mergejax._src.permute.builders import cnn_spec
@@ -322,7 +323,7 @@ def _infer_chain(params, num_hidden, norm, has_stats) -> _Chain:
 def _check_pair(pa, pb, sa, sb, chain):
   """Same structure and shapes, except the heads' output sizes."""
   head = chain.layers[-1][0]
-  fa, fb = evaluate.paths.flatten_to_dict(pa), evaluate.paths.flatten_to_dict(pb)
+  fa, fb = paths.flatten_to_dict(pa), paths.flatten_to_dict(pb)
   if set(fa) != set(fb):
     raise ValueError('pleas: the two models have different parameter trees: only in '
                      f'A {sorted(set(fa) - set(fb))[:6]}, only in B '
@@ -654,11 +655,11 @@ def pleas(params_a: Any, params_b: Any, batches: Iterable[Any] | Any, *,
               np.asarray(sa[f'Norm_{i}'][k])[None], np.asarray(sb[f'Norm_{i}'][k])[None],
               l)[0, m:], jnp.float32)]) for k, v in st.items()}
         stats_out[f'Norm_{i}'] = st
+  num_convs = sum(k == 'conv' for _, k in chain.layers)
   return PleasResult(out, widths, tuple(float(r) for r in ratios),
                      merged_size(dims, ratios, measure=measure), tuple(chosen) or None,
-                     stats_out,
-                     widths[:sum(k == 'conv' for _, k in chain.layers)] if chain.cnn else (),
-                     widths[sum(k == 'conv' for _, k in chain.layers):], chain.norm)
+                     batch_stats=stats_out, features=widths[:num_convs],
+                     dense=widths[num_convs:], norm=chain.norm)
 
 
 def _rows_first(kernel):
