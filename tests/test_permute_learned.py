@@ -167,6 +167,11 @@ def test_reproducible_warm_start_and_no_recompile_across_learning_rates():
   r2 = permute.sinkhorn_matching(spec, a, b, learning_rate=0.1, **kw)
   r3 = permute.sinkhorn_matching(spec, a, b, learning_rate=jnp.float32(0.02), **kw)
   r4 = permute.sinkhorn_matching(spec, a, b, learning_rate=0.1, tau=0.5, **kw)
+  # bf16 endpoints are matched in float32: same compiled loop.
+  half = lambda t: jax.tree.map(lambda x: x.astype(jnp.bfloat16), t)
+  r_bf16 = permute.sinkhorn_matching(spec, half(a), half(b), **kw)
+  assert all(sorted(np.asarray(p).tolist()) == list(range(p.shape[0]))
+             for p in r_bf16.permutations.values())
   assert learned._fit._cache_size() == size  # lr and tau are traced
   _assert_trees_equal(r1, r2)
   assert not np.allclose(r1.logits['P_0'], r3.logits['P_0'])
