@@ -94,9 +94,13 @@ def test_weight_loss_recovers_planted_permutation(name):
     spec = permute.cnn_spec(2, 2)
     a = _init(M.CNN(features=(8, 16), dense=(16,)), jnp.ones((1, 6, 6, 3)))['params']
   planted = permute.random_permutations(spec, a, jax.random.key(4))
-  b = _apply(spec, planted, a)
+  # A permuted, lightly noised copy is matched back exactly.
+  rng = np.random.default_rng(1)
+  noisy = jax.tree.map(lambda x: np.asarray(x) + 0.01 * rng.normal(
+      size=np.shape(x)).astype(np.float32), a)
+  b = _apply(spec, planted, noisy)
   r = permute.sinkhorn_matching(spec, a, b, key=KEY, steps=100, return_result=True)
-  _assert_trees_equal(_apply(spec, r.permutations, b), a)
+  _assert_trees_equal(_apply(spec, r.permutations, b), noisy)
   assert r.losses.shape == (100,) and float(r.losses[-1]) < 0.01 * float(r.losses[0])
   for g, s in r.soft.items():  # doubly stochastic, concentrated on the answer
     np.testing.assert_allclose(s.sum(-2), 1.0, atol=1e-5)  # last normalised
