@@ -356,7 +356,9 @@ def sinkhorn_matching(spec: PermutationSpec, reference: Any, other: Any, *,
     init_noise: scale of the Gaussian noise added to the initial logits.
     solver: LAP solver for hardening and for the answer (`solve_assignment`).
     return_result: return a `SinkhornMatchingResult` with the final soft
-      matrices, logits and per-step losses instead of the permutations only.
+      matrices, logits and per-step losses (``losses[t]`` before step ``t``'s
+      update; with ``straight_through``, the loss of the hardened
+      permutations) instead of the permutations only.
 
   Returns:
     ``{group: int32 permutation}`` such that
