@@ -106,6 +106,13 @@ def test_weight_loss_recovers_planted_permutation(name):
     np.testing.assert_allclose(s.sum(-2), 1.0, atol=1e-5)  # last normalised
     np.testing.assert_allclose(s.sum(-1), 1.0, atol=2e-2)
     assert np.all(np.argmax(np.asarray(s), -1) == np.asarray(r.permutations[g]))
+  # The cosine distance recovers it too, in the same compiled loop.
+  size = learned._fit._cache_size()
+  cos = permute.sinkhorn_matching(spec, a, b, key=KEY, steps=100, loss='cosine',
+                                  return_result=True)
+  assert learned._fit._cache_size() == size
+  assert not np.allclose(cos.losses, r.losses)  # really another loss
+  _assert_trees_equal(_apply(spec, cos.permutations, b), noisy)
 
 
 @functools.lru_cache(maxsize=None)

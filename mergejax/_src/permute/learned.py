@@ -212,32 +212,36 @@ def _init_logits(perms, key, noise):
           for i, g in enumerate(sorted(eye))}
 
 
-def _weight_loss(kind, resolved, reference, permuted):
+def _weight_loss(mix, resolved, reference, permuted):
+  """``mix[0] * L2 + mix[1] * cosine`` distance over the permuted leaves.
+
+  Both are computed (a few reductions next to the Sinkhorn iterations) so that
+  ``'l2'`` and ``'cosine'`` (``mix`` (1, 0) or (0, 1), traced) share one
+  compiled loop; neither term's gradient can be NaN, so a zero weight is exact.
+  """
   a_flat = paths.flatten_to_dict(reference)
   b_flat = paths.flatten_to_dict(permuted)
-  terms, count = [], 0
+  sq, cos, size, count = 0.0, 0.0, 0, 0
   for path, ax in sorted(resolved.items()):
     if all(g is None for g in ax):
       continue  # not moved by any permutation: a constant
     a, b = a_flat[path], b_flat[path]
-    if kind == 'l2':
-      terms.append(jnp.sum(jnp.square(a - b)))
-      count += a.size
-    else:
-      # Not norm(a) * norm(b): the norm's gradient is NaN at an all-zero leaf
-      # (e.g. freshly initialised biases); the floored product has none.
-      denom = jnp.sqrt(jnp.maximum(jnp.sum(a * a) * jnp.sum(b * b), 1e-24))
-      terms.append(1.0 - jnp.vdot(a, b) / denom)
-      count += 1
-  return sum(terms) / max(count, 1)
+    sq = sq + jnp.sum(jnp.square(a - b))
+    size += a.size
+    # Not norm(a) * norm(b): the norm's gradient is NaN at an all-zero leaf
+    # (e.g. freshly initialised biases); the floored product has none.
+    denom = jnp.sqrt(jnp.maximum(jnp.sum(a * a) * jnp.sum(b * b), 1e-24))
+    cos = cos + (1.0 - jnp.vdot(a, b) / denom)
+    count += 1
+  return mix[0] * sq / max(size, 1) + mix[1] * cos / max(count, 1)
 
 
 @functools.partial(jax.jit, static_argnames=(
     'spec', 'loss', 'loss_fn', 'steps', 'n_iter', 'straight_through',
     'optimizer', 'solver'))
 def _fit(init_perms, reference, other, batches, key, learning_rate, tau,
-         init_noise, lam_range, *, spec, loss, loss_fn, steps, n_iter,
-         straight_through, optimizer, solver):
+         init_noise, lam_range, weight_mix, *, spec, loss, loss_fn, steps,
+         n_iter, straight_through, optimizer, solver):
   """The whole optimisation: one ``lax.scan`` over steps (compiled once)."""
   init_key, key = jax.random.split(key)
   logits = _init_logits(init_perms, init_key, init_noise)
@@ -262,8 +266,8 @@ def _fit(init_perms, reference, other, batches, key, learning_rate, tau,
   def objective(logits, batch, lam):
     permuted = soft_apply_permutation(spec, soft(logits, straight_through),
                                       other)
-    if loss in ('l2', 'cosine'):
-      return _weight_loss(loss, resolved, reference, permuted)
+    if loss == 'weights':
+      return _weight_loss(weight_mix, resolved, reference, permuted)
     # 'midpoint' and 'random' share one compiled loop: lam ~ U(lam_range),
     # [0.5, 0.5] or [0, 1], is traced.
     return loss_fn(evaluate_lib.lerp(reference, permuted, lam), batch)
@@ -323,7 +327,8 @@ def sinkhorn_matching(spec: PermutationSpec, reference: Any, other: Any, *,
   cycled inside it. ``learning_rate`` and ``tau`` are traced, so new values
   re-use the compiled loop; ``spec``, ``loss``, ``loss_fn``, ``steps``,
   ``n_iter``, ``optimizer`` and ``solver`` are static (a new ``loss_fn`` or
-  ``optimizer`` object compiles again: define them once). The stacked batches
+  ``optimizer`` object compiles again: define them once); ``'l2'`` and
+  ``'cosine'`` share one compiled loop, as do ``'midpoint'`` and ``'random'``. The stacked batches
   stay in device memory for the whole loop. Call the function itself outside
   ``jit``: it validates concrete inputs and solves the final LAP on the host
   (for the default host solvers).
@@ -426,7 +431,9 @@ def sinkhorn_matching(spec: PermutationSpec, reference: Any, other: Any, *,
       init_perms, f32(reference), f32(other), batches, key, learning_rate, tau,
       jnp.float32(init_noise),
       jnp.asarray([0.0, 1.0] if loss == 'random' else [0.5, 0.5], jnp.float32),
-      spec=spec, loss='data' if loss in _DATA_LOSSES else loss, loss_fn=loss_fn,
+      jnp.asarray([0.0, 1.0] if loss == 'cosine' else [1.0, 0.0], jnp.float32),
+      spec=spec, loss='data' if loss in _DATA_LOSSES else 'weights',
+      loss_fn=loss_fn,
       steps=int(steps), n_iter=int(n_iter),
       straight_through=bool(straight_through), optimizer=optimizer,
       solver=solver)
