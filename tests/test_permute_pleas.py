@@ -392,3 +392,25 @@ def test_gradient_fit_end_to_end():
   avg = permute.pleas(a, b, [x], least_squares=False, **kw)
   assert grad.widths == closed.widths
   assert err(grad) < err(avg) and err(grad) < 1.5 * err(closed), (err(grad), err(closed))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('variant', ['smoke', 'smoke,cnn'])
+def test_digits_experiment_smoke(variant, tmp_path):
+  # The digits experiment end to end (about 15 s for the MLP, 30 s for the CNN).
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import pathlib  # pylint: disable=g-import-not-at-top
+  from experiments import pleas as pleas_experiment  # pylint: disable=g-import-not-at-top
+  path = pathlib.Path(__file__).parents[1] / 'configs' / 'pleas.py'
+  spec = importlib.util.spec_from_file_location('_pleas_config', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config(variant)
+  config.bn_stats = 'keep_separate'  # exact ensembles at 2.0 for every method
+  rows = pleas_experiment.main(config, str(tmp_path))
+  assert [r['target_size'] for r in rows] == [1.0, 2.0]
+  full = rows[-1]
+  assert full['permute_average_mse'] < 1e-6 and full['no_alignment_mse'] < 1e-6
+  assert full['pleas_mse'] < 1e-3
+  assert rows[0]['pleas_mse'] < rows[0]['permute_average_mse']
+  assert (tmp_path / 'pleas.md').exists()
