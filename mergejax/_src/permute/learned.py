@@ -251,16 +251,25 @@ def _fit(init_perms, reference, other, batches, key, learning_rate, tau,
   sinkhorn = functools.partial(solvers_lib.sinkhorn, tau=tau, n_iter=n_iter)
 
   def soft(logits, harden):
+    # Groups of one size (and per-head slots) go through one vmapped Sinkhorn
+    # loop: one loop to compile and run per size instead of one per group.
+    by_size: dict[int, list[str]] = {}
+    for g in sorted(logits):
+      by_size.setdefault(logits[g].shape[-1], []).append(g)
     out = {}
-    for g, lg in logits.items():
-      s = jax.vmap(sinkhorn)(lg) if lg.ndim == 3 else sinkhorn(lg)
+    for n, names in by_size.items():
+      lg = jnp.concatenate([logits[g].reshape(-1, n, n) for g in names])
+      s = jax.vmap(sinkhorn)(lg)
       if harden:
         # LAP(log-domain Sinkhorn) == LAP(logits): Sinkhorn only subtracts
         # row and column constants, so the logits are hardened directly.
-        hard = jax.nn.one_hot(lap(jax.lax.stop_gradient(lg)), lg.shape[-1],
-                              dtype=s.dtype)
+        hard = jax.nn.one_hot(lap(jax.lax.stop_gradient(lg)), n, dtype=s.dtype)
         s = s + jax.lax.stop_gradient(hard - s)  # forward hard, gradient soft
-      out[g] = s
+      start = 0
+      for g in names:
+        rows = logits[g].size // (n * n)
+        out[g] = s[start:start + rows].reshape(logits[g].shape)
+        start += rows
     return out
 
   def objective(logits, batch, lam):
