@@ -349,6 +349,9 @@ def test_cnn_and_argument_errors_are_clear():
     permute.pleas(a, b, [XC], size=1.5, fit='sgd')
   with pytest.raises(ValueError, match='ratios'):
     permute.pleas(a, b, [XC], size=1.5, ratios=(0.5,))
+  res = {'conv_init': {'kernel': jnp.ones((3, 3, 2, 4))}, 'head': b['Dense_1']}
+  with pytest.raises(ValueError, match='residual'):
+    permute.pleas(res, res, [XC], size=1.5)
   with pytest.raises(ValueError, match='NHWC|H, W'):
     permute.pleas(a, b, [XC.reshape(48, -1)], size=1.5)
 

@@ -264,6 +264,12 @@ def _infer_chain(params, num_hidden, norm, has_stats) -> _Chain:
   """The layer chain from the module names (``Conv_i``, ``Norm_i``, ``Dense_j``)."""
   if not isinstance(params, dict):
     raise ValueError(f'pleas: expected a params dict, got {type(params).__name__}.')
+  if any(str(k) == 'conv_init' or str(k).startswith('stage') for k in params):
+    raise ValueError(
+        'pleas: residual networks (models.ResNet: conv_init, stage*_block*) are not '
+        'supported yet: their blocks add into shared residual-stream groups, which '
+        'needs a DAG of layers; pleas handles MLP (Dense_j) and CNN chains '
+        '(Conv_i, Norm_i, Dense_j).')
   num_convs, num_dense = _indexed(params, 'Conv'), _indexed(params, 'Dense')
   if num_dense == 0:
     raise ValueError('pleas: the params have no Dense_j modules (the head); '
