@@ -350,7 +350,7 @@ def test_cnn_and_argument_errors_are_clear():
   with pytest.raises(ValueError, match='ratios'):
     permute.pleas(a, b, [XC], size=1.5, ratios=(0.5,))
   res = {'conv_init': {'kernel': jnp.ones((3, 3, 2, 4))}, 'head': b['Dense_1']}
-  with pytest.raises(ValueError, match='residual'):
+  with pytest.raises(ValueError, match='stage'):
     permute.pleas(res, res, [XC], size=1.5)
   with pytest.raises(ValueError, match='NHWC|H, W'):
     permute.pleas(a, b, [XC.reshape(48, -1)], size=1.5)
@@ -417,3 +417,60 @@ def test_digits_experiment_smoke(variant, tmp_path):
   assert full['pleas_mse'] < 1e-3
   assert rows[0]['pleas_mse'] < rows[0]['permute_average_mse']
   assert (tmp_path / 'pleas.md').exists()
+
+
+# --------------------------------------------------------------------------- #
+# ResNets (models.ResNet): residual-stream groups.
+# --------------------------------------------------------------------------- #
+XR = jax.random.normal(jax.random.key(4), (32, 8, 8, 2))
+RES_KW = dict(stage_sizes=(1, 1), widths=(4, 6), num_outputs=3)
+
+
+@functools.lru_cache(maxsize=None)
+def _resnet_pair(norm):
+  m = M.ResNet(norm=norm, **RES_KW)
+  vs = [m.init(jax.random.key(k), XR) for k in (1, 2)]
+  if norm != 'batch':
+    vs = [v['params'] for v in vs]
+  return vs, [m.apply(v if norm == 'batch' else {'params': v}, XR) for v in vs]
+
+
+@pytest.mark.parametrize('norm', [pytest.param('none', marks=pytest.mark.slow), 'batch'])
+def test_resnet_full_size_is_exact_task_aware_ensemble(norm):
+  (a, b), (ya, yb) = _resnet_pair(norm)
+  kw = dict(bn_stats='keep_separate') if norm == 'batch' else {}
+  res = permute.pleas(a, b, [XR[:16], XR[16:]], size=2.0, ridge=1e-9, **kw)
+  assert res.stage_sizes == (1, 1) and res.features == (8, 12)
+  assert res.widths == (8, 12, 8, 12) and res.size == 2.0
+  out = res.module(6).apply(res.variables, XR)
+  np.testing.assert_allclose(out[:, :3], ya, atol=1e-4)
+  np.testing.assert_allclose(out[:, 3:], yb, atol=1e-4)
+
+
+def test_resnet_pleas_beats_permute_average_with_stream_structure():
+  (a, b), (ya, yb) = _resnet_pair('none')
+  target = jnp.concatenate([ya, yb], 1)
+  err, res = {}, {}
+  for name, kw in (('pleas', {}), ('avg', dict(least_squares=False))):
+    res[name] = r = permute.pleas(a, b, [XR[:16], XR[16:]], size=1.3, **kw)
+    assert r.size <= 1.3 + 1e-9 and r.widths == res['pleas'].widths
+    err[name] = float(jnp.mean((r.module(6).apply(r.variables, XR) - target) ** 2))
+  assert err['pleas'] < 0.6 * err['avg'], err
+  r = res['pleas']
+  # Stage ratios are shared by the stream and inner groups of the stage.
+  assert r.ratios[0] == r.ratios[2] and r.ratios[1] == r.ratios[3]
+  # Block 0 of stage 0 adds into the stage-0 stream (with the stem): its
+  # conv2 (inner -> stream) has exact zeros between sep_A and sep_B.
+  n, s = r.widths[0], int(round(r.ratios[0] * 4))
+  assert s > 0 or r.ratios[1] > 0
+  if s:
+    k = np.asarray(r.params['stage0_block0']['conv2']['kernel'])
+    assert np.all(k[..., n - 2 * s:n - s, n - s:] == 0)
+    assert np.all(k[..., n - s:, n - 2 * s:n - s] == 0)
+  with pytest.raises(ValueError, match='2 stages'):
+    permute.pleas(a, b, [XR], size=1.3, ratios=(0.5,))
+  with pytest.raises(ValueError, match='num_hidden'):
+    permute.pleas(a, b, [XR], size=1.3, num_hidden=2)
+  norms = {'norm_init': {'scale': jnp.ones(4), 'bias': jnp.zeros(4)}}
+  with pytest.raises(ValueError, match='LayerNorm'):
+    permute.pleas({**a, **norms}, {**b, **norms}, [XR], size=1.3)

@@ -1,4 +1,4 @@
-"""PLeaS: partial permutations and layer-wise least squares, for MLP and CNN chains.
+"""PLeaS: partial permutations and layer-wise least squares, for MLPs, CNNs, ResNets.
 
 Two models of one architecture, e.g. trained on different tasks, are merged
 into one wider model of a chosen size between 1x and 2x. Supported chains
@@ -8,9 +8,19 @@ into one wider model of a chosen size between 1x and 2x. Supported chains
 * VGG-style CNNs (`models.CNN`): ``Conv_i`` (3x3, stride 1, ``SAME``) + an
   optional per-channel norm (``Norm_i``: BatchNorm, or GroupNorm with one
   channel per group) + ReLU, a global mean pool, then ``Dense_j`` layers and
-  the head; groups ``P_Conv_i``, ``P_Dense_j`` as `cnn_spec`. LayerNorm mixes
-  the channels of ``[merged | sep_A | sep_B]`` (its mean and variance run over
-  all of them), which breaks the block structure: it is rejected.
+  the head; groups ``P_Conv_i``, ``P_Dense_j`` as `cnn_spec`;
+* ResNets with basic blocks (`models.ResNet`: ``conv_init``, ``stage{s}_block{b}``
+  with ``conv1``/``conv2`` and stride-2 projection shortcuts, ``head``), groups
+  as `resnet_spec`: one residual-stream group per stage, written by every
+  block's ``conv2`` (and the stem or shortcut) and read by the next blocks,
+  plus one inner group per block. Each layer reads one group and writes one,
+  so the least squares is the same per layer; the convs have no bias (no ones
+  column). ``models.ResNet`` has one width per stage, so the ratio is chosen
+  per stage and shared by the stage's stream and inner groups.
+
+LayerNorm mixes the channels of ``[merged | sep_A | sep_B]`` (its mean and
+variance run over all of them), which breaks the block structure: it is
+rejected.
 
 The method:
 
@@ -69,6 +79,7 @@ from mergejax._src.permute import evaluate
 from mergejax._src.permute import models as models_lib
 from mergejax._src.permute.builders import cnn_spec
 from mergejax._src.permute.builders import mlp_spec
+from mergejax._src.permute.builders import resnet_spec
 from mergejax._src.permute.spec import apply_permutation
 
 
@@ -82,9 +93,10 @@ class PleasResult(NamedTuple):
     size: merged size relative to one model (in the ``measure`` used).
     ridges: the ridge used per layer (None without least squares).
     batch_stats: recomputed BatchNorm statistics (``norm='batch'``), else None.
-    features: conv widths (empty for an MLP).
+    features: conv widths (empty for an MLP; the stage widths for a ResNet).
     dense: hidden Dense widths (all of ``widths`` for an MLP).
     norm: the CNN's norm (``'none' | 'batch' | 'group'``).
+    stage_sizes: ResNets: blocks per stage (``features``: the stage widths).
   """
   params: Any
   widths: tuple[int, ...]
@@ -95,6 +107,7 @@ class PleasResult(NamedTuple):
   features: tuple[int, ...] = ()
   dense: tuple[int, ...] = ()
   norm: str = 'none'
+  stage_sizes: tuple[int, ...] = ()
 
   @property
   def variables(self) -> dict[str, Any]:
@@ -105,6 +118,9 @@ class PleasResult(NamedTuple):
 
   def module(self, num_outputs: int):
     """The Flax module that applies ``variables`` (``num_outputs = out_a + out_b``)."""
+    if self.stage_sizes:
+      return models_lib.ResNet(self.stage_sizes, self.features, num_outputs=num_outputs,
+                               norm=self.norm)
     if self.features:
       return models_lib.CNN(features=self.features, dense=self.dense,
                             num_outputs=num_outputs, norm=self.norm)
@@ -169,10 +185,14 @@ def merged_size(dims: Sequence[tuple[int, ...]], ratios: Sequence[float], *,
     raise ValueError(f'merged_size: {len(dims)} layers need {len(dims) - 1} ratios '
                      f'(one per hidden group), got {len(ratios)}.')
   r = [0.0] + list(ratios) + [1.0]
+  return _size([(d, r[l], r[l + 1]) for l, d in enumerate(dims)], measure)
+
+
+def _size(layers, measure):
+  """Merged / one-model size of ``[(dims, r_in, r_out)]`` (`merged_size`)."""
   total = one = 0.0
-  for l, d in enumerate(dims):
+  for d, ri, ro in layers:
     d = LayerDims(*d)
-    ri, ro = r[l], r[l + 1]
     f = (1 + ri) * (1 + ro) - 2 * ri * ro
     if measure == 'params':
       w = d.n_in * d.n_out * d.taps
@@ -205,10 +225,15 @@ def choose_ratios(similarities: Sequence[np.ndarray], dims: Sequence[tuple[int, 
   Returns:
     The ratios ``r_k`` (fraction of units kept separate) per hidden group.
   """
+  return _greedy_ratios(similarities, functools.partial(merged_size, dims,
+                                                       measure=measure), size, step)
+
+
+def _greedy_ratios(similarities, size_of, size, step=None):
+  """`choose_ratios` for any ``size_of(ratios)`` (per group of ``similarities``)."""
   sims = [np.sort(np.asarray(s, np.float64)) for s in similarities]  # worst first
   widths = [len(s) for s in sims]
   kept = [0] * len(sims)
-  size_of = functools.partial(merged_size, dims, measure=measure)
   while True:
     best, best_gain = None, -np.inf
     for k, n in enumerate(widths):
@@ -233,11 +258,47 @@ def choose_ratios(similarities: Sequence[np.ndarray], dims: Sequence[tuple[int, 
 # --------------------------------------------------------------------------- #
 # The layer chain: names, forward pass, permutation spec.
 # --------------------------------------------------------------------------- #
+class _Node(NamedTuple):
+  """One conv / Dense layer: where it reads from and writes to."""
+  path: tuple[str, ...]     # module path, e.g. ('Conv_0',) or ('stage0_block0', 'conv1')
+  kind: str                 # 'conv' | 'dense'
+  g_in: int                 # index of the group it reads (-1: the shared input)
+  g_out: int | None         # index of the group it writes (None: the heads)
+  norm: tuple[str, ...] | None = None  # path of its norm module
+  stride: int = 1
+  bias: bool = True
+
+
 class _Chain(NamedTuple):
   layers: tuple[tuple[str, str], ...]  # (module name, 'conv' | 'dense'), in order
   groups: tuple[str, ...]              # hidden group names (one per layer but the head)
   norm: str                            # conv norm: 'none' | 'batch' | 'group'
   cnn: bool
+  nodes: tuple[_Node, ...] = ()
+  stage_sizes: tuple[int, ...] = ()    # ResNets: blocks per stage
+  tie: tuple[int, ...] = ()            # ResNets: stage of every group
+
+
+def _nodes(chain):
+  if chain.nodes:
+    return chain.nodes
+  n = len(chain.layers)
+  return tuple(_Node((name,), kind, l - 1, None if l == n - 1 else l,
+                     (f'Norm_{name.split("_")[1]}',) if kind == 'conv' and
+                     chain.norm != 'none' else None)
+               for l, (name, kind) in enumerate(chain.layers))
+
+
+def _get(tree, path):
+  for k in path:
+    tree = tree[k]
+  return tree
+
+
+def _set(tree, path, value):
+  for k in path[:-1]:
+    tree = tree.setdefault(k, {})
+  tree[path[-1]] = value
 
 
 def _split_variables(tree):
@@ -264,12 +325,8 @@ def _infer_chain(params, num_hidden, norm, has_stats) -> _Chain:
   """The layer chain from the module names (``Conv_i``, ``Norm_i``, ``Dense_j``)."""
   if not isinstance(params, dict):
     raise ValueError(f'pleas: expected a params dict, got {type(params).__name__}.')
-  if any(str(k) == 'conv_init' or str(k).startswith('stage') for k in params):
-    raise ValueError(
-        'pleas: residual networks (models.ResNet: conv_init, stage*_block*) are not '
-        'supported yet: their blocks add into shared residual-stream groups, which '
-        'needs a DAG of layers; pleas handles MLP (Dense_j) and CNN chains '
-        '(Conv_i, Norm_i, Dense_j).')
+  if 'conv_init' in params:
+    return _infer_resnet(params, num_hidden, norm, has_stats)
   num_convs, num_dense = _indexed(params, 'Conv'), _indexed(params, 'Dense')
   if num_dense == 0:
     raise ValueError('pleas: the params have no Dense_j modules (the head); '
@@ -326,9 +383,83 @@ def _infer_chain(params, num_hidden, norm, has_stats) -> _Chain:
   return _Chain(layers, groups, norm, True)
 
 
+def _norm_kind(norm, has_stats, has_norm, what):
+  if norm is None:
+    if has_stats:
+      norm = 'batch'
+    elif has_norm:
+      raise ValueError(
+          f'pleas: the {what} has norm params but no batch_stats, so it is LayerNorm '
+          "or GroupNorm. LayerNorm (models' default) normalises over all "
+          'channels, mixing the merged and separate blocks, and is not supported; '
+          "for GroupNorm with one channel per group pass norm='group'; for "
+          "BatchNorm pass {'params': …, 'batch_stats': …}.")
+    else:
+      norm = 'none'
+  if norm == 'layer':
+    raise ValueError(
+        "pleas: norm='layer' is not supported: LayerNorm normalises over all "
+        'channels, mixing the [merged | sep_A | sep_B] blocks (the sep_A <-> sep_B '
+        "blocks would no longer be independent). Use norm='batch', 'group' "
+        "(one channel per group) or 'none'.")
+  if norm not in ('none', 'batch', 'group'):
+    raise ValueError(f"pleas: norm must be 'none', 'batch' or 'group', got {norm!r}.")
+  if norm == 'batch' and not has_stats:
+    raise ValueError("pleas: norm='batch' needs the running statistics: pass "
+                     "{'params': …, 'batch_stats': …} for both models.")
+  if has_norm != (norm != 'none'):
+    raise ValueError(f'pleas: norm={norm!r} but the params '
+                     f"{'have' if has_norm else 'have no'} norm modules.")
+  return norm
+
+
+def _infer_resnet(params, num_hidden, norm, has_stats) -> _Chain:
+  """`models.ResNet`: stem, stages of basic blocks adding into a stream, head."""
+  if num_hidden is not None:
+    raise ValueError('pleas: leave num_hidden out for ResNets.')
+  if 'head' not in params:
+    raise ValueError('pleas: a ResNet (conv_init) needs a Dense `head`; top-level '
+                     f'keys: {sorted(params)[:8]}.')
+  norm = _norm_kind(norm, has_stats, 'norm_init' in params, 'ResNet')
+  stage_sizes = []
+  while f'stage{len(stage_sizes)}_block0' in params:
+    s = len(stage_sizes)
+    n = 0
+    while f'stage{s}_block{n}' in params:
+      n += 1
+    stage_sizes.append(n)
+  if not stage_sizes:
+    raise ValueError('pleas: a ResNet needs stage{s}_block{b} modules.')
+  groups, tie = [f'P_stage{s}' for s in range(len(stage_sizes))], list(
+      range(len(stage_sizes)))
+  nm = lambda *p: p if norm != 'none' else None
+  nodes = [_Node(('conv_init',), 'conv', -1, 0, nm('norm_init'), 1, False)]
+  stream = 0
+  for s, n in enumerate(stage_sizes):
+    for b in range(n):
+      name = f'stage{s}_block{b}'
+      groups.append(f'P_{name}')
+      tie.append(s)
+      inner = len(groups) - 1
+      stride = 2 if (s > 0 and b == 0) else 1
+      nodes.append(_Node((name, 'conv1'), 'conv', stream, inner, nm(name, 'norm1'),
+                         stride, False))
+      if 'shortcut_conv' in params[name]:
+        nodes.append(_Node((name, 'shortcut_conv'), 'conv', stream, s,
+                           nm(name, 'shortcut_norm'), stride, False))
+      elif stride != 1 or stream != s:
+        raise ValueError(f'pleas: {name} changes the stream without a shortcut_conv.')
+      nodes.append(_Node((name, 'conv2'), 'conv', inner, s, nm(name, 'norm2'), 1,
+                         False))
+      stream = s
+  nodes.append(_Node(('head',), 'dense', stream, None))
+  return _Chain((), tuple(groups), norm, True, tuple(nodes), tuple(stage_sizes),
+                tuple(tie))
+
+
 def _check_pair(pa, pb, sa, sb, chain):
   """Same structure and shapes, except the heads' output sizes."""
-  head = chain.layers[-1][0]
+  head = '/'.join(_nodes(chain)[-1].path)
   fa, fb = paths.flatten_to_dict(pa), paths.flatten_to_dict(pb)
   if set(fa) != set(fb):
     raise ValueError('pleas: the two models have different parameter trees: only in '
@@ -349,15 +480,78 @@ def _bcast(v, ndim):
   return jnp.reshape(v, (1,) * (ndim - 1) + (-1,))
 
 
-def _conv(h, kernel):
-  return jax.lax.conv_general_dilated(h, kernel, (1, 1), 'SAME',
+def _conv(h, kernel, stride=1):
+  return jax.lax.conv_general_dilated(h, kernel, (stride, stride), 'SAME',
                                       dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
 
 
-def _patches(h, kh, kw):
-  """im2col ``[N, H, W, C] -> [N H W, C kh kw]``, channel-major (``c * kh * kw + tap``)."""
+def _preact(d, h, node):
+  """Layer output before its norm (Dense: ``h @ kernel + bias``)."""
+  if node.kind == 'conv':
+    z = _conv(h, d['kernel'], node.stride)
+    return z + _bcast(d['bias'], 4) if node.bias else z
+  return h @ d['kernel'] + d['bias'][None]
+
+
+class _Stop(Exception):
+  pass
+
+
+@functools.partial(jax.jit, static_argnames=('chain', 'upto'))
+def _resnet_forward(params, stats, x, chain, upto=None):
+  """`_run` for `models.ResNet` (nodes in the order the forward pass meets them)."""
+  nodes = chain.nodes
+  n = len(nodes) if upto is None else upto
+  ins, zs = [], []
+  feats = {g: [] for g in chain.groups}
+
+  def layer(h):
+    i = len(ins)
+    if nodes[i].kind == 'dense' and h.ndim == 4:
+      h = jnp.mean(h, axis=(1, 2))
+    ins.append(h)
+    if i == n:
+      raise _Stop
+    zs.append(_preact(_get(params, nodes[i].path), h, nodes[i]))
+    return zs[-1], nodes[i]
+
+  def norm(z, node):
+    if node.norm is None:
+      return z
+    st = _get(stats, node.norm) if chain.norm == 'batch' else None
+    return _normalize(z, _get(params, node.norm), st, chain.norm)
+
+  try:
+    h = jax.nn.relu(norm(*layer(x)))
+    feats[chain.groups[0]].append(h)
+    k = len(chain.stage_sizes)
+    for s, nb in enumerate(chain.stage_sizes):
+      for b in range(nb):
+        y = jax.nn.relu(norm(*layer(h)))
+        feats[chain.groups[k]].append(y)
+        k += 1
+        sc = norm(*layer(h)) if nodes[len(ins)].path[-1] == 'shortcut_conv' else h
+        h = jax.nn.relu(sc + norm(*layer(y)))
+        feats[chain.groups[s]].append(h)
+    layer(h)
+  except _Stop:
+    pass
+  return ins, zs, feats
+
+
+def _run(params, stats, x, chain, upto=None):
+  """``(ins, zs, feats)``: per node its input and pre-norm output; group features."""
+  if chain.nodes:
+    return _resnet_forward(params, stats, x, chain, upto)
+  ins, zs, hs = _forward(params, stats, x, chain, upto)
+  return ins, zs, dict(zip(chain.groups, hs))
+
+
+def _patches(h, kh, kw, stride=1):
+  """im2col ``[N, H, W, C] -> [N H' W', C kh kw]``, channel-major (``c * kh * kw + tap``)."""
   p = jax.lax.conv_general_dilated_patches(
-      h, (kh, kw), (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+      h, (kh, kw), (stride, stride), 'SAME',
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
   return p.reshape(-1, p.shape[-1])
 
 
@@ -407,6 +601,8 @@ def _forward(params, stats, x, chain, upto=None):
 
 
 def _spec(chain):
+  if chain.nodes:
+    return resnet_spec(chain.stage_sizes, norm=chain.norm)
   if not chain.cnn:
     return mlp_spec(len(chain.groups))
   num_convs = sum(k == 'conv' for _, k in chain.layers)
@@ -416,12 +612,15 @@ def _spec(chain):
 def _layer_dims(params, chain, x):
   """`LayerDims` of every layer (input ``x`` gives the conv positions)."""
   dims = []
-  for name, kind in chain.layers:
-    k = params[name]['kernel']
-    if kind == 'conv':
-      per_unit = 1 + (2 if chain.norm != 'none' else 0)
+  res = {-1: tuple(x.shape[1:3]) if x.ndim == 4 else (1, 1)}  # per group: H, W
+  for node in _nodes(chain):
+    k = _get(params, node.path)['kernel']
+    if node.kind == 'conv':
+      hw = tuple(-(-r // node.stride) for r in res[node.g_in])  # SAME padding
+      res[node.g_out] = hw
+      per_unit = int(node.bias) + (2 if node.norm is not None else 0)
       dims.append(LayerDims(k.shape[2], k.shape[3], k.shape[0] * k.shape[1],
-                            x.shape[1] * x.shape[2], per_unit))
+                            hw[0] * hw[1], per_unit))
     else:
       dims.append(LayerDims(k.shape[0], k.shape[1]))
   return dims
@@ -440,11 +639,12 @@ def pleas(params_a: Any, params_b: Any, batches: Iterable[Any] | Any, *,
           norm: str | None = None, measure: str = 'params',
           fit: str = 'closed_form', fit_steps: int = 400,
           fit_lr: float = 5e-4, bn_stats: str = 'recompute') -> PleasResult:
-  """Merges two MLPs or CNNs into one of ``size`` x one model (module docstring).
+  """Merges two MLPs, CNNs or ResNets into one of ``size`` x one model (module docstring).
 
   Args:
-    params_a: model A: params of `models.MLP` (``Dense_0 … Dense_L``) or
-      `models.CNN` (``Conv_i``, ``Norm_i``, ``Dense_j``); for BatchNorm the
+    params_a: model A: params of `models.MLP` (``Dense_0 … Dense_L``),
+      `models.CNN` (``Conv_i``, ``Norm_i``, ``Dense_j``) or `models.ResNet`
+      (``conv_init``, ``stage{s}_block{b}``, ``head``); for BatchNorm the
       variables ``{'params': …, 'batch_stats': …}``.
     params_b: model B, same architecture (its own head).
     batches: a list of input batches (``[N, d_in]`` for an MLP,
@@ -462,7 +662,8 @@ def pleas(params_a: Any, params_b: Any, batches: Iterable[Any] | Any, *,
     least_squares: solve the weights (PLeaS); False averages the blocks
       (permute-then-average at the same widths).
     align: match units first; False keeps B's order (no-alignment baseline).
-    ratios: explicit ratios per hidden group (overrides ``size``).
+    ratios: explicit ratios per hidden group (ResNets: per stage; overrides
+      ``size``).
     inputs: the features each layer's least squares is fitted on.
       ``'merged'`` (default): the merged network's own features, layer by
       layer in order, so each layer is fitted to what it will actually read
@@ -498,8 +699,10 @@ def pleas(params_a: Any, params_b: Any, batches: Iterable[Any] | Any, *,
   Returns:
     A `PleasResult`; evaluate with
     ``result.module(out_a + out_b).apply(result.variables, x)``
-    (``models.MLP(result.widths, …)`` or ``models.CNN(result.features,
-    result.dense, …, norm=result.norm)``).
+    (``models.MLP(result.widths, …)``, ``models.CNN(result.features,
+    result.dense, …, norm=result.norm)`` or ``models.ResNet(result.stage_sizes,
+    result.features, …)``). For ResNets ``ratios`` and ``widths`` are per
+    group (stream groups first, then the blocks' inner groups).
 
   Example:
     >>> import jax
@@ -541,14 +744,18 @@ def pleas(params_a: Any, params_b: Any, batches: Iterable[Any] | Any, *,
   if chain.cnn and batches[0].ndim != 4:
     raise ValueError(f'pleas: a CNN needs [N, H, W, C] batches, got shape '
                      f'{tuple(batches[0].shape)}.')
-  num_layers = len(chain.layers)
-  if ratios is not None and (len(ratios) != len(chain.groups) or
+  nodes = _nodes(chain)
+  resnet = bool(chain.stage_sizes)
+  num_ratios = len(chain.stage_sizes) if resnet else len(chain.groups)
+  if ratios is not None and (len(ratios) != num_ratios or
                              not all(0.0 <= r <= 1.0 for r in ratios)):
+    what = (f'{num_ratios} stages' if resnet else
+            f'{num_ratios} hidden groups {chain.groups}')
     raise ValueError(f'pleas: ratios must give a value in [0, 1] for each of the '
-                     f'{len(chain.groups)} hidden groups {chain.groups}, got {ratios!r}.')
+                     f'{what}, got {ratios!r}.')
 
   def features(v, x):
-    return dict(zip(chain.groups, _forward(v[0], v[1], x, chain)[2]))
+    return _run(v[0], v[1], x, chain)[2]
 
   perms, costs = evaluate.activation_matching(features, (pa, sa), (pb, sb), batches,
                                               return_costs=True)
@@ -563,13 +770,32 @@ def pleas(params_a: Any, params_b: Any, batches: Iterable[Any] | Any, *,
   sims = [np.asarray(costs[g])[np.arange(len(perms[g])), np.asarray(perms[g])]
           for g in chain.groups]
   dims = _layer_dims(pa, chain, batches[0])
-  if ratios is None:
-    ratios = choose_ratios(sims, dims, size, measure=measure)
+  if resnet:
+    # One ratio per stage, shared by its stream and inner groups (models.ResNet
+    # has one width per stage); a move separates the worst-matched units of
+    # every group of the stage.
+    def size_of(stage_r):
+      r = [stage_r[t] for t in chain.tie]
+      return _size([(d, 0.0 if nd.g_in < 0 else r[nd.g_in],
+                     1.0 if nd.g_out is None else r[nd.g_out])
+                    for d, nd in zip(dims, nodes)], measure)
+    if ratios is None:
+      stage_sims = [1.0 - sum(1.0 - np.sort(sims[g]) for g in range(len(sims))
+                              if chain.tie[g] == st) for st in range(num_ratios)]
+      ratios = _greedy_ratios(stage_sims, size_of, size)
+    stage_ratios = tuple(float(r) for r in ratios)
+    group_ratios = [stage_ratios[t] for t in chain.tie]
+    merged = size_of(stage_ratios)
+  else:
+    if ratios is None:
+      ratios = choose_ratios(sims, dims, size, measure=measure)
+    group_ratios = list(ratios)
+    merged = merged_size(dims, ratios, measure=measure)
   # Units: merged = best matched (1 - r) fraction, separate = the rest.
   groups = []
   for k in range(len(sims)):
     n = len(sims[k])
-    n_sep = int(round(ratios[k] * n))
+    n_sep = int(round(group_ratios[k] * n))
     order = np.argsort(-sims[k], kind='stable')
     groups.append((np.sort(order[:n - n_sep]), np.sort(order[n - n_sep:])))
   widths = tuple(len(m) + 2 * len(s) for m, s in groups)
@@ -583,31 +809,38 @@ def pleas(params_a: Any, params_b: Any, batches: Iterable[Any] | Any, *,
   out, stats_out = {}, ({} if chain.norm == 'batch' else None)
   chosen = []
   grid = tuple(float(r) for r in np.atleast_1d(np.asarray(ridge, np.float64)))
-  for l, (name, kind) in enumerate(chain.layers):  # in order: layer l reads < l
-    head = l == num_layers - 1
-    ka, kb = pa[name]['kernel'], pb[name]['kernel']
-    taps = ka.shape[0] * ka.shape[1] if kind == 'conv' else 1
-    avg = _average_blocks(_rows_first(ka), _rows_first(kb), pa[name]['bias'],
-                          pb[name]['bias'], groups, l, head)
+  for l, node in enumerate(nodes):  # in order: node l reads nodes < l
+    head = node.g_out is None
+    da, db = _get(pa, node.path), _get(pb, node.path)
+    ka, kb = da['kernel'], db['kernel']
+    conv = node.kind == 'conv'
+    taps = ka.shape[0] * ka.shape[1] if conv else 1
+    avg = _average_blocks(_rows_first(ka), _rows_first(kb), da.get('bias'),
+                          db.get('bias'), groups[node.g_in] if node.g_in >= 0 else None,
+                          None if head else groups[node.g_out])
+    flat = lambda k, b: np.concatenate(
+        [np.asarray(k, np.float64).reshape(-1, k.shape[-1])] +
+        ([np.asarray(b, np.float64)[None]] if node.bias else []), 0)
     if not least_squares:
-      w = np.concatenate([avg[0].reshape(-1, avg[0].shape[-1]), avg[1][None]], 0)
+      w = flat(*avg)
     else:
       fit_st, val = {}, {}  # per data source: (X^T X, X^T Y), fitting / held out
       offset = 0
       for x, src in zip(batches, sources):
-        ins_a, za, _ = _forward(pa, sa, x, chain)
-        ins_b, zb, _ = _forward(pb, sb, x, chain)
-        if l == 0:
-          xin = ins_a[0]
+        ins_a, za, _ = _run(pa, sa, x, chain)
+        ins_b, zb, _ = _run(pb, sb, x, chain)
+        if node.g_in < 0:
+          xin = ins_a[l]
         elif inputs == 'merged':  # what merged layer l will actually read
-          xin = _forward(out, stats_out, x, chain, upto=l)[0][l]
+          xin = _run(out, stats_out, x, chain, upto=l)[0][l]
         else:  # PLeaS' reference: the original models' features
-          xin = assemble(ins_a[l], ins_b[l], l - 1)
-        if kind == 'conv':
-          xin = _patches(xin, ka.shape[0], ka.shape[1])
-        xin = jnp.concatenate([xin, jnp.ones((xin.shape[0], 1), xin.dtype)], 1)
+          xin = assemble(ins_a[l], ins_b[l], node.g_in)
+        if conv:
+          xin = _patches(xin, ka.shape[0], ka.shape[1], node.stride)
+        if node.bias:
+          xin = jnp.concatenate([xin, jnp.ones((xin.shape[0], 1), xin.dtype)], 1)
         y = (jnp.concatenate([za[l], zb[l]], -1) if head
-             else assemble(za[l], zb[l], l))
+             else assemble(za[l], zb[l], node.g_out))
         y = y.reshape(-1, y.shape[-1])
         xin, y = np.asarray(xin, np.float64), np.asarray(y, np.float64)
         # Every `_HOLDOUT`-th example (counted across batches) is held out,
@@ -622,17 +855,15 @@ def pleas(params_a: Any, params_b: Any, batches: Iterable[Any] | Any, *,
           st = (xin[rows].T @ xin[rows], xin[rows].T @ y[rows])
           acc[src] = st if src not in acc else (acc[src][0] + st[0],
                                                 acc[src][1] + st[1])
-      w_avg = np.concatenate([np.asarray(avg[0], np.float64).reshape(
-          -1, avg[0].shape[-1]), np.asarray(avg[1], np.float64)[None]], 0)
+      w_avg = flat(*avg)
       w0 = w_avg if ridge_to == 'average' else None
-      blocks = _out_blocks(groups, l, head, pa[name]['bias'].shape[0],
-                           pb[name]['bias'].shape[0])
-      in_blocks = _index_blocks(groups, l - 1, ka.shape[-2] if l == 0 else None, taps)
+      blocks = _out_blocks(groups, node.g_out, head, ka.shape[-1], kb.shape[-1])
+      in_blocks = _index_blocks(groups, node.g_in, ka.shape[-2], taps)
       if fit == 'closed_form':
-        solve = lambda st, r: _solve_blocks(st, blocks, in_blocks, r, w0)
+        solve = lambda st, r: _solve_blocks(st, blocks, in_blocks, r, w0, node.bias)
       else:
         solve = lambda st, r: _fit_gradient(st, blocks, in_blocks, r, w0, w_avg,
-                                            fit_steps, fit_lr)
+                                            fit_steps, fit_lr, node.bias)
       lam = grid[0]
       if len(grid) > 1:  # choose the ridge on the held-out rows, refit on all
         errs = [_held_out_error(solve(fit_st, r), val, blocks) for r in grid]
@@ -642,30 +873,38 @@ def pleas(params_a: Any, params_b: Any, batches: Iterable[Any] | Any, *,
           fit_st[src] = (g, h) if f is None else (f[0] + g, f[1] + h)
       chosen.append(lam)
       w = solve(fit_st, lam)
-    kernel = np.asarray(w[:-1]).reshape(avg[0].shape)
-    if kind == 'conv':  # [C_in, kh, kw, C_out] -> Flax HWIO
+    n_w = int(np.prod(avg[0].shape[:-1]))
+    kernel = np.asarray(w[:n_w]).reshape(avg[0].shape)
+    if conv:  # [C_in, kh, kw, C_out] -> Flax HWIO
       kernel = kernel.transpose(1, 2, 0, 3)
-    out[name] = {'kernel': jnp.asarray(kernel, jnp.float32),
-                 'bias': jnp.asarray(w[-1], jnp.float32)}
-    if kind == 'conv' and chain.norm != 'none':
-      i = name.split('_')[1]
-      na, nb = pa[f'Norm_{i}'], pb[f'Norm_{i}']
-      out[f'Norm_{i}'] = {k: jnp.asarray(assemble(
-          np.asarray(na[k], np.float64)[None], np.asarray(nb[k], np.float64)[None], l)[0],
-          jnp.float32) for k in ('scale', 'bias')}
+    layer = {'kernel': jnp.asarray(kernel, jnp.float32)}
+    if node.bias:
+      layer['bias'] = jnp.asarray(w[n_w], jnp.float32)
+    _set(out, node.path, layer)
+    if node.norm is not None:
+      na, nb = _get(pa, node.norm), _get(pb, node.norm)
+      _set(out, node.norm, {k: jnp.asarray(assemble(
+          np.asarray(na[k], np.float64)[None], np.asarray(nb[k], np.float64)[None],
+          node.g_out)[0], jnp.float32) for k in ('scale', 'bias')})
       if chain.norm == 'batch':
         st = _batch_stats(out, stats_out, batches, chain, l)
         if bn_stats == 'keep_separate':  # [recomputed m | A's s | B's s]
-          m = len(groups[l][0])
+          m = len(groups[node.g_out][0])
           st = {k: jnp.concatenate([v[:m], jnp.asarray(assemble(
-              np.asarray(sa[f'Norm_{i}'][k])[None], np.asarray(sb[f'Norm_{i}'][k])[None],
-              l)[0, m:], jnp.float32)]) for k, v in st.items()}
-        stats_out[f'Norm_{i}'] = st
+              np.asarray(_get(sa, node.norm)[k])[None],
+              np.asarray(_get(sb, node.norm)[k])[None], node.g_out)[0, m:],
+              jnp.float32)]) for k, v in st.items()}
+        _set(stats_out, node.norm, st)
+  if resnet:
+    stage_widths = tuple(widths[:num_ratios])
+    return PleasResult(out, widths, tuple(group_ratios), merged, tuple(chosen) or None,
+                       batch_stats=stats_out, features=stage_widths, norm=chain.norm,
+                       stage_sizes=chain.stage_sizes)
   num_convs = sum(k == 'conv' for _, k in chain.layers)
-  return PleasResult(out, widths, tuple(float(r) for r in ratios),
-                     merged_size(dims, ratios, measure=measure), tuple(chosen) or None,
-                     batch_stats=stats_out, features=widths[:num_convs],
-                     dense=widths[num_convs:], norm=chain.norm)
+  return PleasResult(out, widths, tuple(float(r) for r in ratios), merged,
+                     tuple(chosen) or None, batch_stats=stats_out,
+                     features=widths[:num_convs], dense=widths[num_convs:],
+                     norm=chain.norm)
 
 
 def _rows_first(kernel):
@@ -678,10 +917,11 @@ def _batch_stats(out, stats_out, batches, chain, l):
   """Exact mean / variance of merged layer l's pre-norm output over all rows."""
   s = ss = 0.0
   n = 0
-  d = out[chain.layers[l][0]]
+  node = _nodes(chain)[l]
+  d = _get(out, node.path)
   for x in batches:
-    h = _forward(out, stats_out, x, chain, upto=l)[0][l]
-    z = np.asarray(_conv(h, d['kernel']) + _bcast(d['bias'], 4), np.float64)
+    h = _run(out, stats_out, x, chain, upto=l)[0][l]
+    z = np.asarray(_preact(d, h, node), np.float64)
     z = z.reshape(-1, z.shape[-1])
     s, ss, n = s + z.sum(0), ss + (z * z).sum(0), n + z.shape[0]
   mean = s / n
@@ -705,26 +945,27 @@ def _block_stats(stats, allowed):
   return g, h
 
 
-def _block_rows(in_blocks, allowed, d_in):
-  return np.concatenate([in_blocks[a] for a in allowed] + [[d_in]]).astype(int)
+def _block_rows(in_blocks, allowed, d_in, bias=True):
+  return np.concatenate([in_blocks[a] for a in allowed] +
+                        ([[d_in]] if bias else [])).astype(int)
 
 
-def _solve_blocks(stats, blocks, in_blocks, ridge, w0=None):
+def _solve_blocks(stats, blocks, in_blocks, ridge, w0=None, bias=True):
   """Block ridge least squares of one layer from per-source Gram statistics.
 
   Minimises ``|X W - Y|^2 + lam |W - w0|^2`` per output block (``w0 = 0``
   if None; ``lam`` relative to the mean diagonal of the block's ``X^T X``),
   with the block's weights restricted to its allowed input rows
   (``in_blocks``: patch indices for a conv). Returns the ``[d_in + 1, d_out]``
-  float64 solution (last row: the bias).
+  float64 solution (last row: the bias; no such row without ``bias``).
   """
   g_all, h_all = _block_stats(stats, ('m', 'a', 'b'))
-  d_in = g_all.shape[0] - 1
-  w = np.zeros((d_in + 1, h_all.shape[1]))
+  d_in = g_all.shape[0] - int(bias)
+  w = np.zeros((g_all.shape[0], h_all.shape[1]))
   for cols, allowed in blocks:
     g, h = _block_stats(stats, allowed)
     lam = ridge * np.mean(np.diag(g))
-    rows = _block_rows(in_blocks, allowed, d_in)
+    rows = _block_rows(in_blocks, allowed, d_in, bias)
     gi = g[np.ix_(rows, rows)] + lam * np.eye(len(rows))
     rhs = h[np.ix_(rows, cols)]
     if w0 is not None:
@@ -733,22 +974,22 @@ def _solve_blocks(stats, blocks, in_blocks, ridge, w0=None):
   return w
 
 
-def _objective(w, stats, blocks, in_blocks, ridge, w0=None):
+def _objective(w, stats, blocks, in_blocks, ridge, w0=None, bias=True):
   """The ridge objective `_solve_blocks` minimises, summed over the output blocks."""
   total = 0.0
-  d_in = _block_stats(stats, ('m', 'a', 'b'))[0].shape[0] - 1
+  d_in = _block_stats(stats, ('m', 'a', 'b'))[0].shape[0] - int(bias)
   for cols, allowed in blocks:
     g, h = _block_stats(stats, allowed)
     lam = ridge * np.mean(np.diag(g))
     wc = w[:, cols]
     ref = 0.0 if w0 is None else w0[:, cols]
-    rows = _block_rows(in_blocks, allowed, d_in)
+    rows = _block_rows(in_blocks, allowed, d_in, bias)
     total += (np.sum(wc * (g @ wc)) - 2 * np.sum(wc * h[:, cols]) +
               lam * np.sum((wc[rows] - (ref if w0 is None else ref[rows])) ** 2))
   return total
 
 
-def _fit_gradient(stats, blocks, in_blocks, ridge, w0, w_init, steps, lr):
+def _fit_gradient(stats, blocks, in_blocks, ridge, w0, w_init, steps, lr, bias=True):
   """PLeaS' reference fit: Adam + cosine schedule on the block objective.
 
   The same objective as `_solve_blocks` (per output block, from its Gram
@@ -757,19 +998,20 @@ def _fit_gradient(stats, blocks, in_blocks, ridge, w0, w_init, steps, lr):
   disallowed (sep_A <-> sep_B) entry at zero.
   """
   g_all, h_all = _block_stats(stats, ('m', 'a', 'b'))
-  d_in, d_out = g_all.shape[0] - 1, h_all.shape[1]
+  d_in, d_out = g_all.shape[0] - int(bias), h_all.shape[1]
   gs, hs, colmask, lams, scale = [], [], [], [], []
-  mask = np.zeros((d_in + 1, d_out))
+  mask = np.zeros((g_all.shape[0], d_out))
   for cols, allowed in blocks:
     g, h = _block_stats(stats, allowed)
-    mask[np.ix_(_block_rows(in_blocks, allowed, d_in), cols)] = 1.0
+    mask[np.ix_(_block_rows(in_blocks, allowed, d_in, bias), cols)] = 1.0
     cm = np.zeros(d_out)
     cm[cols] = 1.0
     gs.append(g)
     hs.append(h)
     colmask.append(cm)
     lams.append(ridge * np.mean(np.diag(g)))
-    scale.append(max(g[-1, -1], 1.0) * d_out)  # rows (the bias column's Gram) x outputs
+    # Rows (the bias column's Gram; without one, the mean diagonal) x outputs.
+    scale.append(max(g[-1, -1] if bias else np.mean(np.diag(g)), 1.0) * d_out)
   f32 = lambda v: jnp.asarray(np.asarray(v), jnp.float32)
   w0 = np.zeros_like(mask) if w0 is None else w0
   w = _adam_fit(f32(gs), f32(hs), f32(colmask), f32(lams), f32(scale), f32(mask),
@@ -823,7 +1065,7 @@ def _index_blocks(groups, k, d_in=None, taps=1):
           for b, c in ch.items()}
 
 
-def _out_blocks(groups, l, head, na, nb):
+def _out_blocks(groups, l, head, na, nb):  # l: the output group
   """(output columns, allowed input blocks) of merged layer l (heads: na, nb outputs)."""
   if head:  # separate heads
     return [(np.arange(na), ('m', 'a')), (na + np.arange(nb), ('m', 'b'))]
@@ -832,17 +1074,22 @@ def _out_blocks(groups, l, head, na, nb):
           (nm + ns + np.arange(ns), ('m', 'b'))]
 
 
-def _average_blocks(ka, kb, ba, bb, groups, l, head):
+def _average_blocks(ka, kb, ba, bb, part_in, part_out):
   """PLeaS' block construction without least squares.
 
   ``ka``, ``kb``: kernels with the input units first and the output units
-  last (`_rows_first`). Returns the merged ``(kernel, bias)`` in that layout.
+  last (`_rows_first`); ``part_in``/``part_out``: the (merged, separate)
+  units of the input / output group (None: the shared input / the heads).
+  Returns the merged ``(kernel, bias)`` in that layout (bias None if absent).
   """
-  ba, bb = np.asarray(ba), np.asarray(bb)
-  if l == 0:
+  head = part_out is None
+  nobias = ba is None
+  ba = np.zeros(ka.shape[-1]) if nobias else np.asarray(ba)
+  bb = np.zeros(kb.shape[-1]) if nobias else np.asarray(bb)
+  if part_in is None:
     mi, si = np.arange(ka.shape[0]), np.zeros(0, int)
   else:
-    mi, si = groups[l - 1]
+    mi, si = part_in
   zeros = lambda k: np.zeros((len(si),) + k.shape[1:])
   ka_full = np.concatenate([ka[mi], ka[si], zeros(ka)], 0)  # inputs m | a | b
   kb_full = np.concatenate([kb[mi], zeros(kb), kb[si]], 0)
@@ -851,8 +1098,8 @@ def _average_blocks(ka, kb, ba, bb, groups, l, head):
     return np.concatenate([ka_full, kb_full], -1), np.concatenate([ba, bb])
   # Merged outputs: average of A and B (each reading its own separate inputs
   # with half weight, the merged inputs averaged); separate outputs: own model.
-  mo, so = groups[l]
+  mo, so = part_out
   k_m = (ka_full[..., mo] + kb_full[..., mo]) / 2
   k = np.concatenate([k_m, ka_full[..., so], kb_full[..., so]], -1)
   b = np.concatenate([(ba[mo] + bb[mo]) / 2, ba[so], bb[so]])
-  return k, b
+  return k, (None if nobias else b)
