@@ -41,6 +41,9 @@ from mergejax.permute import models as M
 
 
 def _endpoint_module(config):
+  if config.arch == 'resnet':
+    return M.ResNet(tuple(config.resnet_stages), tuple(config.resnet_widths),
+                    num_outputs=5, norm=config.cnn_norm)
   if config.arch == 'cnn':
     return M.CNN(tuple(config.cnn_features), tuple(config.cnn_dense), num_outputs=5,
                  norm=config.cnn_norm)
@@ -59,7 +62,7 @@ def _logits(module, variables, x, head=None):
 
 
 def train_cnn(key, data, *, module, epochs, batch_size, lr):
-  """Trains `models.CNN` with Adam on (x, y).
+  """Trains `models.CNN` or `models.ResNet` with Adam on (x, y).
 
   Returns params, or ``{'params', 'batch_stats'}`` for BatchNorm, with the
   running statistics recomputed exactly on the training inputs.
@@ -102,10 +105,11 @@ def train_cnn(key, data, *, module, epochs, batch_size, lr):
 def main(config, workdir):
   os.makedirs(workdir, exist_ok=True)
   (xtr, ytr), (xte, yte) = rebasin.load_digits(config.seed)
-  if config.arch == 'cnn':  # 8x8 grey-level images
+  if config.arch in ('cnn', 'resnet'):  # 8x8 grey-level images
     xtr, xte = xtr.reshape(-1, 8, 8, 1), xte.reshape(-1, 8, 8, 1)
   elif config.arch != 'mlp':
-    raise ValueError(f"config.arch must be 'mlp' or 'cnn', got {config.arch!r}.")
+    raise ValueError(f"config.arch must be 'mlp', 'cnn' or 'resnet', got "
+                     f'{config.arch!r}.')
   module = _endpoint_module(config)
   tasks = []
   for lo in (0, 5):
@@ -120,7 +124,7 @@ def main(config, workdir):
   batches = rebasin.batches(data, 256)
   pleas_kw = dict(inputs=config.ls_inputs, fit=config.fit)
   # Every method gets the same BatchNorm statistics policy.
-  bn_kw = dict(bn_stats=config.bn_stats) if config.arch == 'cnn' else {}
+  bn_kw = dict(bn_stats=config.bn_stats) if config.arch != 'mlp' else {}
   if config.task_tagged and not config.data_free:  # each task's rows, tagged
     parts = [rebasin.batches(tasks[i][0][0], 256) for i in range(2)]
     batches = parts[0] + parts[1]
@@ -130,7 +134,7 @@ def main(config, workdir):
              'no_alignment': dict(least_squares=False, align=False)}
   pairs, ends = [], []
   for p in range(config.num_pairs):  # pair 0: keys 100, 101
-    if config.arch == 'cnn':
+    if config.arch != 'mlp':
       models = [train_cnn(jax.random.key(100 + 2 * p + i), tasks[i][0], module=module,
                           epochs=config.epochs, batch_size=config.batch_size,
                           lr=config.lr) for i in range(2)]
@@ -174,9 +178,12 @@ def main(config, workdir):
     print(json.dumps(row), flush=True)
   ends = np.asarray(ends)
   n = len(pairs)
-  arch = (f'MLP {config.depth}x{config.width}' if config.arch == 'mlp' else
-          f'CNN convs {tuple(config.cnn_features)} + dense {tuple(config.cnn_dense)}, '
-          f'norm={config.cnn_norm}, 8x8x1')
+  arch = {'mlp': f'MLP {config.depth}x{config.width}',
+          'cnn': f'CNN convs {tuple(config.cnn_features)} + dense '
+                 f'{tuple(config.cnn_dense)}, norm={config.cnn_norm}, 8x8x1',
+          'resnet': f'ResNet stages {tuple(config.resnet_stages)} widths '
+                    f'{tuple(config.resnet_widths)}, norm={config.cnn_norm}, 8x8x1'
+          }[config.arch]
   lines = [f'Digits {arch}, A: digits 0-4, B: 5-9; task-aware '
            f'test accuracy (mean of both tasks), mean over {n} model pairs; endpoints '
            f'{ends[:, 0].mean() * 100:.1f}% / {ends[:, 1].mean() * 100:.1f}%; '
@@ -184,7 +191,7 @@ def main(config, workdir):
            f"{'; task-tagged rows' if 'batch_tasks' in pleas_kw else ''}"
            f"{'; gradient fit' if config.fit == 'gradient' else ''}"
            f"{'; size in FLOPs' if config.measure == 'flops' else ''}"
-           f"{f'; BN statistics: {config.bn_stats}' if config.arch == 'cnn' else ''}\n",
+           f"{f'; BN statistics: {config.bn_stats}' if config.arch != 'mlp' else ''}\n",
            f'| size (x one model, {config.measure}) | PLeaS | permute + average | '
            'no alignment | '
            f'PLeaS best (of {n} pairs) | logit MSE to endpoints: PLeaS / perm + avg / '

@@ -398,9 +398,9 @@ def test_gradient_fit_end_to_end():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('variant', ['smoke', 'smoke,cnn'])
+@pytest.mark.parametrize('variant', ['smoke', 'smoke,cnn', 'smoke,resnet'])
 def test_digits_experiment_smoke(variant, tmp_path):
-  # The digits experiment end to end (about 15 s for the MLP, 30 s for the CNN).
+  # The digits experiment end to end (about 15 s for the MLP, 30-60 s otherwise).
   import importlib.util  # pylint: disable=g-import-not-at-top
   import pathlib  # pylint: disable=g-import-not-at-top
   from experiments import pleas as pleas_experiment  # pylint: disable=g-import-not-at-top
