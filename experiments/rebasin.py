@@ -5,7 +5,8 @@ For each pair of MLPs trained from different initialisations, the barrier
 and test error) for: naive interpolation, weight matching, activation matching
 (correlation), weight matching + REPAIR, and the learned matchers (on by
 default, ``config.ste`` / ``config.sinkhorn``): Git Re-Basin's STE v2 and
-Sinkhorn re-basin, both trained on the midpoint training loss. Writes
+Sinkhorn re-basin, trained on the midpoint training loss (Sinkhorn: by
+default; ``config.sinkhorn_loss`` picks another). Writes
 ``rebasin.json``, ``rebasin.md`` and ``rebasin.png`` into the workdir.
 
   python -m experiments.main --config=configs/rebasin.py --workdir=/tmp/rebasin
@@ -127,10 +128,13 @@ def ce_loss_fn(module):
   return fn
 
 
-def learned_matchings(config, spec, module, a, b, train, pair):
-  """``{name: (perms, seconds)}`` for the enabled learned matchers."""
+def learned_matchings(config, spec, loss_fn, a, b, train, pair):
+  """``{name: (perms, seconds)}`` for the enabled learned matchers.
+
+  ``loss_fn`` is built once for all pairs: it is a static argument of the
+  jitted Sinkhorn loop, so the same function object compiles once.
+  """
   out = {}
-  loss_fn = ce_loss_fn(module)
   stacked = equal_batches(train, config.learned_batch_size)
   if config.ste:
     t0 = time.time()
@@ -161,6 +165,7 @@ def main(config, workdir):
   module = M.MLP(tuple(features))
   spec = permute.mlp_spec(config.depth)
   train_m, test_m = metrics_fn(module, train), metrics_fn(module, test)
+  loss_fn = ce_loss_fn(module)
   results = []
   curves = {}
   for pair in range(config.pairs):
@@ -184,7 +189,7 @@ def main(config, workdir):
            'wm_sweeps': int(wm.sweeps)}
     aligned = [('naive', b), ('weight_matching', b_wm),
                ('activation_matching', b_am)]
-    for name, (perms, secs) in learned_matchings(config, spec, module, a, b,
+    for name, (perms, secs) in learned_matchings(config, spec, loss_fn, a, b,
                                                  train, pair).items():
       aligned.append((name, permute.apply_permutation(spec, perms, b)))
       row[f'{name}_s'] = secs
