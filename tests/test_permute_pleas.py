@@ -215,7 +215,16 @@ def test_conv_least_squares_recovers_a_known_conv():
   np.testing.assert_allclose(w[-1], b, atol=1e-4)
 
 
-@pytest.mark.parametrize('norm', ['none', 'batch', 'group'])
+def test_cnn_group_norm_forward_matches_flax():
+  # PLeaS' own forward pass (targets, merged features) against models.CNN.
+  (a, _), (ya, _) = _cnn_pair('group')
+  chain = pleas_lib._infer_chain(a, None, 'group', False)
+  ins, zs, _ = pleas_lib._run(a, None, XC, chain)
+  np.testing.assert_allclose(zs[-1], ya, atol=1e-5)
+
+
+@pytest.mark.parametrize('norm', ['none', 'batch',
+                                  pytest.param('group', marks=pytest.mark.slow)])
 def test_cnn_full_size_is_exact_task_aware_ensemble(norm):
   (a, b), (ya, yb) = _cnn_pair(norm)
   kw = dict(norm='group') if norm == 'group' else {}
