@@ -39,6 +39,51 @@ def test_choose_ratios_respects_budget_and_prefers_dissimilar_units():
   assert permute.choose_ratios(sims, dims, 2.0) == (1.0, 1.0)
 
 
+def test_merge_costs_match_numpy_reference():
+  a, b = _models()
+  x = np.asarray(jax.random.normal(KEY, (40, 5)), np.float64)
+  from mergejax._src.permute import pleas as pleas_lib
+  chain = pleas_lib._infer_chain(a, 2, None, False)
+  features = lambda v, x: pleas_lib._run(v[0], v[1], x, chain)[2]
+  costs = pleas_lib._merge_costs(features, (a, None), (b, None),
+                                 [jnp.asarray(x[:25]), jnp.asarray(x[25:])], chain)
+
+  def hidden(p):
+    hs, h = [], x
+    for l in range(2):
+      h = np.maximum(h @ np.asarray(p[f'Dense_{l}']['kernel']) +
+                     np.asarray(p[f'Dense_{l}']['bias']), 0)
+      hs.append(h)
+    return hs
+
+  for k, (ha, hb) in enumerate(zip(hidden(a), hidden(b))):
+    use = sum(np.sum(np.asarray(p[f'Dense_{k + 1}']['kernel'], np.float64) ** 2, 1)
+              for p in (a, b))
+    np.testing.assert_allclose(costs[k], np.mean((ha - hb) ** 2, 0) * use / 4,
+                               rtol=1e-5)
+
+
+@pytest.mark.parametrize('criterion', ['sensitivity', 'correlation'])
+def test_criterion_decides_which_units_stay_separate(criterion):
+  # B = A with hidden unit 3 of layer 0 scaled by 4 (incoming weights and
+  # bias): perfectly correlated with A's unit, but 3x larger. Merging it
+  # changes the next layer most, so the sensitivity criterion keeps it
+  # separate first; the correlation criterion (all units correlate 1) does not.
+  a, _ = _models()
+  b = jax.tree.map(lambda v: v, a)
+  b['Dense_0'] = {'kernel': a['Dense_0']['kernel'].at[:, 3].multiply(4.0),
+                  'bias': a['Dense_0']['bias'].at[3].multiply(4.0)}
+  x = jax.random.normal(KEY, (128, 5))
+  res = permute.pleas(a, b, [x], num_hidden=2, ratios=(1 / 12, 0.0), size=2.0,
+                      least_squares=False, criterion=criterion)
+  # Unit 3 separate <=> merged block = the other 11 units, and the separate
+  # copies of A and B differ by the factor 4.
+  k = np.asarray(res.params['Dense_0']['kernel'])
+  sep_a, sep_b = k[:, 11], k[:, 12]
+  is_unit3 = np.allclose(sep_b, 4 * sep_a, atol=1e-6) and not np.allclose(sep_a, 0)
+  assert is_unit3 == (criterion == 'sensitivity')
+
+
 def test_full_size_is_exact_ensemble_and_ls_reproduces_it():
   a, b = _models()
   x = jax.random.normal(KEY, (64, 5))
@@ -112,6 +157,12 @@ def test_merged_inputs_fit_each_layer_to_what_it_reads():
   # End to end, the merged-input fit is closer to the endpoints here.
   err = lambda r: float(jnp.mean((_apply(r, x) - target) ** 2))
   assert err(merged) < err(orig)
+
+
+def test_pleas_rejects_unknown_criterion():
+  a, b = _models()
+  with pytest.raises(ValueError, match="criterion must be 'sensitivity'"):
+    permute.pleas(a, b, [jnp.ones((4, 5))], num_hidden=2, size=1.5, criterion='l2')
 
 
 def test_pleas_rejects_unknown_inputs():

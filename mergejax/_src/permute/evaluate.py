@@ -82,7 +82,7 @@ class _Moments(NamedTuple):
   sab: Any
 
 
-def _as_list(x):
+def as_list(x):
   return list(x) if isinstance(x, (list, tuple)) else [x]
 
 
@@ -94,7 +94,7 @@ def activation_statistics(features_fn, reference, other, batches: Iterable[Any]
   for x in batches:
     fa, fb = step(x)
     for g in fa:
-      for i, (a, b) in enumerate(zip(_as_list(fa[g]), _as_list(fb[g]))):
+      for i, (a, b) in enumerate(zip(as_list(fa[g]), as_list(fb[g]))):
         a = np.asarray(a, np.float64).reshape(-1, a.shape[-1])
         b = np.asarray(b, np.float64).reshape(-1, b.shape[-1])
         m = _Moments(a.shape[0], a.sum(0), b.sum(0), (a * a).sum(0),

@@ -30,7 +30,11 @@ The method:
 2. **Partial permutation**: per hidden group a ratio ``r_k`` of units is kept
    *separate* (one copy from each model) and the best-matched ``1 - r_k`` are
    merged; the group's width becomes ``n_k (1 + r_k)``, ordered
-   ``[merged | sep_A | sep_B]``. `choose_ratios` picks the ratios for a
+   ``[merged | sep_A | sep_B]``. Which units are worst matched is decided,
+   by default, by their first-order merge cost (``criterion='sensitivity'``:
+   the expected squared change that merging a pair causes in the
+   pre-activations of the layers reading it), or by their correlation
+   (``'correlation'``, PLeaS' choice). `choose_ratios` picks the ratios for a
    budget in parameters (default) or FLOPs with a greedy solver (no
    commercial optimiser): it repeatedly separates the worst-matched units per
    parameter (FLOP) spent.
@@ -216,7 +220,9 @@ def choose_ratios(similarities: Sequence[np.ndarray], dims: Sequence[tuple[int, 
   parameter (or FLOP) added. Stops when no move fits.
 
   Args:
-    similarities: per hidden group, the matched similarity of every unit.
+    similarities: per hidden group, a score per unit, higher = better to
+      merge (the matched correlation, or ``1 - cost / max cost``); the gain of
+      separating a unit is ``1 - score``.
     dims: per layer ``(n_in, n_out)`` or `LayerDims` (one more than groups).
     size: target size relative to one model (>= the all-merged size).
     step: units per move (default ``max(1, n // 16)``).
@@ -638,7 +644,8 @@ def pleas(params_a: Any, params_b: Any, batches: Iterable[Any] | Any, *,
           batch_tasks: Sequence[int | None] | None = None,
           norm: str | None = None, measure: str = 'params',
           fit: str = 'closed_form', fit_steps: int = 400,
-          fit_lr: float = 5e-4, bn_stats: str = 'recompute') -> PleasResult:
+          fit_lr: float = 5e-4, bn_stats: str = 'recompute',
+          criterion: str = 'sensitivity') -> PleasResult:
   """Merges two MLPs, CNNs or ResNets into one of ``size`` x one model (module docstring).
 
   Args:
@@ -688,6 +695,12 @@ def pleas(params_a: Any, params_b: Any, batches: Iterable[Any] | Any, *,
       the same (full-batch) objective, the sep_A <-> sep_B blocks masked.
     fit_steps: Adam steps per layer for ``fit='gradient'`` (reference: 400).
     fit_lr: peak learning rate for ``fit='gradient'`` (reference: 5e-4).
+    criterion: which units to keep separate (and so the ratios).
+      ``'sensitivity'`` (default): the units whose merging changes the
+      pre-activations of the layers reading them most, to first order:
+      ``E[(h_a - h_b)^2] (|W_a[i]|^2 + |W_b[i]|^2) / 4`` with ``W[i]`` the
+      unit's kernel rows in those layers (identity skips not counted).
+      ``'correlation'``: the worst-correlated units (PLeaS' ``get_blocks``).
     bn_stats: BatchNorm running statistics of the merged model.
       ``'recompute'`` (default, PLeaS' reference): every channel's, on the
       merged model over all rows of ``batches``, layer by layer.
@@ -725,6 +738,9 @@ def pleas(params_a: Any, params_b: Any, batches: Iterable[Any] | Any, *,
     raise ValueError(f"fit must be 'closed_form' or 'gradient', got {fit!r}.")
   if measure not in _MEASURES:
     raise ValueError(f"measure must be 'params' or 'flops', got {measure!r}.")
+  if criterion not in ('sensitivity', 'correlation'):
+    raise ValueError("criterion must be 'sensitivity' or 'correlation', got "
+                     f'{criterion!r}.')
   if ratios is None and not 1.0 <= float(size) <= 2.0:
     raise ValueError(f'size must be in [1, 2] (x one model), got {size!r}.')
   batches = list(batches) if isinstance(batches, (list, tuple)) else (
@@ -767,8 +783,13 @@ def pleas(params_a: Any, params_b: Any, batches: Iterable[Any] | Any, *,
   else:
     vb = apply_permutation(spec, perms, {'params': pb, 'batch_stats': sb})
     pb, sb = vb['params'], vb['batch_stats']
-  sims = [np.asarray(costs[g])[np.arange(len(perms[g])), np.asarray(perms[g])]
-          for g in chain.groups]
+  if criterion == 'correlation':
+    sims = [np.asarray(costs[g])[np.arange(len(perms[g])), np.asarray(perms[g])]
+            for g in chain.groups]
+  else:  # scores in [0, 1] on one scale across groups: 1 - cost / max cost
+    cost = _merge_costs(features, (pa, sa), (pb, sb), batches, chain)
+    top = max(float(np.max(c)) for c in cost) or 1.0
+    sims = [1.0 - c / top for c in cost]
   dims = _layer_dims(pa, chain, batches[0])
   if resnet:
     # One ratio per stage, shared by its stream and inner groups (models.ResNet
@@ -905,6 +926,39 @@ def pleas(params_a: Any, params_b: Any, batches: Iterable[Any] | Any, *,
                      tuple(chosen) or None, batch_stats=stats_out,
                      features=widths[:num_convs], dense=widths[num_convs:],
                      norm=chain.norm)
+
+
+def _merge_costs(features, va, vb, batches, chain):
+  """Per group and unit: the first-order cost of merging the matched pair.
+
+  Merging unit ``i`` replaces A's feature ``h_a`` by ``(h_a + h_b) / 2``, a
+  change ``(h_b - h_a) / 2`` that every layer reading the group multiplies by
+  the unit's kernel rows. Ignoring the correlations between units, the
+  expected squared change of those layers' pre-activations, summed over both
+  models, is ``E[(h_a - h_b)^2] / 4 * (|W_a[i]|^2 + |W_b[i]|^2)``, with the
+  expectation over the rows of ``batches`` (and positions, for convs) and
+  ``|W[i]|^2`` the squared norm of unit ``i``'s rows in every reading layer.
+  Unlike the correlation, this weighs a unit by how large its mismatch is and
+  by how much the next layers use it (identity skips are not counted).
+  """
+  sq = [0.0] * len(chain.groups)
+  rows = [0] * len(chain.groups)
+  for x in batches:
+    fa, fb = features(va, x), features(vb, x)
+    for k, g in enumerate(chain.groups):
+      for ha, hb in zip(evaluate.as_list(fa[g]), evaluate.as_list(fb[g])):
+        d = np.asarray(ha, np.float64) - np.asarray(hb, np.float64)
+        d = d.reshape(-1, d.shape[-1])
+        sq[k] = sq[k] + np.sum(d * d, axis=0)
+        rows[k] += d.shape[0]
+  use = [0.0] * len(chain.groups)
+  for node in _nodes(chain):
+    if node.g_in >= 0:
+      for params in (va[0], vb[0]):
+        w = _rows_first(np.asarray(_get(params, node.path)['kernel'], np.float64))
+        use[node.g_in] = use[node.g_in] + np.sum(
+            (w * w).reshape(len(sq[node.g_in]), -1), axis=1)
+  return [s / max(r, 1) * u / 4 for s, r, u in zip(sq, rows, use)]
 
 
 def _rows_first(kernel):
