@@ -132,21 +132,14 @@ def soft_apply_permutation(spec: PermutationSpec, matrices: Mapping[str, Any],
   _check_matrices(spec, matrices, params)
   nested = spec.nested
 
+  def mix(x, g, axis, slot_axis):
+    m = jnp.asarray(matrices[g], jnp.promote_types(x.dtype, jnp.float32))
+    x = x.astype(m.dtype)
+    return _mix(x, m, axis) if slot_axis is None else _mix_nested(x, m, axis, slot_axis)
+
   def leaf(path, x):
-    ax = resolved[path]
-    x = jnp.asarray(x)
-    # Parents (heads) before children (within-head dims), as apply_permutation.
-    for i in sorted(range(len(ax)), key=lambda i: ax[i] in nested):
-      g = ax[i]
-      if g is None or g not in matrices:
-        continue
-      m = jnp.asarray(matrices[g], jnp.promote_types(x.dtype, jnp.float32))
-      x = x.astype(m.dtype)
-      if g in nested:
-        x = _mix_nested(x, m, i, ax.index(nested[g]))
-      else:
-        x = _mix(x, m, i)
-    return x
+    return spec_lib.permute_axes(jnp.asarray(x), resolved[path], nested,
+                                 set(matrices), mix)
 
   return paths.tree_map_with_path(leaf, params)
 

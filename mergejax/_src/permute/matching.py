@@ -58,25 +58,10 @@ class MatchingResult(NamedTuple):
 # --------------------------------------------------------------------------- #
 # Shared, array-module-generic pieces (xp is numpy or jax.numpy).
 # --------------------------------------------------------------------------- #
-def _take_nested(xp, x, p, axis, slot_axis):
-  shape = [1] * x.ndim
-  shape[slot_axis], shape[axis] = p.shape
-  idx = xp.broadcast_to(p.reshape(shape), x.shape)
-  return xp.take_along_axis(x, idx, axis=axis)
-
-
 def _apply_leaf(xp, x, ax, perms, nested, skip=()):
   """Applies every group of ``ax`` except ``skip`` (parents before children)."""
-  order = sorted(range(len(ax)), key=lambda i: ax[i] in nested)
-  for i in order:
-    g = ax[i]
-    if g is None or g in skip:
-      continue
-    if g in nested:
-      x = _take_nested(xp, x, perms[g], i, ax.index(nested[g]))
-    else:
-      x = xp.take(x, perms[g], axis=i)
-  return x
+  return spec_lib.permute_axes(x, ax, nested, set(perms) - set(skip),
+                               functools.partial(spec_lib.take_group, xp, perms=perms))
 
 
 def _mat(xp, x, axis):

@@ -23,6 +23,8 @@ tree and a full Flax ``variables`` dict alike.
 
 from __future__ import annotations
 
+import functools
+
 from typing import Any, Mapping
 
 import jax
@@ -258,30 +260,37 @@ def apply_permutation(spec: PermutationSpec, perms: Mapping[str, Any],
   nested = spec.nested
 
   def permute_leaf(path, x):
-    ax = resolved[path]
-    # Parents (heads) before children (within-head dims): a child's rows are
-    # indexed by the slot a head lands in.
-    order = sorted(range(len(ax)), key=lambda i: ax[i] in nested)
-    for i in order:
-      g = ax[i]
-      if g is None or g not in perms:
-        continue
-      p = jnp.asarray(perms[g])
-      if g in nested:
-        x = _take_nested(x, p, axis=i, slot_axis=ax.index(nested[g]))
-      else:
-        x = jnp.take(x, p, axis=i)
-    return x
+    return permute_axes(x, resolved[path], nested, set(perms), functools.partial(
+        take_group, jnp, perms=perms))
 
   return paths.tree_map_with_path(permute_leaf, params)
 
 
-def _take_nested(x, p, *, axis, slot_axis):
-  """``x[..., s, ..., p[s, j], ...]``: a different permutation per slot."""
+def permute_axes(x, ax, nested, groups, permute_one):
+  """``permute_one(x, g, axis, slot_axis)`` for every axis of ``x`` in ``groups``.
+
+  ``ax`` is the leaf's group per axis; ``slot_axis`` is the axis of a nested
+  group's parent (None for plain groups). Parents (heads) go before children
+  (within-head dims): a child's rows are indexed by the slot a head lands in.
+  One loop for hard (`apply_permutation`), soft (`soft_apply_permutation`)
+  and host-side (weight matching's cost terms) permutations.
+  """
+  for i in sorted(range(len(ax)), key=lambda i: ax[i] in nested):
+    g = ax[i]
+    if g is not None and g in groups:
+      x = permute_one(x, g, i, ax.index(nested[g]) if g in nested else None)
+  return x
+
+
+def take_group(xp, x, g, axis, slot_axis, *, perms):
+  """``take`` along ``axis`` by ``perms[g]``; per slot for a nested group (xp: np or jnp)."""
+  p = xp.asarray(perms[g])
+  if slot_axis is None:
+    return xp.take(x, p, axis=axis)
   shape = [1] * x.ndim
   shape[slot_axis], shape[axis] = p.shape
-  idx = jnp.broadcast_to(p.reshape(shape), x.shape)
-  return jnp.take_along_axis(x, idx, axis=axis)
+  idx = xp.broadcast_to(p.reshape(shape), x.shape)
+  return xp.take_along_axis(x, idx, axis=axis)
 
 
 def compose(first: Mapping[str, Any], second: Mapping[str, Any],
