@@ -351,33 +351,7 @@ def _infer_chain(params, num_hidden, norm, has_stats) -> _Chain:
     raise ValueError(f'pleas: num_hidden={num_hidden} but the CNN has {num_convs} '
                      f'convs and {num_dense} Dense layers ({num_convs + num_dense - 1} '
                      'hidden groups); leave num_hidden out for CNNs.')
-  has_norm = 'Norm_0' in params
-  if norm is None:
-    if has_stats:
-      norm = 'batch'
-    elif has_norm:
-      raise ValueError(
-          'pleas: the CNN has Norm_i params but no batch_stats, so it is LayerNorm '
-          "or GroupNorm. LayerNorm (models.CNN's default) normalises over all "
-          'channels, mixing the merged and separate blocks, and is not supported; '
-          "for GroupNorm with one channel per group pass norm='group'; for "
-          "BatchNorm pass {'params': …, 'batch_stats': …}.")
-    else:
-      norm = 'none'
-  if norm == 'layer':
-    raise ValueError(
-        "pleas: norm='layer' is not supported: LayerNorm normalises over all "
-        'channels, mixing the [merged | sep_A | sep_B] blocks (the sep_A <-> sep_B '
-        "blocks would no longer be independent). Use norm='batch', 'group' "
-        "(one channel per group) or 'none'.")
-  if norm not in ('none', 'batch', 'group'):
-    raise ValueError(f"pleas: norm must be 'none', 'batch' or 'group', got {norm!r}.")
-  if norm == 'batch' and not has_stats:
-    raise ValueError("pleas: norm='batch' needs the running statistics: pass "
-                     "{'params': …, 'batch_stats': …} for both models.")
-  if has_norm != (norm != 'none'):
-    raise ValueError(f'pleas: norm={norm!r} but the params '
-                     f"{'have' if has_norm else 'have no'} Norm_i modules.")
+  norm = _norm_kind(norm, has_stats, 'Norm_0' in params, 'CNN (Norm_i)')
   for i in range(num_convs):
     if 'bias' not in params[f'Conv_{i}'] or params[f'Conv_{i}']['kernel'].ndim != 4:
       raise ValueError(f'pleas: Conv_{i} must be a 2D conv with a bias (models.CNN); '
@@ -390,6 +364,7 @@ def _infer_chain(params, num_hidden, norm, has_stats) -> _Chain:
 
 
 def _norm_kind(norm, has_stats, has_norm, what):
+  """The conv norm kind (inferred when None), with clear errors for unsupported ones."""
   if norm is None:
     if has_stats:
       norm = 'batch'
