@@ -38,6 +38,7 @@ def get_config(arg=None):
   c.lr = 1e-3
   c.sizes = (1.0, 1.2, 1.4, 1.6, 1.8, 2.0)   # merged size / one model's size
   c.measure = 'params'   # what the size counts: 'params' or 'flops'
+  c.criterion = 'sensitivity'  # separate units by merge cost; or 'correlation' (PLeaS')
   c.ridge = 1e-3
   c.fit = 'closed_form'  # or 'gradient' (PLeaS' Adam fit)
   c.data_free = False    # True: match and solve on generated inputs

@@ -154,7 +154,8 @@ def main(config, workdir):
       ref = [_logits(module, models[i], tasks[i][1][0]) for i in range(2)]
       for name, kw in methods.items():
         r = permute.pleas(models[0], models[1], batches, size=size, ridge=config.ridge,
-                          measure=config.measure, **arch_kw, **bn_kw, **kw)
+                          measure=config.measure, criterion=config.criterion,
+                          **arch_kw, **bn_kw, **kw)
         out = [_logits(r.module(10), r.variables, tasks[i][1][0], head=i)
                for i in range(2)]
         acc = np.mean([np.mean(o.argmax(-1) == tasks[i][1][1])
@@ -191,6 +192,7 @@ def main(config, workdir):
            f"{'; task-tagged rows' if 'batch_tasks' in pleas_kw else ''}"
            f"{'; gradient fit' if config.fit == 'gradient' else ''}"
            f"{'; size in FLOPs' if config.measure == 'flops' else ''}"
+           f"{'; units chosen by correlation' if config.criterion == 'correlation' else ''}"
            f"{f'; BN statistics: {config.bn_stats}' if config.arch != 'mlp' else ''}\n",
            f'| size (x one model, {config.measure}) | PLeaS | permute + average | '
            'no alignment | '
