@@ -156,16 +156,7 @@ class SinkhornMatchingResult(NamedTuple):
 
 
 def _check_pair(reference, other):
-  ref_flat = paths.flatten_to_dict(reference)
-  oth_flat = paths.flatten_to_dict(other)
-  if set(ref_flat) != set(oth_flat):
-    raise ValueError('reference and other have different leaves: '
-                     f'{sorted(set(ref_flat) ^ set(oth_flat))[:5]}; both must '
-                     'have the same structure.')
-  for p, x in ref_flat.items():
-    if np.shape(x) != np.shape(oth_flat[p]):
-      raise ValueError(f'Leaf {p!r}: reference has shape {np.shape(x)} but '
-                       f'other has {np.shape(oth_flat[p])}.')
+  matching_lib.check_pair(reference, other)
   if jax.tree.structure(reference) != jax.tree.structure(other):
     raise ValueError('reference and other have the same leaf paths but different '
                      'pytree types (e.g. dict vs FrozenDict); convert one.')
@@ -423,11 +414,7 @@ def sinkhorn_matching(spec: PermutationSpec, reference: Any, other: Any, *,
   if solver not in solvers_lib.SOLVERS and not callable(solver):
     raise ValueError(f'solver must be one of {solvers_lib.SOLVERS} or a '
                      f'callable, got {solver!r}.')
-  init_perms = spec_lib.identity_permutations(spec, reference)
-  if init_permutations is not None:
-    spec_lib.check_permutations(spec, init_permutations, reference)
-    init_perms.update({g: jnp.asarray(p, jnp.int32)
-                       for g, p in init_permutations.items()})
+  init_perms = spec_lib.start_permutations(spec, reference, init_permutations)
   f32 = lambda t: jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), t)
   logits, soft, losses = _fit(
       init_perms, f32(reference), f32(other), batches, key, learning_rate, tau,
@@ -523,8 +510,8 @@ def ste_matching(spec: PermutationSpec, reference: Any, other: Any,
     def loss(t):
       ste = jax.tree.map(lambda p, t: jax.lax.stop_gradient(p) + t -
                          jax.lax.stop_gradient(t), projected, t)
-      mid = jax.tree.map(lambda a, s: 0.5 * (a + s), reference, ste)
-      return loss_fn(mid, batch)
+      # The midpoint; ste first so that it is computed in ste's float32.
+      return loss_fn(evaluate_lib.lerp(ste, reference, 0.5), batch)
     value, grads = jax.value_and_grad(loss)(theta)
     upd, state = opt.update(grads, state, theta)
     return optax.apply_updates(theta, upd), state, value

@@ -492,21 +492,9 @@ def weight_matching(spec: PermutationSpec, reference: Any, other: Any, *,
     Array([2, 1, 5, 0, 4, 3], dtype=int32)
   """
   resolved = spec.resolve(reference)
-  ref_flat = paths.flatten_to_dict(reference)
-  oth_flat = paths.flatten_to_dict(other)
-  if set(ref_flat) != set(oth_flat):
-    raise ValueError('reference and other have different leaves: '
-                     f'{sorted(set(ref_flat) ^ set(oth_flat))[:5]}.')
-  for p, x in ref_flat.items():
-    if np.shape(x) != np.shape(oth_flat[p]):
-      raise ValueError(f'Leaf {p!r}: reference has shape {np.shape(x)} but '
-                       f'other has {np.shape(oth_flat[p])}.')
+  ref_flat, oth_flat = check_pair(reference, other)
   spec.group_sizes(reference)
-  perms0 = spec_lib.identity_permutations(spec, reference)
-  if init_permutations is not None:
-    spec_lib.check_permutations(spec, init_permutations, reference)
-    perms0.update({g: jnp.asarray(p, jnp.int32)
-                   for g, p in init_permutations.items()})
+  perms0 = spec_lib.start_permutations(spec, reference, init_permutations)
   if solver in solvers_lib.HOST_SOLVERS:
     traced = any(isinstance(x, jax.core.Tracer)
                  for x in jax.tree.leaves((reference, other, key)))
@@ -540,6 +528,29 @@ def weight_matching(spec: PermutationSpec, reference: Any, other: Any, *,
   if not return_costs:
     return perms
   return MatchingResult(perms, costs, obj, sweeps)
+
+
+def check_pair(reference: Any, other: Any) -> tuple[dict, dict]:
+  """Checks that two models have the same leaf paths and shapes.
+
+  Returns:
+    Both models flattened (`paths.flatten_to_dict`).
+
+  Raises:
+    ValueError: naming the leaves only one model has, or a leaf whose shapes
+      differ.
+  """
+  ref_flat = paths.flatten_to_dict(reference)
+  oth_flat = paths.flatten_to_dict(other)
+  if set(ref_flat) != set(oth_flat):
+    raise ValueError('reference and other have different leaves: '
+                     f'{sorted(set(ref_flat) ^ set(oth_flat))[:5]}; both must '
+                     'have the same structure.')
+  for p, x in ref_flat.items():
+    if np.shape(x) != np.shape(oth_flat[p]):
+      raise ValueError(f'Leaf {p!r}: reference has shape {np.shape(x)} but '
+                       f'other has {np.shape(oth_flat[p])}.')
+  return ref_flat, oth_flat
 
 
 def _host_objective(resolved, a_flat, b_flat, perms, nested):

@@ -191,6 +191,16 @@ def identity_permutations(spec: PermutationSpec, tree: Any) -> Permutations:
           for g, s in spec.perm_shapes(tree).items()}
 
 
+def start_permutations(spec: PermutationSpec, tree: Any,
+                       init_permutations: Mapping[str, Any] | None) -> Permutations:
+  """Identity permutations, replaced by ``init_permutations`` where given (checked)."""
+  perms = identity_permutations(spec, tree)
+  if init_permutations is not None:
+    check_permutations(spec, init_permutations, tree)
+    perms.update({g: jnp.asarray(p, jnp.int32) for g, p in init_permutations.items()})
+  return perms
+
+
 def random_permutations(spec: PermutationSpec, tree: Any,
                         key: jax.Array) -> Permutations:
   """Uniformly random permutations for every group (per slot if nested).
