@@ -862,7 +862,9 @@ def pleas(params_a: Any, params_b: Any, batches: Iterable[Any] | Any, *,
                                             fit_steps, fit_lr, node.bias)
       lam = grid[0]
       if len(grid) > 1:  # choose the ridge on the held-out rows, refit on all
-        errs = [_held_out_error(solve(fit_st, r), val, blocks) for r in grid]
+        # The held-out squared error (up to constants): the objective unridged.
+        errs = [_objective(solve(fit_st, r), val, blocks, in_blocks, 0.0,
+                           bias=node.bias) for r in grid]
         lam = grid[int(np.argmin(errs))]
         for src, (g, h) in val.items():
           f = fit_st.get(src)
@@ -1067,16 +1069,6 @@ def _adam_fit(gs, hs, colmask, lams, scale, mask, w_init, w0, lr, steps):
 
   (w, _), _ = jax.lax.scan(step, (w_init, opt.init(w_init)), None, length=steps)
   return w
-
-
-def _held_out_error(w, val, blocks):
-  """``sum_blocks |X_v W - Y_v|^2`` up to constants, on each block's rows."""
-  err = 0.0
-  for cols, allowed in blocks:
-    g, h = _block_stats(val, allowed)
-    wc = w[:, cols]
-    err += np.sum(wc * (g @ wc)) - 2 * np.sum(wc * h[:, cols])
-  return err
 
 
 def _index_blocks(groups, k, d_in=None, taps=1):
