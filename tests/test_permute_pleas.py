@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from mergejax import permute
+from mergejax._src.permute import pleas as pleas_lib
 from mergejax.permute import models as M
 
 KEY = jax.random.key(0)
@@ -42,7 +43,6 @@ def test_choose_ratios_respects_budget_and_prefers_dissimilar_units():
 def test_merge_costs_match_numpy_reference():
   a, b = _models()
   x = np.asarray(jax.random.normal(KEY, (40, 5)), np.float64)
-  from mergejax._src.permute import pleas as pleas_lib
   chain = pleas_lib._infer_chain(a, 2, None, False)
   features = lambda v, x: pleas_lib._run(v[0], v[1], x, chain)[2]
   costs = pleas_lib._merge_costs(features, (a, None), (b, None),
@@ -220,8 +220,6 @@ def test_task_tagged_batches_fit_each_head_on_its_task():
 # --------------------------------------------------------------------------- #
 # CNN chains (models.CNN) and the gradient fit.
 # --------------------------------------------------------------------------- #
-from mergejax._src.permute import pleas as pleas_lib  # noqa: E402
-
 XC = jax.random.normal(jax.random.key(3), (48, 6, 6, 2))
 CNN_KW = dict(features=(4, 6), dense=(5,), num_outputs=3)
 
