@@ -1,5 +1,6 @@
 """Test configuration: 8 virtual CPU devices, set before JAX starts a backend."""
 
+import collections
 import os
 
 import jax
@@ -15,3 +16,18 @@ def pytest_configure(config):
   config.addinivalue_line('markers', 'slow: long-running; excluded by default')
   config.addinivalue_line('markers', 'peer: parity test against an installed peer')
 
+
+def _skip_reason(report) -> str:
+  longrepr = report.longrepr
+  reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+  return reason.removeprefix('Skipped: ')
+
+
+def pytest_terminal_summary(terminalreporter):
+  # Skips grouped by reason alone (pytest's -rs repeats a reason once per
+  # file), so a run without the parity peers ends with one line saying how
+  # to run them.
+  reasons = collections.Counter(
+      _skip_reason(r) for r in terminalreporter.stats.get('skipped', ()))
+  for reason, count in sorted(reasons.items()):
+    terminalreporter.write_line(f'SKIPPED ({count}): {reason}')
