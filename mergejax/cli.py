@@ -268,7 +268,11 @@ def run_merge(config: str | dict, out_dir: str, *, out_shard_size: int | str =
   """
   from mergejax._src import mergekit_config as mc  # pylint: disable=g-import-not-at-top
   from mergejax._src import stream  # pylint: disable=g-import-not-at-top
+  from mergejax._src.io import atomic  # pylint: disable=g-import-not-at-top
   cfg = mc.load_config(config)
+  # Before any work: a dangerous output path (empty, '.', a parent of an
+  # input, ...) is refused rather than replaced.
+  atomic.check_output_path(out_dir, inputs=cfg.referenced_models())
   jobs, conf, hook, readers = build_jobs(
       cfg, out_dtype=dtype, compute_dtype=compute_dtype, seed=seed,
       truncate_embeddings=truncate_embeddings)
@@ -281,7 +285,7 @@ def run_merge(config: str | dict, out_dir: str, *, out_shard_size: int | str =
     return stream.run_jobs(
         jobs, out_dir, config=conf, max_shard_size=parse_size(out_shard_size),
         prefetch_bytes=prefetch_bytes, threads=threads, overwrite=overwrite,
-        progress=progress, global_trim=hook,
+        progress=progress, global_trim=hook, inputs=cfg.referenced_models(),
         metadata={'mergejax_method': cfg.merge_method}, copy_files=copy,
         extra_files={'mergekit_config.yml': yaml.safe_dump(cfg.raw,
                                                           sort_keys=False)})

@@ -155,6 +155,41 @@ def test_cli_layout_dtype_and_shards(tiny, tmp_path):
                    '--overwrite']) == 0
 
 
+@pytest.mark.parametrize('out', ['', '.', '..', 'INPUTS'])
+def test_cli_refuses_dangerous_output_paths(tiny, tmp_path, monkeypatch,
+                                            capsys, out):
+  # An unset $OUT ('') or '.' with --overwrite must not replace the working
+  # directory; nor may the output hold an input model.
+  work = tmp_path / 'work' / 'sub'
+  work.mkdir(parents=True)
+  (work / 'keep.txt').write_text('keep')
+  monkeypatch.chdir(work)
+  cfg = _write_cfg(tmp_path, {'merge_method': 'linear', 'models': [
+      {'model': tiny['ft1'], 'parameters': {'weight': 1.0}},
+      {'model': tiny['ft2'], 'parameters': {'weight': 1.0}}]})
+  if out == 'INPUTS':
+    out = os.path.dirname(tiny['ft1'])
+  before = sorted(os.listdir(os.path.dirname(tiny['ft1'])))
+  assert cli.main(['merge', cfg, out, '--quiet', '--overwrite']) == 2
+  assert 'Output path' in capsys.readouterr().err
+  assert sorted(os.listdir(work)) == ['keep.txt']
+  assert sorted(os.listdir(os.path.dirname(tiny['ft1']))) == before
+
+
+def test_cli_overwrite_only_replaces_its_own_output(tiny, tmp_path):
+  cfg = _write_cfg(tmp_path, {'merge_method': 'linear', 'models': [
+      {'model': tiny['ft1'], 'parameters': {'weight': 1.0}},
+      {'model': tiny['ft2'], 'parameters': {'weight': 1.0}}]})
+  other = tmp_path / 'data'
+  other.mkdir()
+  (other / 'results.csv').write_text('1,2,3')
+  assert cli.main(['merge', cfg, str(other), '--quiet', '--overwrite']) == 2
+  assert os.listdir(other) == ['results.csv']
+  out = str(tmp_path / 'merged')
+  assert cli.main(['merge', cfg, out, '--quiet']) == 0
+  assert cli.main(['merge', cfg, out, '--quiet', '--overwrite']) == 0
+
+
 def _variant(tiny, tmp_path, name, drop=(), vocab=None, tie=False):
   """A copy of ft1 with tensors dropped or a different vocabulary."""
   src = st.load_checkpoint(tiny['ft1'])

@@ -41,7 +41,7 @@ def test_roundtrip_matches_safe_open(tmp_path, dtype, shard):
   mio.save_checkpoint(out, t, max_shard_size=shard, config={'a': 1})
   files = sorted(os.listdir(out))
   if shard == 0:  # one shard: HF's single-file name, no index
-    assert files == ['config.json', 'model.safetensors']
+    assert files == [atomic.MARKER_NAME, 'config.json', 'model.safetensors']
   else:
     index = json.load(open(os.path.join(out, st.INDEX_NAME)))
     shards = sorted(set(index['weight_map'].values()))
@@ -98,7 +98,8 @@ def test_truncated_file_is_reported(tmp_path):
 def test_missing_shard_is_reported(tmp_path):
   out = str(tmp_path / 'c')
   mio.save_checkpoint(out, _tensors(np.float32), max_shard_size=50)
-  os.remove(os.path.join(out, sorted(os.listdir(out))[0]))
+  os.remove(os.path.join(out, sorted(f for f in os.listdir(out)
+                                     if f.endswith('.safetensors'))[0]))
   with pytest.raises(FileNotFoundError, match='incomplete'):
     mio.CheckpointReader(out)
 
@@ -127,8 +128,9 @@ def test_atomic_dir_failure_leaves_nothing(tmp_path):
 
 def test_atomic_dir_refuses_existing_and_cleans_stale(tmp_path):
   out = tmp_path / 'out'
-  out.mkdir()
-  (out / 'x').write_text('old')
+  with atomic.atomic_output_dir(str(out)) as tmp:
+    open(os.path.join(tmp, 'x'), 'w').write('old')
+  assert atomic.is_mergejax_output(str(out))
   with pytest.raises(FileExistsError, match='overwrite'):
     with atomic.atomic_output_dir(str(out)):
       pass
@@ -138,7 +140,42 @@ def test_atomic_dir_refuses_existing_and_cleans_stale(tmp_path):
   with atomic.atomic_output_dir(str(out), overwrite=True) as tmp:
     open(os.path.join(tmp, 'y'), 'w').write('new')
   assert sorted(os.listdir(tmp_path)) == ['out']
-  assert os.listdir(out) == ['y']
+  assert sorted(os.listdir(out)) == [atomic.MARKER_NAME, 'y']
+
+
+def test_overwrite_never_deletes_a_directory_mergejax_did_not_write(tmp_path):
+  out = tmp_path / 'notes'
+  out.mkdir()
+  (out / 'thesis.tex').write_text('precious')
+  with pytest.raises(FileExistsError, match='not written by mergejax'):
+    with atomic.atomic_output_dir(str(out), overwrite=True):
+      raise AssertionError('must not be reached')
+  assert (out / 'thesis.tex').read_text() == 'precious'
+  assert sorted(os.listdir(tmp_path)) == ['notes']
+  # A marker that is not mergejax's does not count either.
+  (out / atomic.MARKER_NAME).write_text('{"written_by": "someone"}')
+  assert not atomic.is_mergejax_output(str(out))
+
+
+@pytest.mark.parametrize('which', ['empty', 'dot', 'cwd_parent', 'home',
+                                   'root', 'input_parent', 'input_itself'])
+def test_dangerous_output_paths_are_refused(tmp_path, monkeypatch, which):
+  work = tmp_path / 'work'
+  (work / 'models' / 'ft1').mkdir(parents=True)
+  (work / 'keep.txt').write_text('keep')
+  monkeypatch.chdir(work)
+  monkeypatch.setenv('HOME', str(tmp_path / 'home'))
+  (tmp_path / 'home').mkdir()
+  out = {'empty': '', 'dot': '.', 'cwd_parent': str(tmp_path),
+         'home': '~', 'root': '/', 'input_parent': 'models',
+         'input_itself': 'models/ft1'}[which]
+  out = os.path.expanduser(out)
+  with pytest.raises(ValueError, match='Output path'):
+    with atomic.atomic_output_dir(out, overwrite=True,
+                                  inputs=['models/ft1']):
+      raise AssertionError('must not be reached')
+  assert (work / 'keep.txt').read_text() == 'keep'
+  assert sorted(os.listdir(work)) == ['keep.txt', 'models']
 
 
 def test_hf_flax_roundtrip_llama(tmp_path):

@@ -214,3 +214,70 @@ def test_merge_many_aligns_three_permuted_copies():
   aligned = [permute.apply_permutation(spec, p, m) for p, m in zip(perms, models)]
   for m in aligned[1:]:  # all in one common frame (up to a shared permutation)
     assert _max_diff(m, aligned[0]) == 0.0
+
+
+# --- a spec that does not match the tree is an error at every entry point ---
+
+def _two_hidden_mlps():
+  m = M.MLP((6, 5))
+  x = jnp.ones((2, 4))
+  return (m.init(jax.random.key(1), x)['params'],
+          m.init(jax.random.key(2), x)['params'])
+
+
+_ENTRY_POINTS = {
+    'weight_matching': lambda s, a, b: permute.weight_matching(s, a, b),
+    'merge_many': lambda s, a, b: permute.merge_many(s, [a, b]),
+    'sinkhorn_matching': lambda s, a, b: permute.sinkhorn_matching(
+        s, a, b, key=KEY, steps=1),
+    'ste_matching': lambda s, a, b: permute.ste_matching(
+        s, a, b, lambda p, x: jnp.float32(0.0), [jnp.ones((2, 4))], steps=1),
+    'permute_align': lambda s, a, b: mj.merge(
+        mj.chain(permute.permute_align(s), mj.mean()), a, [a, b]),
+    'apply_permutation': lambda s, a, b: permute.apply_permutation(
+        s, {'P_0': jnp.arange(6), 'P_1': jnp.arange(5), 'P_2': jnp.arange(3)},
+        b),
+    'identity_permutations': lambda s, a, b: permute.identity_permutations(
+        s, a),
+    'random_permutations': lambda s, a, b: permute.random_permutations(
+        s, a, KEY),
+    'soft_apply_permutation': lambda s, a, b: permute.soft_apply_permutation(
+        s, {'P_0': jnp.eye(6), 'P_1': jnp.eye(5), 'P_2': jnp.eye(3)}, b),
+}
+
+
+@pytest.mark.parametrize('entry', list(_ENTRY_POINTS))
+def test_spec_for_a_deeper_mlp_is_refused_naming_the_extra_layer(entry):
+  # mlp_spec(3) on a 2-hidden-layer MLP would make 'P_2' permute the output
+  # logits (Dense_2's outputs) with nothing undoing it.
+  a, b = _two_hidden_mlps()
+  with pytest.raises(ValueError, match=r"Dense_3/kernel"):
+    _ENTRY_POINTS[entry](permute.mlp_spec(3), a, b)
+
+
+@pytest.mark.parametrize('entry', list(_ENTRY_POINTS))
+def test_spec_for_a_shallower_mlp_is_refused_naming_the_missing_layer(entry):
+  a, b = _two_hidden_mlps()
+  with pytest.raises(ValueError, match=r'Dense_2/(kernel|bias)'):
+    _ENTRY_POINTS[entry](permute.mlp_spec(1), a, b)
+
+
+def test_group_on_output_units_is_refused():
+  # The layers match, but the last layer's output axis carries a group.
+  a, _ = _two_hidden_mlps()
+  axes = permute.mlp_spec(2).axes
+  axes['Dense_2/kernel'] = ('P_1', 'P_out')
+  axes['Dense_2/bias'] = ('P_out',)
+  with pytest.raises(ValueError, match=r"P_out.*one layer only"):
+    permute.weight_matching(permute.PermutationSpec(axes), a, a)
+
+
+def test_matching_spec_keeps_the_function():
+  a, b = _two_hidden_mlps()
+  res = permute.weight_matching(permute.mlp_spec(2), a, b)
+  x = jax.random.normal(KEY, (3, 4))
+  m = M.MLP((6, 5))
+  np.testing.assert_allclose(
+      m.apply({'params': permute.apply_permutation(
+          permute.mlp_spec(2), res, b)}, x),
+      m.apply({'params': b}, x), rtol=1e-5, atol=1e-5)

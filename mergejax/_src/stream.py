@@ -314,6 +314,7 @@ def run_jobs(jobs: Sequence[Job], out_dir: str, *,
              overwrite: bool = False, progress: bool = False,
              global_trim: Callable[[np.ndarray], None] | None = None,
              metadata: dict[str, str] | None = None,
+             inputs: Sequence[str] = (),
              copy_files: Sequence[str] = (),
              extra_files: dict[str, str] | None = None) -> StreamStats:
   """Runs ``jobs`` and writes the results as an HF checkpoint, atomically.
@@ -334,6 +335,7 @@ def run_jobs(jobs: Sequence[Job], out_dir: str, *,
       it is renamed into place.
     extra_files: ``{file name: text}`` written into the output likewise
       (e.g. ``mergekit_config.yml``, as mergekit writes).
+    inputs: the checkpoints read; ``out_dir`` may not hold any of them.
 
   Returns:
     A `StreamStats`.
@@ -342,7 +344,8 @@ def run_jobs(jobs: Sequence[Job], out_dir: str, *,
   compiles0 = compile_count()
   stats = StreamStats()
   specs = [j.spec() for j in jobs]
-  with atomic.atomic_output_dir(out_dir, overwrite=overwrite) as tmp, \
+  with atomic.atomic_output_dir(out_dir, overwrite=overwrite,
+                                inputs=inputs) as tmp, \
       cf.ThreadPoolExecutor(threads, thread_name_prefix='mergejax-read') as pool:
     if global_trim is not None:
       global_trim(pool)

@@ -5,15 +5,23 @@ files are fsynced, then the directory is renamed onto ``<name>`` in one
 ``os.rename`` (atomic on POSIX within a file system). A run killed at any
 point leaves only the hidden temporary directory, which the next run removes
 once its owner process is gone.
+
+Every directory written here carries a marker file, `MARKER_NAME`; an
+existing directory is only ever replaced when it has one, so ``overwrite``
+cannot delete data that mergejax did not write. Paths whose replacement would
+destroy unrelated data (empty, the working directory or one of its parents,
+the home directory, a filesystem root, a parent of an input) are refused
+before anything is touched.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
-from typing import Iterator
+from typing import Iterable, Iterator
 
 _TMP_RE = re.compile(r'^\.(?P<name>.+)\.mergejax-tmp-(?P<pid>\d+)$')
 
@@ -66,34 +74,99 @@ def remove_stale_tmp_dirs(out_dir: str) -> list[str]:
   return removed
 
 
+MARKER_NAME = '.mergejax-output'
+
+
 def _is_nonempty_dir(path: str) -> bool:
   return os.path.isdir(path) and bool(os.listdir(path))
 
 
+def _within(path: str, root: str) -> bool:
+  """Whether ``path`` is ``root`` or lies below it (both real paths)."""
+  return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def check_output_path(out_dir: str, *, inputs: Iterable[str] = ()) -> str:
+  """Refuses output paths whose replacement would destroy unrelated data.
+
+  Args:
+    out_dir: the requested output directory.
+    inputs: paths the run reads (model directories or files); the output may
+      not be one of them or a directory holding one.
+
+  Returns:
+    The absolute output path.
+
+  Raises:
+    ValueError: ``out_dir`` is empty, a filesystem root, the home directory,
+      the working directory or one of its parents, or holds an input.
+  """
+  if not isinstance(out_dir, (str, os.PathLike)) or not str(out_dir).strip():
+    raise ValueError(
+        f'Output path {out_dir!r} is empty (an unset variable?); name a new '
+        'directory for the merged checkpoint.')
+  path = os.path.realpath(os.path.abspath(os.fspath(out_dir)))
+  fix = 'name a new directory (e.g. ./merged) for the merged checkpoint.'
+  if os.path.dirname(path) == path:
+    raise ValueError(f'Output path {out_dir!r} is a filesystem root; {fix}')
+  if path == os.path.realpath(os.path.expanduser('~')):
+    raise ValueError(f'Output path {out_dir!r} is the home directory; {fix}')
+  if _within(os.path.realpath(os.getcwd()), path):
+    raise ValueError(
+        f'Output path {out_dir!r} ({path}) is the working directory or one of '
+        f'its parents; {fix}')
+  for inp in inputs:
+    if inp and _within(os.path.realpath(os.path.abspath(inp)), path):
+      raise ValueError(
+          f'Output path {out_dir!r} ({path}) is, or contains, the input '
+          f'{inp!r}; {fix}')
+  return path
+
+
+def is_mergejax_output(path: str) -> bool:
+  """Whether directory ``path`` was written by `atomic_output_dir`."""
+  try:
+    with open(os.path.join(path, MARKER_NAME)) as f:
+      return json.load(f).get('written_by') == 'mergejax'
+  except (OSError, ValueError, AttributeError):
+    return False
+
+
 @contextlib.contextmanager
-def atomic_output_dir(out_dir: str, *, overwrite: bool = False
-                      ) -> Iterator[str]:
+def atomic_output_dir(out_dir: str, *, overwrite: bool = False,
+                      inputs: Iterable[str] = ()) -> Iterator[str]:
   """Yields a temporary directory that becomes ``out_dir`` on success.
 
   Args:
     out_dir: the final directory.
-    overwrite: replace an existing non-empty ``out_dir``; without it an
-      existing non-empty ``out_dir`` is an error (checked before any work).
+    overwrite: replace an existing non-empty ``out_dir`` that an earlier
+      mergejax run wrote (it holds `MARKER_NAME`); without it an existing
+      non-empty ``out_dir`` is an error (checked before any work).
+    inputs: paths the run reads; ``out_dir`` may not hold any of them.
 
   Yields:
-    The temporary directory to write into. On a clean exit every file in it is
-    fsynced and it is renamed to ``out_dir``; on an exception it is deleted.
+    The temporary directory to write into. On a clean exit `MARKER_NAME` is
+    added, every file in it is fsynced and it is renamed to ``out_dir``; on an
+    exception it is deleted.
 
   Raises:
-    FileExistsError: ``out_dir`` exists, is not empty, and not ``overwrite``.
+    ValueError: a dangerous ``out_dir`` (see `check_output_path`).
+    FileExistsError: ``out_dir`` exists and is not empty, and either not
+      ``overwrite`` or it was not written by mergejax.
   """
-  out_dir = os.path.abspath(out_dir)
-  if _is_nonempty_dir(out_dir) and not overwrite:
-    raise FileExistsError(
-        f'Output directory {out_dir} exists and is not empty; pass '
-        '--overwrite (overwrite=True) to replace it, or choose a new path.')
+  out_dir = check_output_path(out_dir, inputs=inputs)
   if os.path.exists(out_dir) and not os.path.isdir(out_dir):
     raise FileExistsError(f'Output path {out_dir} exists and is a file.')
+  if _is_nonempty_dir(out_dir):
+    if not overwrite:
+      raise FileExistsError(
+          f'Output directory {out_dir} exists and is not empty; pass '
+          '--overwrite (overwrite=True) to replace it, or choose a new path.')
+    if not is_mergejax_output(out_dir):
+      raise FileExistsError(
+          f'Output directory {out_dir} exists and was not written by mergejax '
+          f'(it has no {MARKER_NAME}), so --overwrite will not delete it; '
+          'remove it yourself or choose a new path.')
   parent, name = os.path.split(out_dir)
   os.makedirs(parent, exist_ok=True)
   remove_stale_tmp_dirs(out_dir)
@@ -105,6 +178,8 @@ def atomic_output_dir(out_dir: str, *, overwrite: bool = False
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
+  with open(os.path.join(tmp, MARKER_NAME), 'w') as f:
+    json.dump({'written_by': 'mergejax', 'format': 1}, f)
   for entry in os.listdir(tmp):
     p = os.path.join(tmp, entry)
     if os.path.isfile(p):

@@ -13,10 +13,19 @@ def save_orbax(path: str, params: Any, *, overwrite: bool = False) -> None:
   """Saves a pytree with orbax (``StandardCheckpointer``; atomic by orbax).
 
   Orbax writes into a temporary directory and renames it when the write is
-  complete, so a killed save leaves no checkpoint that restores.
+  complete, so a killed save leaves no checkpoint that restores. Dangerous
+  paths are refused (`atomic.check_output_path`), and ``overwrite`` replaces
+  only an existing orbax checkpoint, never another directory.
   """
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  path = os.path.abspath(path)
+  from mergejax._src.io import atomic  # pylint: disable=g-import-not-at-top
+  path = atomic.check_output_path(path)
+  if (overwrite and os.path.isdir(path) and os.listdir(path) and
+      not any(os.path.exists(os.path.join(path, m))
+              for m in ('_CHECKPOINT_METADATA', '_METADATA'))):
+    raise FileExistsError(
+        f'{path} exists and is not an orbax checkpoint, so overwrite=True '
+        'will not delete it; remove it yourself or choose a new path.')
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(path, params, force=overwrite)
     ckptr.wait_until_finished()

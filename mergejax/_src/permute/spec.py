@@ -127,15 +127,25 @@ class PermutationSpec:
     return None
 
   def resolve(self, tree: Any) -> dict[str, Axes]:
-    """``{leaf path of tree: axes}``, checking coverage and ranks.
+    """``{leaf path of tree: axes}``, checking that spec and tree match.
+
+    A spec that does not describe ``tree`` exactly would permute units that
+    nothing undoes (for example a spec for a deeper MLP permutes the output
+    logits of a shallower one), silently changing the model's function; so
+    every mismatch is an error.
 
     Raises:
-      ValueError: if a leaf of ``tree`` has no entry, or an entry's length
-        differs from the leaf's rank.
+      ValueError: if a leaf of ``tree`` has no entry; an entry names a layer
+        that ``tree`` does not have; an entry's length differs from the
+        leaf's rank; or a group acts on one layer only, so that its
+        permutation is never undone (it would permute that layer's outputs,
+        e.g. the logits, which must stay fixed).
     """
+    flat = paths.flatten_to_dict(tree)
+    self._check_layers(flat)
     out = {}
     missing = []
-    for path, x in paths.flatten_to_dict(tree).items():
+    for path, x in flat.items():
       ax = self.lookup(path)
       if ax is None:
         missing.append(f'{path} {tuple(np.shape(x))}')
@@ -151,7 +161,51 @@ class PermutationSpec:
           f'{missing[:8]}. Add them to the spec (all-None axes for leaves that '
           'are not permuted), e.g. {"' + missing[0].split(' ')[0] +
           '": (None,) * ndim}.')
+    self._check_groups_closed(out)
     return out
+
+  def _check_layers(self, flat: Mapping[str, Any]) -> None:
+    """Spec entries must name layers of the tree (up to the collection).
+
+    A layer is a leaf's path without its last part. An entry whose layer
+    exists but whose leaf does not (BatchNorm statistics given with the
+    ``params`` collection alone) is fine: there is nothing to permute.
+    """
+    layers = set()
+    for path in flat:
+      layers.add(path.rpartition('/')[0])
+      if '/' in path:  # and without the collection name
+        layers.add(path.partition('/')[2].rpartition('/')[0])
+    extra = sorted(p for p, _ in self._axes
+                   if p.rpartition('/')[0] not in layers)
+    if extra:
+      have = sorted({p.rpartition('/')[0] for p in flat})
+      raise ValueError(
+          f'The permutation spec names {len(extra)} leaf/leaves of layers the '
+          f'parameters do not have: {extra[:8]}; the parameters have layers '
+          f'{have[:12]}. A spec for another architecture (e.g. mlp_spec with '
+          'the wrong number of hidden layers) would permute units that '
+          'nothing undoes; build the spec for this model.')
+
+  def _check_groups_closed(self, resolved: Mapping[str, Axes]) -> None:
+    """Every group must act on at least two layers of the tree.
+
+    A group whose axes all lie in one layer permutes that layer's units with
+    no other layer undoing it, so the model's outputs change.
+    """
+    group_layers: dict[str, set[str]] = {}
+    for path, ax in resolved.items():
+      for g in ax:
+        if g is not None:
+          group_layers.setdefault(g, set()).add(path.rpartition('/')[0])
+    open_groups = {g: sorted(ls) for g, ls in sorted(group_layers.items())
+                   if len(ls) < 2}
+    if open_groups:
+      raise ValueError(
+          f'Permutation group(s) {open_groups} act on one layer only: nothing '
+          'undoes the permutation, so the model would compute a different '
+          'function (e.g. permuted output units). Output axes must be None in '
+          'the spec; check that the spec matches the model.')
 
   def group_sizes(self, tree: Any) -> dict[str, int]:
     """Size of every group in ``tree`` (inner size for nested groups).
