@@ -191,13 +191,15 @@ class PermutationSpec:
     """Every group must act on at least two layers of the tree.
 
     A group whose axes all lie in one layer permutes that layer's units with
-    no other layer undoing it, so the model's outputs change.
+    no other layer undoing it, so the model's outputs change. A leaf at the
+    top of the tree (no parent) counts as a layer of its own.
     """
     group_layers: dict[str, set[str]] = {}
     for path, ax in resolved.items():
+      layer = path.rpartition('/')[0] or path
       for g in ax:
         if g is not None:
-          group_layers.setdefault(g, set()).add(path.rpartition('/')[0])
+          group_layers.setdefault(g, set()).add(layer)
     open_groups = {g: sorted(ls) for g, ls in sorted(group_layers.items())
                    if len(ls) < 2}
     if open_groups:
