@@ -50,7 +50,7 @@ maps one numeric hyperparameter to its grid (vmapped, chosen on validation);
   ``tau_i = theta_i - theta_0`` is replaced by its best rank-``lora_rank``
   factorisation (truncated SVD, ``a = U sqrt(S)``, ``b = sqrt(S) V^T``); biases
   stay dense task vectors. LoRA factor merges (``lora_svd``, ``lora_lego``)
-  merge the factor pairs (``mergejax.merge_lora``) and the merged adapter is
+  merge the factor pairs (``mergejax.transforms.merge_lora``) and the merged adapter is
   added to the base; any other method (``factory``) merges the rank-r
   fine-tunes ``theta_0 + a_i b_i`` (``lora_ta``: task arithmetic on them, the
   reference that shows what the truncation alone costs).

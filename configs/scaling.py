@@ -22,7 +22,7 @@ Other methods or sizes:
 
 import ml_collections
 
-from mergejax._src import config_files
+from experiments.tools import config_files
 
 
 def get_config(arg=None):

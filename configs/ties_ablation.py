@@ -20,7 +20,7 @@ Override e.g. the density grid:
       --config.densities='(0.1,0.5,1.0)'
 """
 
-from mergejax._src import config_files
+from experiments.tools import config_files
 
 
 def get_config(arg=None):

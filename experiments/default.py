@@ -24,7 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import mergejax as mj
-from mergejax import zoo
+from experiments import zoo
+from experiments.tools import results as results_lib
 
 # Bump when the zoo's training code changes in a way the config does not show,
 # so that stale caches are not reused.
@@ -79,19 +80,20 @@ def lora_zoo(base, fts: list, rank: int | None) -> list:
   """The LoRA zoo derived from the dense fine-tunes: one adapter per task.
 
   Each fine-tune's task vector ``tau_i = theta_i - theta_0`` keeps its best
-  rank-``rank`` factorisation on every matrix leaf (`mergejax.lora_from_delta`:
+  rank-``rank`` factorisation on every matrix leaf (`mergejax.transforms.lora_from_delta`:
   truncated SVD, ``a = U sqrt(S)``, ``b = sqrt(S) V^T`` in Flax (in, out)
   layout); other leaves (biases) stay dense task vectors. ``rank=None`` keeps
   each matrix's full rank (the adapters then reproduce the task vectors).
   """
-  derive = jax.jit(lambda b, ft: mj.lora_from_delta(
+  derive = jax.jit(lambda b, ft: mj.transforms.lora_from_delta(
       jax.tree.map(jnp.subtract, ft, b), rank))
   return [derive(base, ft) for ft in fts]
 
 
 def _is_lora_method(factory) -> bool:
-  """Whether a factory merges `mergejax.LoRA` factor pairs (`merge_lora`)."""
-  return getattr(factory, '__module__', None) == mj.merge_lora.__module__
+  """Whether a factory merges `mergejax.transforms.LoRA` factor pairs (`merge_lora`)."""
+  # The LoRA-factor methods (lora_svd, lora_lego) share one module.
+  return getattr(factory, '__module__', None) == mj.methods.lora_svd.__module__
 
 
 def _accepted(factory, names) -> set[str]:
@@ -115,7 +117,7 @@ def merge_method(name: str, entry, base, fts: list, key: jax.Array, *,
   ``mergejax.methods.<name>``. The ``lora`` protocol merges the LoRA zoo
   ``adapters`` (derived with `lora_zoo` at ``entry.lora_rank`` when None): a
   LoRA factor merge (``lora_svd``, ``lora_lego``) runs on the factor pairs via
-  `mergejax.merge_lora` and its merged adapter is added to the base; any other
+  `mergejax.transforms.merge_lora` and its merged adapter is added to the base; any other
   method merges the rank-r fine-tunes ``theta_0 + a_i b_i``.
 
   Returns:
@@ -162,7 +164,7 @@ def merge_method(name: str, entry, base, fts: list, key: jax.Array, *,
     if adapters is None:
       adapters = lora_zoo(base, fts, entry.lora_rank)
     if not _is_lora_method(factory):
-      models = [jax.tree.map(jnp.add, base, mj.lora_delta(ad))
+      models = [jax.tree.map(jnp.add, base, mj.transforms.lora_delta(ad))
                 for ad in adapters]
   else:  # sum_endpoint
     b = base
@@ -172,7 +174,7 @@ def merge_method(name: str, entry, base, fts: list, key: jax.Array, *,
   def one(**hp):
     tx = factory(**kwargs, **hp)
     if protocol == 'lora' and _is_lora_method(factory):
-      merged = mj.lora_delta(mj.merge_lora(tx, adapters, key=key))
+      merged = mj.transforms.lora_delta(mj.transforms.merge_lora(tx, adapters, key=key))
       return jax.tree.map(lambda x0, d: (x0 + d).astype(x0.dtype), b, merged)
     if protocol != 'per_task':
       return mj.merge(tx, b, models, key=key)
@@ -304,6 +306,7 @@ def main(config, workdir: str) -> dict[str, Any]:
 
 def _main(config, workdir: str) -> dict[str, Any]:
   t_start = time.perf_counter()
+  provenance = results_lib.provenance()  # the load before this run adds to it
   os.makedirs(workdir, exist_ok=True)
   digits, tasks, model, z, zoo_info = build_zoo(config, workdir)
   del digits
@@ -354,12 +357,12 @@ def _main(config, workdir: str) -> dict[str, Any]:
       for ad, ft in zip(ads, ft_bbs):
         tau = jax.tree.map(jnp.subtract, ft, base_bb)
         for p, t, d in zip(mj.leaf_paths(tau), jax.tree.leaves(tau),
-                           jax.tree.leaves(mj.lora_delta(ad))):
+                           jax.tree.leaves(mj.transforms.lora_delta(ad))):
           if t.ndim == 2:  # the factorised leaves
             rel.setdefault(p, []).append(
                 float(jnp.linalg.norm(t - d) / jnp.linalg.norm(t)))
       rel = {p: float(np.mean(v)) for p, v in rel.items()}
-      lora_fts = _stack([jax.tree.map(jnp.add, base_bb, mj.lora_delta(ad))
+      lora_fts = _stack([jax.tree.map(jnp.add, base_bb, mj.transforms.lora_delta(ad))
                          for ad in ads])
       own = ev.own_task_accuracies(lora_fts, 'test')
       loras[rank] = (ads, dict(rank=rank, seconds=seconds,
@@ -487,7 +490,8 @@ def _main(config, workdir: str) -> dict[str, Any]:
       baselines=baselines, methods=methods, summary=summary, table=table,
       seconds=dict(total=total, zoo=zoo_info['seconds'],
                    merges=sum(r.get('seconds', 0.0) for r in methods.values())),
-      jax=dict(version=jax.__version__, backend=jax.default_backend()))
+      jax=dict(version=jax.__version__, backend=jax.default_backend()),
+      provenance=provenance)
   print('\nTest accuracy per task (merged backbone + each task\'s fine-tuned '
         'head); norm = mean of acc / fine-tuned acc\n' + table, flush=True)
   print(f'\nbase avg {base_avg:.3f} | fine-tuned avg {ft_avg:.3f} | best merge '
@@ -505,7 +509,9 @@ def _main(config, workdir: str) -> dict[str, Any]:
     json.dump(results, f, indent=1, default=str)
   os.replace(tmp, os.path.join(workdir, 'results.json'))
   _plot(os.path.join(workdir, 'results.png'), methods, baselines)
-  print(f'wrote {os.path.join(workdir, "results.json")} and results.png '
-        f'in {total:.1f}s total')
+  results_lib.write_page(results, os.path.join(workdir, 'results.md'),
+                         title='Default experiment: merging a digits model zoo')
+  print(f'wrote {os.path.join(workdir, "results.json")}, results.md and '
+        f'results.png in {total:.1f}s total')
   return results
 

@@ -208,7 +208,7 @@ def main(config, workdir):
     for split, fn in (('train', train_m), ('test', test_m)):
       vals = {'loss': [], 'error': []}
       for lam in lams:
-        mid = permute.lerp(a, b_wm, lam)
+        mid = permute.lerp_params(a, b_wm, lam)
         if 0 < lam < 1:
           mid = permute.repair(mlp_preact(config.depth), mid, [a, b_wm], tb,
                                layers=[f'Dense_{i}' for i in range(config.depth)],

@@ -24,8 +24,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from mergejax import zoo
-from mergejax._src import plotting
+from experiments import zoo
+from experiments.tools import plotting
 
 from experiments import default as default_exp
 from experiments import ties_ablation

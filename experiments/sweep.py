@@ -10,7 +10,7 @@ Runs a per-method config (``configs/methods/<method>.py``, which sets
 The zoo is the default experiment's (same cache: a work directory shared with
 ``configs/default.py`` trains it once). The sweep (``config.sweep.product`` /
 ``config.sweep.zip``, ``'name=(v1, v2); name=(...)'``) is split by
-`mergejax.run_sweep`: points that differ only in float merge hyperparameters
+`sweep_lib.run_sweep`: points that differ only in float merge hyperparameters
 run as one vmapped, jit-compiled merge; other differences (ints, strings,
 booleans, zoo settings) run as separate jobs. Every point is evaluated on the
 validation and test splits of every task (merged backbone + each task's
@@ -31,10 +31,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import mergejax as mj
-from mergejax import plotting
-from mergejax import zoo
-from mergejax._src import merge as merge_lib
-from mergejax._src import sweep as sweep_lib
+from experiments.tools import plotting
+from experiments import zoo
+from experiments.tools import sweep as sweep_lib
 
 from experiments import default as default_exp
 
@@ -79,7 +78,7 @@ def merge_points(cfg, numeric: dict[str, jax.Array], base, fts: list,
   b, models = prepare(cfg.protocol, base, fts)
   if numeric:
     return sweep_lib.merge_sweep(cfg.merge, numeric, b, models, key)
-  return _stack([merge_lib.merge(sweep_lib.build_method(cfg.merge), b, models,
+  return _stack([mj.merge(sweep_lib.build_method(cfg.merge), b, models,
                                  key)])
 
 
@@ -112,7 +111,7 @@ def main(config, workdir: str) -> dict[str, Any]:
   t0 = time.perf_counter()
   static = [n.strip() for n in config.sweep.get('static', '').split(',')
             if n.strip()]
-  res = mj.run_sweep(config, points, job, workdir=workdir, static=static,
+  res = sweep_lib.run_sweep(config, points, job, workdir=workdir, static=static,
                      progress=None if config.progress else False)
   seconds = time.perf_counter() - t0
   best = max(range(len(res.rows)), key=lambda i: res.rows[i]['val_acc'])

@@ -32,8 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import mergejax as mj
-from mergejax import zoo
-from mergejax._src import plotting
+from experiments import zoo
+from experiments.tools import plotting
 
 from experiments import default as default_exp
 
@@ -61,8 +61,8 @@ def variant_tx(kind: str, density, *, scope: str = 'tensor',
   if kind == 'task_arithmetic':
     return mj.methods.task_arithmetic(lambda_=1.0)
   if kind == 'trim_only':
-    return mj.chain(mj.task_vectors(), mj.trim(density, scope=scope),
-                    mj.weighted_sum(), mj.scale(1.0), mj.apply_updates())
+    return mj.chain(mj.transforms.task_vectors(), mj.transforms.trim(density, scope=scope),
+                    mj.transforms.weighted_sum(), mj.transforms.scale(1.0), mj.transforms.apply_to_base())
   if kind == 'ties':
     return mj.methods.ties(density=density, scope=scope, reduce=reduce,
                            lambda_=1.0)

@@ -1,15 +1,9 @@
-"""Multi-host helpers: `initialize`, `gather`, `sync`, `launch_local`."""
+"""Deprecated: use `mergejax.parallel` (kept for one release)."""
 
-from mergejax._src.distributed import free_port
-from mergejax._src.distributed import gather
-from mergejax._src.distributed import initialize
-from mergejax._src.distributed import is_coordinator
-from mergejax._src.distributed import is_initialized
-from mergejax._src.distributed import launch_local
-from mergejax._src.distributed import shutdown
-from mergejax._src.distributed import sync
+import warnings
 
-__all__ = [
-    'free_port', 'gather', 'initialize', 'is_coordinator', 'is_initialized',
-    'launch_local', 'shutdown', 'sync',
-]
+from mergejax.parallel import *  # pylint: disable=wildcard-import,unused-wildcard-import
+from mergejax.parallel import __all__  # pylint: disable=unused-import
+
+warnings.warn('mergejax.distributed is deprecated; use mergejax.parallel.',
+              DeprecationWarning, stacklevel=2)

@@ -13,9 +13,9 @@ import pytest
 import yaml
 
 from mergejax import cli
-from mergejax._src import mergekit_config as mc
-from mergejax._src.io import safetensors_io as st
-from mergejax._src.io import synthetic
+from mergejax.cli import _mergekit_config as mc
+from mergejax.io import _safetensors as st
+from mergejax.io import _synthetic as synthetic
 
 
 # ------------------------------------------------------------- YAML reader --

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import textwrap
 
-from mergejax._src.test_utils import PEER_SKIP_REASON
+from mergejax.testing import PEER_SKIP_REASON
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PEERS = ('torch', 'mergekit', 'fusion_bench')

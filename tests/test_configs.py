@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import mergejax as mj
-from mergejax._src import sweep as sweep_lib
+from experiments.tools import sweep as sweep_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METHOD_CONFIGS = sorted(
@@ -114,7 +114,7 @@ def test_config_merges_and_sweeps(path):
             for i in range(n)]
 
   static = [n for n in cfg.sweep.static.split(',') if n.strip()]
-  res = mj.run_sweep(cfg, points, job, static=static)
+  res = sweep_lib.run_sweep(cfg, points, job, static=static)
   assert len(res.rows) == len(points)
   assert all(np.isfinite(r['norm']) for r in res.rows)
 

@@ -47,7 +47,7 @@ def _np_elect(u, w, method, zero):
 def test_elect_sign_matches_numpy(seed, method, zero, w):
   u = _sparse(np.random.default_rng(seed), (3, 4, 5))
   w = np.asarray(w, np.float32)
-  out, state = _apply(mj.elect_sign(method, weights=w, zero=zero), {'w': jnp.asarray(u)})
+  out, state = _apply(mj.transforms.elect_sign(method, weights=w, zero=zero), {'w': jnp.asarray(u)})
   ref, keep = _np_elect(u, w, method, zero)
   np.testing.assert_array_equal(out['w'], ref)
   nonzero = np.count_nonzero(u * w[:, None, None])
@@ -57,21 +57,21 @@ def test_elect_sign_matches_numpy(seed, method, zero, w):
 def test_elect_sign_mergekit_rules():
   # A zero total elects +1; zeros never agree.
   u = jnp.array([[1., -1., 0.], [-1., 1., 0.]])
-  out, _ = _apply(mj.elect_sign(), {'w': u})
+  out, _ = _apply(mj.transforms.elect_sign(), {'w': u})
   np.testing.assert_array_equal(out['w'], [[1., 0., 0.], [0., 1., 0.]])
   # The election is on weighted values: weight 3 makes model 1 win.
   u = jnp.array([[2., 1.], [-1., -1.]])
-  out, _ = _apply(mj.elect_sign(weights=[1., 3.]), {'w': u})
+  out, _ = _apply(mj.transforms.elect_sign(weights=[1., 3.]), {'w': u})
   np.testing.assert_array_equal(out['w'], [[0., 0.], [-1., -1.]])
 
 
 def test_elect_sign_majority_is_global_over_leaves():
   # FusionBench: a zero total takes the sign of the sum of all elected signs.
   tree = {'a': jnp.array([[1., 1.], [-1., 1.]]), 'b': jnp.array([[1.], [1.]])}
-  out, _ = _apply(mj.elect_sign(zero='majority'), tree)
+  out, _ = _apply(mj.transforms.elect_sign(zero='majority'), tree)
   np.testing.assert_array_equal(out['a'], [[1., 1.], [0., 1.]])
   tree = {'a': jnp.array([[-1., -1.], [1., -1.]]), 'b': jnp.array([[-1.], [-1.]])}
-  out, _ = _apply(mj.elect_sign(zero='majority'), tree)
+  out, _ = _apply(mj.transforms.elect_sign(zero='majority'), tree)
   np.testing.assert_array_equal(out['a'], [[-1., -1.], [0., -1.]])
 
 
@@ -95,21 +95,21 @@ def _np_disjoint(u, w, reduce):
 def test_disjoint_merge_matches_numpy(seed, reduce, w):
   u = _sparse(np.random.default_rng(seed), (3, 4, 5))
   w = np.asarray(w, np.float32)
-  out, _ = _apply(mj.disjoint_merge(w, reduce=reduce), {'w': jnp.asarray(u)})
+  out, _ = _apply(mj.transforms.disjoint_merge(w, reduce=reduce), {'w': jnp.asarray(u)})
   np.testing.assert_allclose(out['w'], _np_disjoint(u, w, reduce), rtol=1e-6, atol=1e-6)
 
 
 def test_max_ties_go_to_the_later_model():
   u = jnp.array([[2., -3.], [-2., 3.]])
-  out, _ = _apply(mj.disjoint_merge(reduce='max'), {'w': u})
+  out, _ = _apply(mj.transforms.disjoint_merge(reduce='max'), {'w': u})
   np.testing.assert_array_equal(out['w'], [-2., 3.])
 
 
 def test_bad_options_and_weight_length():
   with pytest.raises(ValueError, match='elect_sign method'):
-    mj.elect_sign('vote')
+    mj.transforms.elect_sign('vote')
   with pytest.raises(ValueError, match='disjoint_merge reduce'):
-    mj.disjoint_merge(reduce='median')
-  tx = mj.disjoint_merge([1., 2.])
+    mj.transforms.disjoint_merge(reduce='median')
+  tx = mj.transforms.disjoint_merge([1., 2.])
   with pytest.raises(ValueError, match=r'weights has shape \(2,\) but there are 3 models'):
     tx.update({'w': jnp.ones((3, 2))}, tx.init(None))

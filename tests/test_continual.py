@@ -8,24 +8,19 @@ import numpy as np
 import pytest
 
 import mergejax as mj
-from mergejax._src import continual
+from mergejax import testing
+from mergejax.transforms import _continual as continual
 
 
 def _zoo(k=4, seed=0, width=6):
-  rng = np.random.default_rng(seed)
-  base = {'enc': {'kernel': rng.standard_normal((width, 5)), 'bias': rng.standard_normal(5)},
-          'head': rng.standard_normal((5, 3))}
-  base = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), base)
-  models = [jax.tree.map(lambda x: x + 0.1 * jnp.asarray(rng.standard_normal(x.shape),
-                                                         jnp.float32), base)
-            for _ in range(k)]
-  return base, models
+  shapes = {'enc/kernel': (width, 5), 'enc/bias': (5,), 'head': (5, 3)}
+  return testing.random_models(shapes, k, seed=seed, scale=0.1)
 
 
 def np_opcm(base, models, alpha):
   """FusionBench's OPCM loop with full SVDs (PyTorch layout = transpose)."""
-  b = {k: np.asarray(v, np.float64) for k, v in mj._src.paths.flatten_to_dict(base).items()}
-  ms = [{k: np.asarray(v, np.float64) for k, v in mj._src.paths.flatten_to_dict(m).items()}
+  b = {k: np.asarray(v, np.float64) for k, v in mj.flatten_to_dict(base).items()}
+  ms = [{k: np.asarray(v, np.float64) for k, v in mj.flatten_to_dict(m).items()}
         for m in models]
   norm = lambda d: np.sqrt(sum(np.sum(x ** 2) for x in d.values()))
   merged = {k: ms[0][k] - b[k] for k in b}
@@ -59,20 +54,20 @@ def test_opcm_matches_numpy_reference(alpha):
   base, models = _zoo()
   want = np_opcm(base, models, alpha)
   out = mj.merge(mj.methods.opcm(alpha), base, models)
-  st = mj.opcm_init(base, alpha)
+  st = mj.transforms.opcm_init(base, alpha)
   for m in models:
-    st = mj.opcm_update(st, base, m)
-  inc = mj.opcm_params(st, base)
+    st = mj.transforms.opcm_update(st, base, m)
+  inc = mj.transforms.opcm_params(st, base)
   for got in (out, inc):
-    for k, v in mj._src.paths.flatten_to_dict(got).items():
+    for k, v in mj.flatten_to_dict(got).items():
       np.testing.assert_allclose(v, want[k], rtol=1e-4, atol=1e-5)
   # exclude: the head is merged like a bias; both interfaces agree.
   out = mj.merge(mj.methods.opcm(alpha, exclude=r'^head'), base, models)
-  st = mj.opcm_init(base, alpha)
+  st = mj.transforms.opcm_init(base, alpha)
   for m in models:
-    st = mj.opcm_update(st, base, m, exclude=r'^head')
+    st = mj.transforms.opcm_update(st, base, m, exclude=r'^head')
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
-               mj.opcm_params(st, base), out)
+               mj.transforms.opcm_params(st, base), out)
 
 
 def test_opcm_norm_invariant_and_order_robustness():
@@ -96,24 +91,24 @@ def test_opcm_norm_invariant_and_order_robustness():
 
 def test_incremental_memory_and_compiles_do_not_grow():
   base, models = _zoo(k=6)
-  st = mj.opcm_init(base)
-  st = mj.opcm_update(st, base, models[0])
-  n_compiles = continual._update_jit._cache_size()
+  st = mj.transforms.opcm_init(base)
+  st = mj.transforms.opcm_update(st, base, models[0])
+  n_compiles = continual.update_jit._cache_size()
   size = sum(x.nbytes for x in jax.tree.leaves(st))
   for m in models[1:]:
-    st = mj.opcm_update(st, base, m)
+    st = mj.transforms.opcm_update(st, base, m)
     assert sum(x.nbytes for x in jax.tree.leaves(st)) == size
-  assert continual._update_jit._cache_size() == n_compiles
+  assert continual.update_jit._cache_size() == n_compiles
   assert int(st.count) == 6
 
 
 def test_opcm_rejects_a_model_with_another_tree():
   base, models = _zoo(k=2)
-  st = mj.opcm_update(mj.opcm_init(base), base, models[0])
+  st = mj.transforms.opcm_update(mj.transforms.opcm_init(base), base, models[0])
   bad = {'enc': {'kernel': models[1]['enc']['kernel']}, 'head': models[1]['head']}
   with pytest.raises(ValueError, match=r"missing leaves \['enc/bias'\]"):
-    mj.opcm_update(st, base, bad)
+    mj.transforms.opcm_update(st, base, bad)
   bad = jax.tree.map(lambda x: x, models[1])
   bad['head'] = jnp.zeros((5, 4))
   with pytest.raises(ValueError, match=r"leaf 'head' has shape \(5, 4\)"):
-    mj.opcm_update(st, base, bad)
+    mj.transforms.opcm_update(st, base, bad)

@@ -1,7 +1,7 @@
 """Two processes on localhost (jax.distributed + gloo) == one process.
 
 Run as a script, this file is the worker: it joins the runtime through
-`mergejax.distributed.initialize` (coordinator from the environment, set by
+`mergejax.parallel.initialize` (coordinator from the environment, set by
 `launch_local`), runs sharded merges on a 2 x 2 (models x fsdp) mesh spanning
 both processes (2 CPU devices each), gathers the results and saves them.
 """
@@ -21,13 +21,10 @@ METHODS = (('task_arithmetic', dict(weight=[1., 2., 3., 4.], lambda_=0.5)),
 
 
 def _zoo(k=4):
-  rng = np.random.default_rng(0)
   shapes = {'embed': (32, 8), 'layers/0/w': (8, 12), 'layers/0/norm': (8,),
             'odd': (3, 5)}
-  base = {n: rng.standard_normal(s).astype(np.float32) for n, s in shapes.items()}
-  models = [{n: x + rng.standard_normal(x.shape).astype(np.float32)
-             for n, x in base.items()} for _ in range(k)]
-  return base, models
+  from mergejax import testing  # pylint: disable=g-import-not-at-top
+  return testing.random_models(shapes, k, nested=False, as_numpy=True)
 
 
 def _available(mj):
@@ -35,28 +32,28 @@ def _available(mj):
 
 
 def _worker(out_dir):
-  from mergejax import distributed  # pylint: disable=g-import-not-at-top
-  distributed.initialize(local_device_count=2)
+  from mergejax import parallel  # pylint: disable=g-import-not-at-top
+  parallel.initialize(local_device_count=2)
   import jax  # pylint: disable=g-import-not-at-top
   import mergejax as mj  # pylint: disable=g-import-not-at-top
   assert jax.process_count() == 2 and jax.device_count() == 4
-  mesh = mj.sharding.make_mesh((2, 2))
+  mesh = mj.parallel.make_mesh((2, 2))
   base, models = _zoo()
   for name, kw in _available(mj):
-    out = mj.sharded_merge(getattr(mj.methods, name)(**kw), base, models,
+    out = mj.parallel.sharded_merge(getattr(mj.methods, name)(**kw), base, models,
                            key=jax.random.key(0), mesh=mesh)
     assert not out['embed'].is_fully_addressable  # really spans both hosts
-    host = distributed.gather(out)
+    host = parallel.gather(out)
     np.savez(os.path.join(out_dir, f'{name}_{jax.process_index()}.npz'),
              **{k.replace('/', '|'): v for k, v in host.items()})
-  distributed.sync('done')
-  distributed.shutdown()
+  parallel.sync('done')
+  parallel.shutdown()
 
 
 def test_two_process_merge_equals_single_process(tmp_path):
   import jax  # pylint: disable=g-import-not-at-top
   import mergejax as mj  # pylint: disable=g-import-not-at-top
-  results = mj.distributed.launch_local([__file__, str(tmp_path)], 2,
+  results = mj.parallel.launch_local([__file__, str(tmp_path)], 2,
                                         timeout=300)
   for i, r in enumerate(results):
     assert r.returncode == 0, f'process {i} failed:\n{r.stderr[-3000:]}'
@@ -79,12 +76,12 @@ def test_initialize_single_process_is_a_noop(monkeypatch):
   for v in ('MERGEJAX_COORDINATOR', 'MERGEJAX_NUM_PROCESSES',
             'MERGEJAX_PROCESS_ID'):
     monkeypatch.delenv(v, raising=False)
-  mj.distributed.initialize(cpu_collectives=None)
-  assert not mj.distributed.is_initialized()
-  assert mj.distributed.is_coordinator()
+  mj.parallel.initialize(cpu_collectives=None)
+  assert not mj.parallel.is_initialized()
+  assert mj.parallel.is_coordinator()
   import pytest  # pylint: disable=g-import-not-at-top
   with pytest.raises(ValueError, match='outside'):
-    mj.distributed.initialize('localhost:1', num_processes=2, process_id=2,
+    mj.parallel.initialize('localhost:1', num_processes=2, process_id=2,
                               cpu_collectives=None)
 
 

@@ -31,6 +31,19 @@ def test_every_method_has_a_page_in_the_nav():
       'list it under Methods in mkdocs.yml.')
 
 
+def test_api_pages_match_the_public_namespaces():
+  sys.path.insert(0, os.path.join(ROOT, 'docs', 'tools'))
+  try:
+    import gen_api  # pylint: disable=g-import-not-at-top
+  finally:
+    sys.path.pop(0)
+  stale = [page for page, *_ in gen_api.PAGES
+           if open(os.path.join(ROOT, 'docs', 'api', f'{page}.md')).read()
+           != gen_api.render(page)]
+  assert not stale, (f'docs/api pages {stale} are out of date: run '
+                     '`python docs/tools/gen_api.py`.')
+
+
 def test_mkdocs_build_strict(tmp_path):
   pytest.importorskip('mkdocs')
   pytest.importorskip('mkdocstrings_handlers.python')

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import mergejax as mj
-from mergejax._src import merge as merge_lib
+from mergejax import testing
 
 SHAPES = [(6,), (2, 3, 2)]
 settings = hypothesis.settings(max_examples=6, deadline=None, derandomize=True)
@@ -30,7 +30,7 @@ def _merge(tx, base, models):
 
 
 def _close(a, b, tol=2e-5):
-  np.testing.assert_allclose(a, b, rtol=tol, atol=tol)
+  testing.assert_trees_close(a, b, rtol=tol, atol=tol)
 
 
 # ---------------------------------------------------------------------------
@@ -194,7 +194,7 @@ def np_arcee(a, b):
 @hypothesis.given(seed=seeds, t=st.floats(-0.5, 1.5))
 def test_lerp_matches_numpy(seed, t):
   a, b = _rand(seed, (3, 4), 2)
-  _close(_merge(mj.lerp(t), a, [b]), (1 - t) * a + t * b)
+  _close(_merge(mj.transforms.lerp_reduce(t), a, [b]), (1 - t) * a + t * b)
 
 
 @settings
@@ -202,24 +202,24 @@ def test_lerp_matches_numpy(seed, t):
                   scale=st.sampled_from([1e-3, 1.0, 50.0]))
 def test_slerp_matches_numpy(seed, t, scale):
   a, b = _rand(seed, (3, 4), 2)
-  _close(_merge(mj.slerp(t), a, [b * scale]), np_slerp(t, a, b * scale),
+  _close(_merge(mj.transforms.slerp_reduce(t), a, [b * scale]), np_slerp(t, a, b * scale),
          tol=2e-5 * max(1, scale))
 
 
 def test_slerp_endpoints_and_collinear_fallback():
   a, b = _rand(1, (3, 4), 2)
-  _close(_merge(mj.slerp(0.0), a, [b]), a, 1e-6)
-  _close(_merge(mj.slerp(1.0), a, [b]), b, 1e-6)
+  _close(_merge(mj.transforms.slerp_reduce(0.0), a, [b]), a, 1e-6)
+  _close(_merge(mj.transforms.slerp_reduce(1.0), a, [b]), b, 1e-6)
   for c in (2.5, -3.0):  # parallel and antiparallel: both fall back to lerp
-    _close(_merge(mj.slerp(0.3), a, [c * a]), 0.7 * a + 0.3 * c * a)
+    _close(_merge(mj.transforms.slerp_reduce(0.3), a, [c * a]), 0.7 * a + 0.3 * c * a)
   # Just inside the threshold (dot ~ 0.9999 > 0.9995) lerp, just outside slerp.
   near = a + 0.01 * np.linalg.norm(a) / np.linalg.norm(b) * b
-  _close(_merge(mj.slerp(0.5), a, [near]), 0.5 * (a + near))
-  _close(_merge(mj.slerp(0.5, dot_threshold=1.0), a, [near]),
+  _close(_merge(mj.transforms.slerp_reduce(0.5), a, [near]), 0.5 * (a + near))
+  _close(_merge(mj.transforms.slerp_reduce(0.5, dot_threshold=1.0), a, [near]),
          np_slerp(0.5, a, near, thr=1.0), 1e-4)
   # A zero base keeps a unit "norm": dot = 0, a quarter circle, so t = 0.25
   # gives sin(pi/8) b (mergekit's behaviour, not lerp's 0.25 b).
-  _close(_merge(mj.slerp(0.25), np.zeros(4, np.float32), [b[0]]),
+  _close(_merge(mj.transforms.slerp_reduce(0.25), np.zeros(4, np.float32), [b[0]]),
          np.sin(np.pi / 8) * b[0])
 
 
@@ -229,7 +229,7 @@ def test_slerp_endpoints_and_collinear_fallback():
                   flatten=st.booleans(), axis=st.sampled_from([0, -1]))
 def test_nuslerp_matches_numpy(seed, shape, w0, w1, with_base, flatten, axis):
   base, a, b = _rand(seed, shape, 3)
-  got = _merge(mj.nuslerp([w0, w1], flatten=flatten, axis=axis),
+  got = _merge(mj.transforms.nuslerp_reduce([w0, w1], flatten=flatten, axis=axis),
                base if with_base else None, [a, b])
   want = np_nuslerp([w0, w1], a, b, base if with_base else None, flatten, axis)
   _close(got, want, 5e-5)
@@ -239,11 +239,11 @@ def test_nuslerp_orientation_torch_vs_flax():
   # mergekit's per-row vectors of a PyTorch (out, in) weight are the rows;
   # the same vectors are the columns (axis=0) of the Flax (in, out) kernel.
   base, a, b = _rand(3, (5, 4), 3)
-  torch_layout = _merge(mj.nuslerp([1., 2.], flatten=False), base, [a, b])
-  flax_layout = _merge(mj.nuslerp([1., 2.], flatten=False, axis=0),
+  torch_layout = _merge(mj.transforms.nuslerp_reduce([1., 2.], flatten=False), base, [a, b])
+  flax_layout = _merge(mj.transforms.nuslerp_reduce([1., 2.], flatten=False, axis=0),
                        base.T, [a.T, b.T])
   _close(flax_layout, torch_layout.T, 1e-6)
-  row_wise = _merge(mj.nuslerp([1., 2.], flatten=False, row_wise=True), base,
+  row_wise = _merge(mj.transforms.nuslerp_reduce([1., 2.], flatten=False, row_wise=True), base,
                     [a, b])
   _close(row_wise, np_nuslerp([1., 2.], a, b, base, False, 0), 5e-5)
   assert not np.allclose(row_wise, torch_layout)
@@ -251,22 +251,22 @@ def test_nuslerp_orientation_torch_vs_flax():
 
 def test_nuslerp_zero_weight_sum_and_endpoints():
   base, a, b = _rand(4, (6,), 3)
-  _close(_merge(mj.nuslerp([1., -1.]), None, [a, b]),
+  _close(_merge(mj.transforms.nuslerp_reduce([1., -1.]), None, [a, b]),
          np_nuslerp([1., 1.], a, b), 5e-5)  # t = 0.5
-  _close(_merge(mj.nuslerp([1., 0.]), base, [a, b]), a, 1e-5)
-  _close(_merge(mj.nuslerp([0., 1.]), base, [a, b]), b, 1e-5)
+  _close(_merge(mj.transforms.nuslerp_reduce([1., 0.]), base, [a, b]), a, 1e-5)
+  _close(_merge(mj.transforms.nuslerp_reduce([0., 1.]), base, [a, b]), b, 1e-5)
 
 
 def test_use_base_false_composes_with_task_vectors():
   # The "relative to base" forms are the base-less primitives between
-  # task_vectors and apply_updates.
+  # task_vectors and apply_to_base.
   base, a, b, c = _rand(11, (3, 4), 4)
   for rel, absolute, models in [
-      (mj.nuslerp([1., 2.], flatten=False), mj.nuslerp([1., 2.], flatten=False,
+      (mj.transforms.nuslerp_reduce([1., 2.], flatten=False), mj.transforms.nuslerp_reduce([1., 2.], flatten=False,
                                                       use_base=False), [a, b]),
-      (mj.multislerp([1., 2., 3.]), mj.multislerp([1., 2., 3.], use_base=False),
+      (mj.transforms.multislerp_reduce([1., 2., 3.]), mj.transforms.multislerp_reduce([1., 2., 3.], use_base=False),
        [a, b, c])]:
-    chained = mj.chain(mj.task_vectors(), absolute, mj.apply_updates())
+    chained = mj.chain(mj.transforms.task_vectors(), absolute, mj.transforms.apply_to_base())
     _close(_merge(chained, base, models), _merge(rel, base, models), 1e-5)
 
 
@@ -276,7 +276,7 @@ def test_use_base_false_composes_with_task_vectors():
 def test_multislerp_matches_numpy(seed, k, with_base, normalize):
   base, *xs = _rand(seed, (3, 4), k + 1)
   w = np.random.default_rng(seed).uniform(0.2, 2.0, k)
-  got = _merge(mj.multislerp(w, normalize_weights=normalize),
+  got = _merge(mj.transforms.multislerp_reduce(w, normalize_weights=normalize),
                base if with_base else None, xs)
   want = np_multislerp(w, xs, base if with_base else None, normalize)
   _close(got, want, 5e-5)
@@ -284,14 +284,14 @@ def test_multislerp_matches_numpy(seed, k, with_base, normalize):
 
 def test_multislerp_one_model_and_antipodal_fallback():
   base, a = _rand(5, (3, 4), 2)
-  _close(_merge(mj.multislerp([0.3]), base, [a]), a, 0)
+  _close(_merge(mj.transforms.multislerp_reduce([0.3]), base, [a]), a, 0)
   # a and -a with equal weights: mean direction is zero -> weighted sum.
-  _close(_merge(mj.multislerp([1., 1.]), None, [a, -a]), np.zeros_like(a), 1e-6)
+  _close(_merge(mj.transforms.multislerp_reduce([1., 1.]), None, [a, -a]), np.zeros_like(a), 1e-6)
   # (Exactly representable values: with rounding noise in x_i = theta_i - base
   # the mean direction is not below eps and mergekit, like mergejax, follows
   # the noise.)
   base, a = np.full_like(a, 2.0), np.round(a * 4) / 4
-  _close(_merge(mj.multislerp([1., 1.]), base, [base + a, base - a]), base, 1e-6)
+  _close(_merge(mj.transforms.multislerp_reduce([1., 1.]), base, [base + a, base - a]), base, 1e-6)
 
 
 @settings
@@ -299,27 +299,27 @@ def test_multislerp_one_model_and_antipodal_fallback():
 def test_karcher_matches_numpy(seed, k, weighted):
   xs = _rand(seed, (3, 4), k)
   w = np.random.default_rng(seed).uniform(0.2, 2.0, k) if weighted else None
-  _close(_merge(mj.karcher(weights=w), None, xs), np_karcher(xs, w), 1e-4)
+  _close(_merge(mj.transforms.karcher_reduce(weights=w), None, xs), np_karcher(xs, w), 1e-4)
 
 
 def test_karcher_identities():
   a, b, c = _rand(6, (3, 4), 3)
   # Identical directions: the direction itself, times the mean norm.
-  got = _merge(mj.karcher(), None, [a, 2 * a, 3 * a])
+  got = _merge(mj.transforms.karcher_reduce(), None, [a, 2 * a, 3 * a])
   _close(got, 2 * a, 1e-5)
   # weights=None is mergekit's uniform alphas; uniform weights agree,
   # non-uniform ones do not.
-  u = _merge(mj.karcher(), None, [a, b, c])
-  _close(_merge(mj.karcher(weights=[2., 2., 2.]), None, [a, b, c]), u, 1e-6)
-  assert not np.allclose(_merge(mj.karcher(weights=[5., 1., 1.]), None,
+  u = _merge(mj.transforms.karcher_reduce(), None, [a, b, c])
+  _close(_merge(mj.transforms.karcher_reduce(weights=[2., 2., 2.]), None, [a, b, c]), u, 1e-6)
+  assert not np.allclose(_merge(mj.transforms.karcher_reduce(weights=[5., 1., 1.]), None,
                                 [a, b, c]), u, atol=1e-3)
   # Zero-norm inputs drop out of the direction but count in the norm average.
   z = np.zeros_like(a)
-  _close(_merge(mj.karcher(), None, [a, z]), np_karcher([a, z]), 1e-5)
-  _close(_merge(mj.karcher(), None, [z, z]), z, 0)
-  _close(_merge(mj.karcher(), None, [a]), a, 0)
+  _close(_merge(mj.transforms.karcher_reduce(), None, [a, z]), np_karcher([a, z]), 1e-5)
+  _close(_merge(mj.transforms.karcher_reduce(), None, [z, z]), z, 0)
+  _close(_merge(mj.transforms.karcher_reduce(), None, [a]), a, 0)
   # max_iter=0 is the normalized mean direction.
-  _close(_merge(mj.karcher(max_iter=0), None, [a, b]),
+  _close(_merge(mj.transforms.karcher_reduce(max_iter=0), None, [a, b]),
          np_karcher([a, b], max_iter=0), 1e-5)
 
 
@@ -331,7 +331,7 @@ def test_karcher_batched_leaves_keep_their_own_stopping_rule(max_iter):
   d = _rand(10, (5,), 3)
   models = [{'x': a, 'y': a * s, 'z': d[i], 'v': v}
             for i, (s, v) in enumerate([(1., a), (2., b), (3., c)])]
-  got = mj.merge(mj.karcher(max_iter=max_iter), None,
+  got = mj.merge(mj.transforms.karcher_reduce(max_iter=max_iter), None,
                  [jax.tree.map(jnp.asarray, m) for m in models])
   for name in ('x', 'y', 'z', 'v'):
     want = np_karcher([m[name] for m in models], max_iter=max_iter)
@@ -346,14 +346,14 @@ def test_karcher_batched_leaves_keep_their_own_stopping_rule(max_iter):
 def test_model_stock_matches_numpy(seed, shape, k, filter_wise, convention,
                                    axis):
   base, *xs = _rand(seed, shape, k + 1)
-  got = _merge(mj.model_stock(filter_wise=filter_wise, convention=convention,
+  got = _merge(mj.transforms.model_stock_reduce(filter_wise=filter_wise, convention=convention,
                               axis=axis), base, xs)
   want = np_model_stock(base, xs, filter_wise, convention, axis)
   _close(got, want, 5e-5)
 
 
 def test_model_stock_ratio_formula_and_conventions():
-  ratio = jax.jit(mj.model_stock_ratio, static_argnames='convention')
+  ratio = jax.jit(mj.transforms.model_stock_ratio, static_argnames='convention')
   rng = np.random.default_rng(7)
   # Two task vectors at a known angle: t = 2 cos / (1 + cos) for both.
   phi = 1.0
@@ -369,13 +369,13 @@ def test_model_stock_ratio_formula_and_conventions():
   # Parallel task vectors: t = 1 (the fine-tune average); orthogonal: t = 0.
   base = rng.standard_normal(4).astype(np.float32)
   d = rng.standard_normal(4).astype(np.float32)
-  _close(_merge(mj.model_stock(), base, [base + d, base + 2 * d]), base + 1.5 * d)
+  _close(_merge(mj.transforms.model_stock_reduce(), base, [base + d, base + 2 * d]), base + 1.5 * d)
 
 
 def test_model_stock_orientation_torch_vs_flax():
   base, *xs = _rand(8, (5, 3), 4)
-  torch_layout = _merge(mj.model_stock(filter_wise=True), base, xs)
-  flax_layout = _merge(mj.model_stock(filter_wise=True, axis=0), base.T,
+  torch_layout = _merge(mj.transforms.model_stock_reduce(filter_wise=True), base, xs)
+  flax_layout = _merge(mj.transforms.model_stock_reduce(filter_wise=True, axis=0), base.T,
                        [x.T for x in xs])
   _close(flax_layout, torch_layout.T, 1e-6)
 
@@ -384,7 +384,7 @@ def test_model_stock_orientation_torch_vs_flax():
 @hypothesis.given(seed=seeds, t=st.floats(0, 2))
 def test_nearswap_matches_numpy(seed, t):
   a, b = _rand(seed, (3, 4), 2)
-  _close(_merge(mj.nearswap(t), a, [b]), np_nearswap(t, a, b))
+  _close(_merge(mj.transforms.nearswap_reduce(t), a, [b]), np_nearswap(t, a, b))
 
 
 @settings
@@ -393,7 +393,7 @@ def test_nearswap_matches_numpy(seed, t):
 def test_arcee_fusion_matches_numpy(seed, shape, axis):
   a, b = _rand(seed, shape, 2)
   b = a + b * np.random.default_rng(seed).uniform(0, 1, shape).astype(np.float32) ** 4
-  got = _merge(mj.arcee_fusion(axis=axis), a, [b])
+  got = _merge(mj.transforms.arcee_fusion_reduce(axis=axis), a, [b])
   want = np.moveaxis(np_arcee(np.moveaxis(a, axis, -1), np.moveaxis(b, axis, -1)),
                      -1, axis)
   _close(got, want, 1e-5)
@@ -404,12 +404,8 @@ def test_arcee_fusion_matches_numpy(seed, shape, axis):
 
 
 def _zoo(k, seed=0, dtype=jnp.float32):
-  rng = np.random.default_rng(seed)
-  mk = lambda: {'dense': {'kernel': rng.standard_normal((4, 3)),
-                          'bias': rng.standard_normal(3)},
-                'scale': rng.standard_normal(())}
-  cast = lambda t: jax.tree.map(lambda x: jnp.asarray(x, dtype), t)
-  return cast(mk()), [cast(mk()) for _ in range(k)]
+  shapes = {'dense/kernel': (4, 3), 'dense/bias': (3,), 'scale': ()}
+  return testing.random_models(shapes, k, seed=seed, dtype=dtype)
 
 
 METHODS = [
@@ -451,7 +447,7 @@ SWEEPS = [
      3, [0.5, 1.0, 3.0]),
     ('karcher_tol', lambda v: mj.methods.karcher(tol=v), 3, [1e-5, 1e-3, 1e-1]),
     ('nearswap', lambda v: mj.methods.nearswap(t=v), 1, [0.01, 0.5, 2.0]),
-    ('lerp', lambda v: mj.lerp(v), 1, [0.0, 0.5, 1.0]),
+    ('lerp', lambda v: mj.transforms.lerp_reduce(v), 1, [0.0, 0.5, 1.0]),
 ]
 
 
@@ -464,9 +460,9 @@ def test_vmapped_sweep_equals_loop_without_recompiling(name, make, k, values):
   models = [{'w': jnp.asarray(rng.standard_normal((4, 3)), jnp.float32)}
             for _ in range(k)]
   loop = [mj.merge(make(v), base, models) for v in values[:1]]
-  n = merge_lib._run._cache_size()
-  loop += [mj.merge(make(v), base, models) for v in values[1:]]
-  assert merge_lib._run._cache_size() == n, 'new hyperparameter values recompiled'
+  with testing.log_compilations() as log:
+    loop += [mj.merge(make(v), base, models) for v in values[1:]]
+  assert log.count('_run') == 0, 'new hyperparameter values recompiled'
   sweep = jax.jit(jax.vmap(lambda v: mj.merge(make(v), base, models)))(
       jnp.asarray(values, jnp.float32))
   for i, single in enumerate(loop):
@@ -478,19 +474,19 @@ def test_vmapped_sweep_equals_loop_without_recompiling(name, make, k, values):
 
 
 @pytest.mark.parametrize('make, k, base, match', [
-    (lambda: mj.slerp(0.5), 2, True, 'exactly 1 model'),
-    (lambda: mj.slerp(0.5), 1, False, 'base'),
-    (lambda: mj.lerp(0.5), 3, True, 'exactly 1 model'),
-    (lambda: mj.nuslerp(), 3, True, 'exactly 2 model'),
-    (lambda: mj.nuslerp(), 1, False, 'exactly 2 model'),
-    (lambda: mj.nuslerp([1., 2., 3.]), 2, True, 'shape'),
-    (lambda: mj.model_stock(), 1, True, 'at least 2'),
-    (lambda: mj.model_stock(), 2, False, 'base'),
-    (lambda: mj.nearswap(0.1), 2, True, 'exactly 1 model'),
-    (lambda: mj.arcee_fusion(), 2, True, 'exactly 1 model'),
-    (lambda: mj.multislerp([1., 2.]), 3, True, 'shape'),
-    (lambda: mj.karcher(weights=[1., 2.]), 3, True, 'shape'),
-    (lambda: mj.nuslerp(flatten=False, axis=2), 2, True, 'dense/kernel'),
+    (lambda: mj.transforms.slerp_reduce(0.5), 2, True, 'exactly 1 model'),
+    (lambda: mj.transforms.slerp_reduce(0.5), 1, False, 'base'),
+    (lambda: mj.transforms.lerp_reduce(0.5), 3, True, 'exactly 1 model'),
+    (lambda: mj.transforms.nuslerp_reduce(), 3, True, 'exactly 2 model'),
+    (lambda: mj.transforms.nuslerp_reduce(), 1, False, 'exactly 2 model'),
+    (lambda: mj.transforms.nuslerp_reduce([1., 2., 3.]), 2, True, 'shape'),
+    (lambda: mj.transforms.model_stock_reduce(), 1, True, 'at least 2'),
+    (lambda: mj.transforms.model_stock_reduce(), 2, False, 'base'),
+    (lambda: mj.transforms.nearswap_reduce(0.1), 2, True, 'exactly 1 model'),
+    (lambda: mj.transforms.arcee_fusion_reduce(), 2, True, 'exactly 1 model'),
+    (lambda: mj.transforms.multislerp_reduce([1., 2.]), 3, True, 'shape'),
+    (lambda: mj.transforms.karcher_reduce(weights=[1., 2.]), 3, True, 'shape'),
+    (lambda: mj.transforms.nuslerp_reduce(flatten=False, axis=2), 2, True, 'dense/kernel'),
 ])
 def test_bad_inputs_raise_clear_errors(make, k, base, match):
   b, models = _zoo(k)
@@ -500,19 +496,19 @@ def test_bad_inputs_raise_clear_errors(make, k, base, match):
 
 def test_bad_hyperparameters_raise():
   with pytest.raises(ValueError, match='row_wise'):
-    mj.nuslerp(row_wise=True, axis=0)
+    mj.transforms.nuslerp_reduce(row_wise=True, axis=0)
   with pytest.raises(ValueError, match='convention'):
-    mj.model_stock(convention='paper')
+    mj.transforms.model_stock_reduce(convention='paper')
   with pytest.raises(ValueError, match='dot_threshold'):
-    mj.slerp(0.5, dot_threshold=1.5)
+    mj.transforms.slerp_reduce(0.5, dot_threshold=1.5)
   with pytest.raises(ValueError, match='max_iter'):
-    mj.karcher(max_iter=-1)
+    mj.transforms.karcher_reduce(max_iter=-1)
   with pytest.raises(ValueError, match='weights'):
-    mj.karcher(weights=[1., -1.])
+    mj.transforms.karcher_reduce(weights=[1., -1.])
   with pytest.raises(ValueError, match='t must'):
-    mj.slerp(float('nan'))
+    mj.transforms.slerp_reduce(float('nan'))
   with pytest.raises(ValueError, match='sum to zero'):
-    mj.multislerp([1., -1.])
+    mj.transforms.multislerp_reduce([1., -1.])
   with pytest.raises(ValueError, match='sum to zero'):
-    mj.karcher(weights=[0., 0.])
-  mj.multislerp([1., -1.], normalize_weights=False)  # fine unnormalized
+    mj.transforms.karcher_reduce(weights=[0., 0.])
+  mj.transforms.multislerp_reduce([1., -1.], normalize_weights=False)  # fine unnormalized

@@ -12,9 +12,9 @@ import safetensors
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import mergejax.io as mio
-from mergejax._src.io import atomic
-from mergejax._src.io import safetensors_io as st
-from mergejax._src.io import synthetic
+from mergejax.io import _atomic as atomic
+from mergejax.io import _safetensors as st
+from mergejax.io import _synthetic as synthetic
 
 DTYPES = [np.float32, np.float16, ml_dtypes.bfloat16]
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import mergejax as mj
-from mergejax._src import merge as merge_lib
+from mergejax import testing
 
 M = mj.methods
 
@@ -14,21 +14,13 @@ M = mj.methods
 def _zoo(k=3, dtype=jnp.float32, seed=0, small=False):
   # Compile time grows with the number of leaves (one radix select each):
   # `small` gives one leaf for the tests that compile many chains.
-  rng = np.random.default_rng(seed)
-  if small:
-    base = {'head': rng.standard_normal((5, 4))}
-  else:
-    base = {'enc': {'kernel': rng.standard_normal((6, 5)), 'bias': rng.standard_normal(5)},
-            'head': rng.standard_normal((5, 4))}
-  base = jax.tree.map(lambda x: jnp.asarray(x, dtype), base)
-  models = [jax.tree.map(lambda x: x + jnp.asarray(rng.standard_normal(x.shape), dtype), base)
-            for _ in range(k)]
-  return base, models
+  shapes = ({'head': (5, 4)} if small else
+            {'enc/kernel': (6, 5), 'enc/bias': (5,), 'head': (5, 4)})
+  return testing.random_models(shapes, k, seed=seed, dtype=dtype)
 
 
 def _close(a, b, tol=1e-5):
-  jax.tree.map(lambda x, y: np.testing.assert_allclose(
-      np.asarray(x, np.float32), np.asarray(y, np.float32), rtol=tol, atol=tol), a, b)
+  testing.assert_trees_close(a, b, rtol=tol, atol=tol)
 
 
 def _np_ties(b, ms, w, rho, lam=1.0, normalize=True):
@@ -68,8 +60,8 @@ def test_ties_identities():
          mj.merge(M.task_arithmetic(), base, models[:1]))
   # Density 1 and positive weights: the weighted disjoint mean of the raw task vectors.
   w = [1.0, 2.0, 0.5]
-  ref = mj.merge(mj.chain(mj.task_vectors(), mj.elect_sign(weights=w), mj.disjoint_merge(w),
-                          mj.apply_updates()), base, models)
+  ref = mj.merge(mj.chain(mj.transforms.task_vectors(), mj.transforms.elect_sign(weights=w), mj.transforms.disjoint_merge(w),
+                          mj.transforms.apply_to_base()), base, models)
   _close(mj.merge(M.ties(w, 1.0), base, models), ref)
   # Per-model densities equal to one shared density.
   _close(mj.merge(M.ties(density=[0.4] * 3), base, models),
@@ -148,7 +140,7 @@ def test_jit_equals_no_jit():
   for tx in (M.ties([1., 2., 1.], 0.3), M.dare_ties(density=0.5)):
     key = jax.random.key(3)
     jitted = mj.merge(tx, base, models, key=key)
-    stacked = merge_lib.stack_models(models)
+    stacked = mj.stack_models(models)
     eager, _ = tx.update(stacked, tx.init(base), base, key=key)
     _close(jitted, eager)
 
@@ -160,11 +152,11 @@ def test_sweep_equals_loop_without_recompile():
   run = jax.jit(jax.vmap(lambda d, l: mj.merge(M.ties(density=d, lambda_=l), base, models)))
   sweep = run(densities, lams)
   mj.merge(M.ties(density=0.1, lambda_=2.0), base, models)
-  n = merge_lib._run._cache_size()  # pylint: disable=protected-access
-  for i in range(3):
-    single = mj.merge(M.ties(density=float(densities[i]), lambda_=float(lams[i])), base, models)
-    _close(jax.tree.map(lambda s: s[i], sweep), single)
-  assert merge_lib._run._cache_size() == n  # pylint: disable=protected-access
+  with testing.log_compilations() as log:
+    for i in range(3):
+      single = mj.merge(M.ties(density=float(densities[i]), lambda_=float(lams[i])), base, models)
+      _close(jax.tree.map(lambda s: s[i], sweep), single)
+  assert log.count('_run') == 0
 
 
 def test_bf16_inputs_give_bf16_outputs():
@@ -178,8 +170,8 @@ def test_bf16_inputs_give_bf16_outputs():
 
 def test_global_trim_restricted_by_masked():
   base, models = _zoo()
-  tx = mj.chain(mj.task_vectors(), mj.masked(mj.trim(0.2, scope='global'), r'^enc/'),
-                mj.disjoint_merge(), mj.apply_updates())
+  tx = mj.chain(mj.transforms.task_vectors(), mj.masked(mj.transforms.trim(0.2, scope='global'), r'^enc/'),
+                mj.transforms.disjoint_merge(), mj.transforms.apply_to_base())
   out = mj.merge(tx, base, models)
   np.testing.assert_allclose(out['head'], np.mean([m['head'] for m in models], 0), rtol=1e-5)
   kept = sum(np.count_nonzero(np.asarray(out['enc'][k] - base['enc'][k])) for k in out['enc'])

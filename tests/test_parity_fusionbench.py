@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import mergejax as mj
-from mergejax._src.test_utils import require_peer
+from mergejax.testing import require_peer
 
 M = mj.methods
 pytestmark = pytest.mark.peer

@@ -14,9 +14,9 @@ import pytest
 import yaml
 
 from mergejax import cli
-from mergejax._src.test_utils import require_peer
-from mergejax._src.io import safetensors_io as st
-from mergejax._src.io import synthetic
+from mergejax.testing import require_peer
+from mergejax.io import _safetensors as st
+from mergejax.io import _synthetic as synthetic
 
 pytestmark = pytest.mark.peer
 

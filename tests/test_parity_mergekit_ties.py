@@ -13,9 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mergejax._src.test_utils import require_peer
+from mergejax.testing import require_peer
 import mergejax as mj
-from mergejax._src import sparsify
+from mergejax.transforms import _sparsify as sparsify
 
 pytestmark = pytest.mark.peer
 M = mj.methods
@@ -161,8 +161,8 @@ def test_dare_same_mask_same_result(mk):
     deltas = jnp.asarray(np.stack([f - base for f in fts]))
     sparse = sparsify.apply_mask(deltas, jnp.asarray(np.stack(masks)),
                                  jnp.asarray(RHO)[:, None, None], 'l1' if rescale else None)
-    merged, _ = mj.chain(mj.elect_sign(weights=W), mj.disjoint_merge(W, reduce='sum')).update(
-        sparse, mj.chain(mj.elect_sign(weights=W), mj.disjoint_merge(W, reduce='sum')).init(None))
+    merged, _ = mj.chain(mj.transforms.elect_sign(weights=W), mj.transforms.disjoint_merge(W, reduce='sum')).update(
+        sparse, mj.chain(mj.transforms.elect_sign(weights=W), mj.transforms.disjoint_merge(W, reduce='sum')).init(None))
     np.testing.assert_allclose(base + np.asarray(merged), ref, rtol=1e-5, atol=1e-6)
     # mergekit's own rescale on the same mask.
     for i in range(3):
@@ -178,7 +178,7 @@ def test_dare_and_della_statistics_match(mk):
   delta = rng.standard_normal((64, 128)).astype(np.float32)
   torch.manual_seed(0)
   theirs = mk_sparsify.bernoulli(torch.tensor(delta), 0.3, mk_sparsify.RescaleNorm.l1).numpy()
-  tx = mj.dare(0.3)
+  tx = mj.transforms.dare(0.3)
   ours = np.asarray(tx.update({'w': jnp.asarray(delta)[None]}, tx.init(None),
                               key=jax.random.key(0))[0]['w'][0])
   assert abs((theirs != 0).mean() - (ours != 0).mean()) < 0.02
@@ -186,7 +186,7 @@ def test_dare_and_della_statistics_match(mk):
   # DELLA: per-rank keep frequencies match (torch layout, rows along dim 1).
   torch.manual_seed(0)
   theirs = mk_sparsify.della_magprune(torch.tensor(delta), 0.5, 0.3, None).numpy()
-  tx = mj.della(0.5, 0.3, rescale=None, axis=1)
+  tx = mj.transforms.della_prune(0.5, 0.3, rescale=None, axis=1)
   ours = np.asarray(tx.update({'w': jnp.asarray(delta)[None]}, tx.init(None),
                               key=jax.random.key(0))[0]['w'][0])
   ranks = np.argsort(np.argsort(np.abs(delta), axis=1), axis=1)
@@ -204,7 +204,7 @@ def test_della_epsilon_errors_like_mergekit(mk):
   with pytest.raises(ValueError):
     mk_sparsify.della_magprune(torch.ones(4, 4), 0.1, 0.15)
   with pytest.raises(ValueError, match='epsilon'):
-    mj.della(0.1, 0.15)
+    mj.transforms.della_prune(0.1, 0.15)
 
 
 def test_bf16_trim_differs_from_mergekit_only_among_threshold_ties(mk):
@@ -218,7 +218,7 @@ def test_bf16_trim_differs_from_mergekit_only_among_threshold_ties(mk):
   ft = (base.astype(np.float32) + 0.01 * rng.normal(size=base.shape)
         ).astype(jnp.bfloat16)
   tv = ft.astype(np.float32) - base.astype(np.float32)
-  tx = mj.trim(0.3)
+  tx = mj.transforms.trim(0.3)
   ours = np.asarray(tx.update({'w': jnp.asarray(tv)[None]},
                               tx.init(None))[0]['w'][0]) != 0
   theirs = mk_sparsify.magnitude(torch.from_numpy(tv),

@@ -188,19 +188,19 @@ def test_permute_align_in_merge(solver):
   base = _variables('mlp')['params']
   models = [permute.apply_permutation(spec, permute.random_permutations(
       spec, base, jax.random.key(i)), base) for i in range(3)]
-  tx = mj.chain(permute.permute_align(spec, solver=solver), mj.mean())
+  tx = mj.chain(permute.permute_align(spec, solver=solver), mj.transforms.mean())
   out, state = mj.merge(tx, base, models, key=KEY, return_state=True)
   assert _max_diff(out, base) < 1e-5
   assert state[0].permutations['P_0'].shape == (3, 16)
   # Without alignment the average is far from the base.
-  assert _max_diff(mj.merge(mj.mean(), None, models), base) > 0.1
+  assert _max_diff(mj.merge(mj.transforms.mean(), None, models), base) > 0.1
 
 
 def test_permute_align_first_reference_no_base():
   spec = permute.mlp_spec(2)
   a = _variables('mlp')['params']
   b = permute.apply_permutation(spec, permute.random_permutations(spec, a, KEY), a)
-  out = mj.merge(mj.chain(permute.permute_align(spec, reference='first'), mj.mean()),
+  out = mj.merge(mj.chain(permute.permute_align(spec, reference='first'), mj.transforms.mean()),
                  None, [a, b])
   assert _max_diff(out, a) < 1e-5
 
@@ -233,7 +233,7 @@ _ENTRY_POINTS = {
     'ste_matching': lambda s, a, b: permute.ste_matching(
         s, a, b, lambda p, x: jnp.float32(0.0), [jnp.ones((2, 4))], steps=1),
     'permute_align': lambda s, a, b: mj.merge(
-        mj.chain(permute.permute_align(s), mj.mean()), a, [a, b]),
+        mj.chain(permute.permute_align(s), mj.transforms.mean()), a, [a, b]),
     'apply_permutation': lambda s, a, b: permute.apply_permutation(
         s, {'P_0': jnp.arange(6), 'P_1': jnp.arange(5), 'P_2': jnp.arange(3)},
         b),

@@ -33,7 +33,7 @@ def test_barrier_vmapped_equals_loop_and_definitions():
   x = jax.random.normal(KEY, (32, 6))
   loss = lambda p: jnp.mean(m.apply({'params': p}, x) ** 2)
   r = permute.interpolation_barrier(loss, a, b, num=5)
-  loop = np.array([loss(permute.lerp(a, b, l)) for l in np.linspace(0, 1, 5)])
+  loop = np.array([loss(permute.lerp_params(a, b, l)) for l in np.linspace(0, 1, 5)])
   np.testing.assert_allclose(r.curve, loop, rtol=1e-5)
   np.testing.assert_allclose(r.barrier, loop.max() - (loop[0] + loop[-1]) / 2, rtol=1e-5)
   chord = permute.interpolation_barrier(loss, a, b, num=5, relative_to='chord').barrier
@@ -58,7 +58,7 @@ def test_repair_restores_unit_statistics():
   m, a = _mlp()
   b = m.init(jax.random.key(1), jnp.ones((1, 6)))['params']
   batches = [jax.random.normal(jax.random.key(i), (128, 6)) for i in range(2)]
-  mid = permute.lerp(a, b, 0.5)
+  mid = permute.lerp_params(a, b, 0.5)
   fixed = permute.repair(_preact, mid, [a, b], batches, layers=['Dense_0', 'Dense_1'])
   for layer in ['Dense_0', 'Dense_1']:
     za = np.concatenate([_preact(a, x)[layer] for x in batches])
@@ -97,6 +97,6 @@ def test_ste_matching_returns_valid_permutations_no_worse_than_naive():
   perms = permute.ste_matching(spec, a, b, loss, [(x, y)], steps=8, key=KEY)
   for g, p in perms.items():
     assert sorted(np.asarray(p).tolist()) == list(range(p.shape[0]))
-  mid = lambda pp: loss(permute.lerp(a, permute.apply_permutation(spec, pp, b), 0.5), (x, y))
-  naive = loss(permute.lerp(a, b, 0.5), (x, y))
+  mid = lambda pp: loss(permute.lerp_params(a, permute.apply_permutation(spec, pp, b), 0.5), (x, y))
+  naive = loss(permute.lerp_params(a, b, 0.5), (x, y))
   assert float(mid(perms)) <= float(naive)

@@ -9,7 +9,7 @@ import optax
 import pytest
 
 from mergejax import permute
-from mergejax._src.permute import learned
+from mergejax.permute import _learned as learned
 from mergejax.permute import models as M
 
 KEY = jax.random.key(0)
@@ -128,7 +128,7 @@ def _task():
   x = jnp.asarray(np.random.default_rng(2).normal(size=(4, 32, 6)), jnp.float32)
   y = jax.jit(m.apply)({'params': a}, x.reshape(-1, 6)).reshape(4, 32, -1)
 
-  mid = jax.jit(lambda bb: _regression_loss(permute.lerp(a, bb, 0.5),
+  mid = jax.jit(lambda bb: _regression_loss(permute.lerp_params(a, bb, 0.5),
                                    (x.reshape(-1, 6), y.reshape(128, -1))))
   return spec, a, b, (x, y), _regression_loss, mid
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from mergejax import permute
-from mergejax._src.permute import pleas as pleas_lib
+from mergejax.permute import _pleas as pleas_lib
 from mergejax.permute import models as M
 
 KEY = jax.random.key(0)

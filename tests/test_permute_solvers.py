@@ -7,8 +7,8 @@ import pytest
 from scipy import optimize
 
 from mergejax import permute
-from mergejax._src.permute import matching
-from mergejax._src.permute import solvers
+from mergejax.permute import _matching as matching
+from mergejax.permute import _solvers as solvers
 from mergejax.permute import models as M
 
 needs_lap = pytest.mark.skipif(not solvers.have_lapjv(),

@@ -6,27 +6,24 @@ import numpy as np
 import pytest
 
 import mergejax as mj
-from mergejax._src import merge as merge_lib
+from mergejax import testing
+from mergejax.transforms import _rtsvm as rtsvm_lib
 
 M = mj.methods
 
 
+def _heavy_tailed(rng, shape):
+  # Student-t task vectors with a low-rank part, so both the outlier and the
+  # adaptive-rank steps act.
+  t = 0.05 * rng.standard_t(2.0, size=shape)
+  if len(shape) == 2:
+    t = t + np.outer(rng.standard_normal(shape[0]), rng.standard_normal(shape[1]))
+  return t
+
+
 def _zoo(k=3, seed=0):
-  rng = np.random.default_rng(seed)
-  base = {'a': {'kernel': rng.standard_normal((12, 10)),
-                'bias': rng.standard_normal(10)},
-          'b': {'kernel': rng.standard_normal((10, 14))}}
-  base = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), base)
-  # Heavy-tailed (Student-t) task vectors with a low-rank part, so both the
-  # outlier and the adaptive-rank steps act.
-  def tv(shape):
-    t = 0.05 * rng.standard_t(2.0, size=shape)
-    if len(shape) == 2:
-      t = t + np.outer(rng.standard_normal(shape[0]), rng.standard_normal(shape[1]))
-    return t
-  models = [jax.tree.map(lambda x: x + jnp.asarray(tv(x.shape), jnp.float32), base)
-            for _ in range(k)]
-  return base, models
+  shapes = {'a/kernel': (12, 10), 'a/bias': (10,), 'b/kernel': (10, 14)}
+  return testing.random_models(shapes, k, seed=seed, noise=_heavy_tailed)
 
 
 def _polar(x):
@@ -70,8 +67,7 @@ def np_rtsvm(base, models, alpha, q, energy):
 
 
 def _close(a, b, tol=2e-4):
-  np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64),
-                             rtol=tol, atol=tol)
+  testing.assert_trees_close(a, b, rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize('q,energy', [(0.9, 0.6), (0.75, 0.95), (1.0, 0.3)])
@@ -92,20 +88,20 @@ def test_neutral_settings_are_tsv_and_steps_change_the_merge():
 
 def test_outlier_reweight_matches_numpy_and_keeps_model_axis():
   x = jnp.asarray(np.random.default_rng(1).standard_t(1.5, size=(3, 6, 7)), jnp.float32)
-  tx = mj.outlier_reweight(0.8, exclude='skip')
+  tx = mj.transforms.outlier_reweight(0.8, exclude='skip')
   out, _ = tx.update({'w': x, 'skip': x}, tx.init(None))
   assert out['w'].shape == x.shape
   for i in range(3):
     _close(out['w'][i], np_winsor(np.asarray(x[i], np.float64), 0.8), 1e-6)
   _close(out['skip'], x, 0)  # excluded: untouched
-  out1, _ = tx.update({'w': x, 'skip': x}, mj.outlier_reweight(1.0).init(None))
+  out1, _ = tx.update({'w': x, 'skip': x}, mj.transforms.outlier_reweight(1.0).init(None))
   _close(out1['w'], x, 0)
 
 
 def test_adaptive_rank_keeps_the_fewest_components_reaching_the_energy():
   s = jnp.array([[3., 2., 1.]])
   total = jnp.array([14.])
-  got = [np.asarray(mj._src.rtsvm.adaptive_rank_mask(s, total, e))[0].sum()
+  got = [np.asarray(rtsvm_lib.adaptive_rank_mask(s, total, e))[0].sum()
          for e in (0.1, 0.64, 0.65, 0.92, 0.93, 1.0)]
   assert got == [1, 1, 2, 2, 3, 3]
 
@@ -119,10 +115,10 @@ def test_jit_equals_eager_no_recompile_and_vmap_sweep():
   jax.tree.map(lambda a, b: _close(a, b, 1e-5), eager, jitted)
 
   mj.merge(M.rtsvm(0.5, quantile=0.9, energy=0.7), base, models)
-  n = merge_lib._run._cache_size()
-  for v in (0.6, 0.95):
-    mj.merge(M.rtsvm(v, quantile=v, energy=v), base, models)
-  assert merge_lib._run._cache_size() == n
+  with testing.log_compilations() as log:
+    for v in (0.6, 0.95):
+      mj.merge(M.rtsvm(v, quantile=v, energy=v), base, models)
+  assert log.count('_run') == 0
 
   es = jnp.array([0.4, 0.8, 1.0])
   sweep = jax.jit(jax.vmap(lambda e: mj.merge(M.rtsvm(quantile=0.9, energy=e),

@@ -7,8 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mergejax._src import modelaxis
-from mergejax._src import select
+from mergejax.transforms import _select as select
 
 
 def _reference(xs, k):
@@ -68,24 +67,6 @@ def test_unrolled_and_vmapped_model_map_agree(monkeypatch):
   monkeypatch.setattr(select, '_UNROLL_MIN', 1)  # rows one by one...
   one_by_one = select.batched_topk_masks([x], ks)[0]
   np.testing.assert_array_equal(unrolled, one_by_one)
-  monkeypatch.setattr(modelaxis, 'UNROLL_MAX', 1)  # ...and model_map's vmap
+  monkeypatch.setattr(select.modelaxis, 'UNROLL_MAX', 1)  # ...and model_map's vmap
   vmapped = select.batched_topk_masks([x], ks)[0]
   np.testing.assert_array_equal(unrolled, vmapped)
-
-
-@pytest.mark.parametrize('k', [1, 3, 17])
-def test_model_axis_helpers_match_numpy(k, monkeypatch):
-  rng = np.random.default_rng(k)
-  x = rng.normal(size=(k, 5, 3)).astype(np.float32)
-  w = rng.normal(size=k).astype(np.float32)
-  for limit in (16, 1):  # unrolled and fori_loop paths
-    monkeypatch.setattr(modelaxis, 'UNROLL_MAX', limit)
-    np.testing.assert_allclose(modelaxis.model_sum(x, w),
-                               np.tensordot(w, x, 1), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(modelaxis.model_mean(x), x.mean(0), rtol=1e-5,
-                               atol=1e-6)
-    np.testing.assert_array_equal(modelaxis.model_max(x), x.max(0))
-    np.testing.assert_array_equal(modelaxis.model_count(x > 0),
-                                  (x > 0).sum(0))
-    np.testing.assert_allclose(modelaxis.model_map(lambda v: jnp.cumsum(v, 0), x),
-                               np.cumsum(x, axis=1), rtol=1e-5, atol=1e-6)

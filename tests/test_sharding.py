@@ -11,7 +11,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import mergejax as mj
-from mergejax._src import sharding as sh
+from mergejax import testing
+from mergejax.parallel import _sharding as sh
 
 RULES = [(r'embed', P(None, 'fsdp')),   # vocab x hidden: shard the hidden dim
          (r'norm', 'replicate'),
@@ -59,7 +60,6 @@ def _method_names():
 
 def _zoo(k=4, dtype=np.float32, seed=0, small=False):
   """A small model with Llama-like names; dims divisible by 8 and not."""
-  rng = np.random.default_rng(seed)
   if small:  # fewer leaves: top-k methods compile one radix select per leaf
     shapes = {'model.embed_tokens.weight': (40, 16),
               'model.layers.0.mlp.up_proj.weight': (24, 16),
@@ -70,10 +70,8 @@ def _zoo(k=4, dtype=np.float32, seed=0, small=False):
               'model.layers.0.input_layernorm.weight': (16,),
               'model.layers.0.mlp.odd.weight': (5, 3),   # nothing divisible
               'lm_head.bias': (8,)}
-  base = {n: rng.standard_normal(s).astype(dtype) for n, s in shapes.items()}
-  models = [{n: (x + 0.5 * rng.standard_normal(x.shape)).astype(dtype)
-             for n, x in base.items()} for _ in range(k)]
-  return base, models
+  return testing.random_models(shapes, k, seed=seed, scale=0.5, dtype=dtype,
+                               nested=False, as_numpy=True)
 
 
 def _build(name):
@@ -99,10 +97,7 @@ def _reference(tx, base, models, key):
 
 
 def _assert_close(out, ref, atol=2e-5):
-  for p, r in mj._src.paths.flatten_to_dict(ref).items():
-    o = np.asarray(jax.device_get(out[p]), np.float32)
-    np.testing.assert_allclose(o, np.asarray(r, np.float32), rtol=2e-5,
-                               atol=atol, err_msg=p)
+  testing.assert_trees_close(out, ref, rtol=2e-5, atol=atol)
 
 
 _REFS = {}
@@ -122,7 +117,7 @@ def _case(name):
 def _check_sharded(name, shape, names):
   tx, b, ms, key, ref = _case(name)
   mesh = sh.make_mesh(shape, names)
-  out = mj.sharded_merge(tx, b, ms, key=key, mesh=mesh, rules=RULES)
+  out = mj.parallel.sharded_merge(tx, b, ms, key=key, mesh=mesh, rules=RULES)
   _assert_close(out, ref)
   for p, x in out.items():
     assert x.dtype == (ms[0] if b is None else b)[p].dtype, p
@@ -151,7 +146,7 @@ def test_sharded_state_reconstructs_task_models(name):
   tx = _build(name)
   base, models = _zoo(k=2, small=True)
   _, ref_state = mj.merge(tx, base, models, return_state=True)
-  _, state = mj.sharded_merge(tx, base, models, mesh=sh.make_mesh((2, 4)),
+  _, state = mj.parallel.sharded_merge(tx, base, models, mesh=sh.make_mesh((2, 4)),
                               rules=RULES, return_state=True)
   for i in range(2):
     want = mj.methods.reconstruct(ref_state, base, i)
@@ -165,7 +160,7 @@ def test_sharded_state_reconstructs_task_models(name):
 def test_out_shardings_follow_rules():
   base, models = _zoo()
   mesh = sh.make_mesh((4, 2))
-  out = mj.sharded_merge(mj.methods.task_arithmetic(), base, models, mesh=mesh,
+  out = mj.parallel.sharded_merge(mj.methods.task_arithmetic(), base, models, mesh=mesh,
                          rules=RULES)
   specs = sh.param_specs(base, mesh, RULES)
   assert specs['model.embed_tokens.weight'] == P(None, 'fsdp')
@@ -207,7 +202,7 @@ def test_stack_goes_on_models_axis_and_blocks_are_read_lazily():
                     for m in models], mesh, {'w': P('models', 'fsdp', None)})
   assert set(reads) == {24 * 16 // 4}
   # And the merge itself takes lazy inputs.
-  out = mj.sharded_merge(mj.methods.task_arithmetic(), base, lazy, mesh=mesh,
+  out = mj.parallel.sharded_merge(mj.methods.task_arithmetic(), base, lazy, mesh=mesh,
                          rules=RULES)
   _assert_close(out, mj.merge(mj.methods.task_arithmetic(), base, models))
 
@@ -217,14 +212,14 @@ def test_model_axis_not_dividing_k_is_replicated():
   mesh = sh.make_mesh((2, 4))
   assert sh.stacked_spec(P('fsdp'), 3, mesh) == P(None, 'fsdp')
   tx = mj.methods.task_arithmetic(weight=[1., -2., 3.])
-  _assert_close(mj.sharded_merge(tx, base, models, mesh=mesh, rules=RULES),
+  _assert_close(mj.parallel.sharded_merge(tx, base, models, mesh=mesh, rules=RULES),
                 mj.merge(tx, base, models))
 
 
 def test_bf16_inputs_keep_dtype_and_match():
   base, models = _zoo(dtype=jnp.bfloat16)
   tx = mj.methods.task_arithmetic(lambda_=0.5)
-  out = mj.sharded_merge(tx, base, models, mesh=sh.make_mesh((4, 2)),
+  out = mj.parallel.sharded_merge(tx, base, models, mesh=sh.make_mesh((4, 2)),
                          rules=RULES)
   ref = mj.merge(tx, base, models)
   for p in base:
@@ -238,7 +233,7 @@ def test_bf16_inputs_keep_dtype_and_match():
 def test_no_recompile_across_hyperparameters():
   base, models = _zoo()
   mesh = sh.make_mesh((4, 2))
-  run = lambda lam: mj.sharded_merge(  # pylint: disable=g-long-lambda
+  run = lambda lam: mj.parallel.sharded_merge(  # pylint: disable=g-long-lambda
       mj.methods.task_arithmetic(weight=[lam, 1., 1., 2.], lambda_=lam), base,
       models, mesh=mesh, rules=RULES)
   run(0.1)
@@ -254,7 +249,7 @@ def test_explicit_axis_mesh_runs_as_auto():
   mesh = jax.make_mesh((4, 2), ('models', 'fsdp'),
                        axis_types=(AxisType.Explicit,) * 2)
   tx = mj.methods.task_arithmetic()
-  _assert_close(mj.sharded_merge(tx, base, models, mesh=mesh, rules=RULES),
+  _assert_close(mj.parallel.sharded_merge(tx, base, models, mesh=mesh, rules=RULES),
                 mj.merge(tx, base, models))
 
 
@@ -270,9 +265,9 @@ def test_radix_select_on_sharded_leaves_matches_unsharded():
   ys = jax.device_put(y, NamedSharding(mesh, P('models', 'fsdp')))
 
   def fn(a, b):
-    mask = jax.vmap(lambda t: mj.topk_mask(t, 300))(a)
-    kth = jax.vmap(lambda t: mj.kth_largest_magnitude(t, 77))(a)
-    glob = mj.kth_largest_magnitude([a, b], 1000)
+    mask = jax.vmap(lambda t: mj.transforms.topk_mask(t, 300))(a)
+    kth = jax.vmap(lambda t: mj.transforms.kth_largest_magnitude(t, 77))(a)
+    glob = mj.transforms.kth_largest_magnitude([a, b], 1000)
     return mask, kth, glob
 
   compiled = jax.jit(fn, out_shardings=(NamedSharding(mesh, P('models')),
@@ -306,7 +301,7 @@ def test_nonfinite_input_names_leaf_and_model():
   base, models = _zoo()
   models[2]['lm_head.bias'][3] = np.nan
   with pytest.raises(ValueError, match=r"models\[2\] leaf 'lm_head.bias'.*1 NaN"):
-    mj.sharded_merge(mj.methods.task_arithmetic(), base, models,
+    mj.parallel.sharded_merge(mj.methods.task_arithmetic(), base, models,
                      mesh=sh.make_mesh((4, 2)), rules=RULES)
 
 

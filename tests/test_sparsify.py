@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 import mergejax as mj
-from mergejax._src import select
-from mergejax._src import sparsify
+from mergejax.transforms import _select as select
+from mergejax.transforms import _sparsify as sparsify
 
 SETTINGS = hypothesis.settings(max_examples=15, deadline=None, derandomize=True)
 SHAPES = [(4, 6), (3, 2, 5)]
@@ -60,7 +60,7 @@ def _np_mergekit_k(rho, n):
                                min_size=2, max_size=2))
 def test_trim_tensor_matches_numpy(shape, seed, rho):
   u = _distinct(np.random.default_rng(seed), 2, shape)
-  out = np.asarray(_apply(mj.trim(rho), {'w': jnp.asarray(u)})['w'])
+  out = np.asarray(_apply(mj.transforms.trim(rho), {'w': jnp.asarray(u)})['w'])
   for i in range(2):
     ref = np.where(_np_topk(u[i], _np_mergekit_k(rho[i], u[i].size)), u[i], 0)
     np.testing.assert_array_equal(out[i], ref)
@@ -73,7 +73,7 @@ def test_trim_tensor_matches_numpy(shape, seed, rho):
 def test_trim_global_matches_numpy(seed, rho, count):
   rng = np.random.default_rng(seed)
   a, b = _distinct(rng, 3, (4, 6)), _distinct(rng, 3, (5,))
-  out = _apply(mj.trim(rho, scope='global', count=count),
+  out = _apply(mj.transforms.trim(rho, scope='global', count=count),
                {'a': jnp.asarray(a), 'b': jnp.asarray(b)})
   for i in range(3):
     flat = np.concatenate([a[i].ravel(), b[i].ravel()])
@@ -87,17 +87,17 @@ def test_trim_global_matches_numpy(seed, rho, count):
 def test_trim_fusionbench_count_keeps_int_dk_plus_one_and_ties():
   # FusionBench: threshold = kthvalue(|x|, n - int(n K)); keep |x| >= threshold.
   x = np.array([[1., 2., 3., 4., 5., 6., 7., 8., 9., 10.]], np.float32)
-  out = np.asarray(_apply(mj.trim(0.2, count='fusionbench', exact=False), {'w': jnp.asarray(x)})['w'])
+  out = np.asarray(_apply(mj.transforms.trim(0.2, count='fusionbench', exact=False), {'w': jnp.asarray(x)})['w'])
   assert np.count_nonzero(out) == 3  # int(10 * 0.2) + 1
   x = np.array([[1., 2., 3., 4., 5., 6., 7., 8., 8., 8.]], np.float32)
-  out = np.asarray(_apply(mj.trim(0.1, count='fusionbench', exact=False), {'w': jnp.asarray(x)})['w'])
+  out = np.asarray(_apply(mj.transforms.trim(0.1, count='fusionbench', exact=False), {'w': jnp.asarray(x)})['w'])
   np.testing.assert_array_equal(out, np.where(x >= 8, x, 0))  # all ties kept
 
 
 def test_trim_exact_breaks_ties_by_index_and_non_exact_keeps_ties():
   x = jnp.array([[1., -2., 2., 2., 0.5]])
-  np.testing.assert_array_equal(_apply(mj.trim(0.4), {'w': x})['w'], [[0., -2., 2., 0., 0.]])
-  np.testing.assert_array_equal(_apply(mj.trim(0.4, exact=False), {'w': x})['w'],
+  np.testing.assert_array_equal(_apply(mj.transforms.trim(0.4), {'w': x})['w'], [[0., -2., 2., 0., 0.]])
+  np.testing.assert_array_equal(_apply(mj.transforms.trim(0.4, exact=False), {'w': x})['w'],
                                 [[0., -2., 2., 2., 0.]])
   # Global ties go to the earlier leaf (leaves in tree order), then lower index.
   m = jax.jit(select.topk_masks)([jnp.array([1., 3.]), jnp.array([3., 3.])], 2)
@@ -106,9 +106,9 @@ def test_trim_exact_breaks_ties_by_index_and_non_exact_keeps_ties():
 
 def test_trim_edges_density_one_and_tiny_density():
   x = jnp.asarray(_distinct(np.random.default_rng(0), 1, (10,)))
-  np.testing.assert_array_equal(_apply(mj.trim(1.0), {'w': x})['w'], x)
+  np.testing.assert_array_equal(_apply(mj.transforms.trim(1.0), {'w': x})['w'], x)
   # mergekit keeps at least one entry: k = max(1, int(0.01 * 10)) = 1.
-  assert int(jnp.count_nonzero(_apply(mj.trim(0.01), {'w': x})['w'])) == 1
+  assert int(jnp.count_nonzero(_apply(mj.transforms.trim(0.01), {'w': x})['w'])) == 1
   # Decimal densities count exactly despite float32: int(0.7 * 10) == 7.
   assert int(sparsify.keep_count(jnp.float32(0.7), 10)) == 7
   assert int(sparsify.keep_count(jnp.float32(0.3), 1000)) == 300
@@ -116,29 +116,29 @@ def test_trim_edges_density_one_and_tiny_density():
 
 def test_trim_rescale_l1_preserves_norm():
   x = jnp.asarray(_distinct(np.random.default_rng(1), 2, (4, 6)))
-  out = _apply(mj.trim(0.3, rescale='l1'), {'w': x})['w']
+  out = _apply(mj.transforms.trim(0.3, rescale='l1'), {'w': x})['w']
   np.testing.assert_allclose(jnp.abs(out).sum((1, 2)), jnp.abs(x).sum((1, 2)), rtol=1e-5)
   assert int(jnp.count_nonzero(out[0])) == 7
 
 
 @pytest.mark.parametrize('bad', [0.0, -0.1, 1.5, float('nan'), [0.5, 1.2]])
 def test_density_outside_range_is_an_error(bad):
-  for factory in (mj.trim, mj.dare, mj.breadcrumbs):
+  for factory in (mj.transforms.trim, mj.transforms.dare, mj.transforms.breadcrumbs_prune):
     with pytest.raises(ValueError, match=r'density must lie in \(0.0, 1.0\]'):
       factory(bad)
 
 
 def test_bad_options_are_errors():
   with pytest.raises(ValueError, match='trim scope'):
-    mj.trim(0.5, scope='layer')
+    mj.transforms.trim(0.5, scope='layer')
   with pytest.raises(ValueError, match='dare rescale'):
-    mj.dare(0.5, rescale='l2')
+    mj.transforms.dare(0.5, rescale='l2')
   with pytest.raises(ValueError, match='gamma'):
-    mj.breadcrumbs(0.5, gamma=1.0)
+    mj.transforms.breadcrumbs_prune(0.5, gamma=1.0)
 
 
 def test_per_model_density_wrong_length_is_an_error():
-  tx = mj.trim([0.5, 0.5, 0.5])
+  tx = mj.transforms.trim([0.5, 0.5, 0.5])
   with pytest.raises(ValueError, match=r'density has shape \(3,\) but there are 2 models'):
     tx.update({'w': jnp.ones((2, 4))}, tx.init(None))
 
@@ -147,7 +147,7 @@ def test_per_model_density_wrong_length_is_an_error():
 
 
 def test_dare_without_key_is_a_clear_error():
-  tx = mj.dare(0.5)
+  tx = mj.transforms.dare(0.5)
   with pytest.raises(ValueError, match='needs a PRNG key'):
     tx.update({'w': jnp.ones((2, 4))}, tx.init(None))
   base = {'w': jnp.zeros(4)}
@@ -158,7 +158,7 @@ def test_dare_without_key_is_a_clear_error():
 def test_dare_l1_is_exact_and_kept_fraction_matches_density():
   rng = np.random.default_rng(0)
   u = jnp.asarray(rng.standard_normal((3, 64, 64)), jnp.float32)
-  tx = mj.dare([0.2, 0.5, 0.9], rescale='l1')
+  tx = mj.transforms.dare([0.2, 0.5, 0.9], rescale='l1')
   out = _apply(tx, {'w': u}, jax.random.key(1))['w']
   np.testing.assert_allclose(jnp.abs(out).sum((1, 2)), jnp.abs(u).sum((1, 2)), rtol=1e-5)
   frac = np.asarray(jnp.mean(out != 0, axis=(1, 2)))
@@ -172,7 +172,7 @@ def test_dare_l1_is_exact_and_kept_fraction_matches_density():
 
 def test_dare_inverse_density_is_unbiased():
   u = jnp.asarray(np.random.default_rng(0).standard_normal((1, 512)), jnp.float32)
-  tx = mj.dare(0.25, rescale='inverse_density')
+  tx = mj.transforms.dare(0.25, rescale='inverse_density')
   state = tx.init(None)
   draws = jax.vmap(lambda k: _run(tx, {'w': u}, state, k)['w'])(
       jax.random.split(jax.random.key(0), 400))
@@ -185,8 +185,8 @@ def test_dare_inverse_density_is_unbiased():
 
 def test_dare_density_one_keeps_everything_and_keys_differ_per_model():
   u = jnp.ones((2, 100))
-  np.testing.assert_array_equal(_apply(mj.dare(1.0), {'w': u}, jax.random.key(0))['w'], u)
-  out = _apply(mj.dare(0.5, rescale=None), {'w': u}, jax.random.key(0))['w']
+  np.testing.assert_array_equal(_apply(mj.transforms.dare(1.0), {'w': u}, jax.random.key(0))['w'], u)
+  out = _apply(mj.transforms.dare(0.5, rescale=None), {'w': u}, jax.random.key(0))['w']
   assert not np.array_equal(out[0], out[1])
 
 
@@ -225,7 +225,7 @@ def _np_breadcrumbs(x, rho, gamma):
                   gamma=st.sampled_from([0.0, 0.01, 0.05, 0.2, 0.5]))
 def test_breadcrumbs_matches_mergekit_numpy(shape, seed, rho, gamma):
   u = _distinct(np.random.default_rng(seed), 2, shape)
-  out = np.asarray(_apply(mj.breadcrumbs(rho, gamma), {'w': jnp.asarray(u)})['w'])
+  out = np.asarray(_apply(mj.transforms.breadcrumbs_prune(rho, gamma), {'w': jnp.asarray(u)})['w'])
   for i in range(2):
     np.testing.assert_array_equal(out[i], _np_breadcrumbs(u[i], rho, gamma))
 
@@ -234,13 +234,13 @@ def test_breadcrumbs_gamma_zero_and_tiny_tensors_keep_target():
   # mergekit <= 0.1.4 zeroed these tensors (empty slice order[n_bot:-0]).
   u = jnp.asarray(_distinct(np.random.default_rng(0), 1, (50,)))
   for gamma in (0.0, 0.01):  # 0.01 * 50 < 1: n_top = 0
-    out = _apply(mj.breadcrumbs(0.4, gamma), {'w': u})['w']
-    np.testing.assert_array_equal(out, _apply(mj.trim(0.4), {'w': u})['w'])
-  out = _apply(mj.breadcrumbs(0.4, 0.1), {'w': u})['w']
+    out = _apply(mj.transforms.breadcrumbs_prune(0.4, gamma), {'w': u})['w']
+    np.testing.assert_array_equal(out, _apply(mj.transforms.trim(0.4), {'w': u})['w'])
+  out = _apply(mj.transforms.breadcrumbs_prune(0.4, 0.1), {'w': u})['w']
   assert int(jnp.count_nonzero(out)) == 20
   assert float(jnp.abs(out).max()) < float(jnp.sort(jnp.abs(u[0]))[-5])  # top 5 dropped
   # target = int(0.01 * 50) = 0 keeps nothing (no max(1, .) here, unlike trim).
-  assert not np.any(np.asarray(_apply(mj.breadcrumbs(0.01, 0.0), {'w': u})['w']))
+  assert not np.any(np.asarray(_apply(mj.transforms.breadcrumbs_prune(0.01, 0.0), {'w': u})['w']))
 
 
 # ---------------------------------------------------------------- DELLA
@@ -267,16 +267,16 @@ def test_della_probs_match_mergekit_ranks_both_layouts():
 def test_della_statistics_and_rescale():
   rng = np.random.default_rng(1)
   u = jnp.asarray(rng.standard_normal((2, 128, 64)), jnp.float32)
-  out = _apply(mj.della(0.5, 0.3, rescale=None), {'w': u}, jax.random.key(0))['w']
+  out = _apply(mj.transforms.della_prune(0.5, 0.3, rescale=None), {'w': u}, jax.random.key(0))['w']
   kept = np.asarray(out != 0)
   ranks = np.argsort(np.argsort(np.abs(np.asarray(u)), axis=2), axis=2)
   # p = 0.2 + 0.6 rank / 63: mean 0.224 over the 6 smallest ranks, 0.776 over the 6
   # largest (1536 draws each: sd 0.011).
   assert abs(kept[ranks < 6].mean() - 0.224) < 0.04
   assert abs(kept[ranks >= 58].mean() - 0.776) < 0.04
-  out = _apply(mj.della(0.5, 0.3), {'w': u}, jax.random.key(0))['w']
+  out = _apply(mj.transforms.della_prune(0.5, 0.3), {'w': u}, jax.random.key(0))['w']
   np.testing.assert_allclose(jnp.abs(out).sum((1, 2)), jnp.abs(u).sum((1, 2)), rtol=1e-5)
-  out = _apply(mj.della(0.5, 0.3, rescale='inverse_prob'), {'w': u}, jax.random.key(0))['w']
+  out = _apply(mj.transforms.della_prune(0.5, 0.3, rescale='inverse_prob'), {'w': u}, jax.random.key(0))['w']
   p = np.asarray(jax.jit(jax.vmap(lambda x: sparsify.della_probs(x, 0.5, 0.3, 1)))(u))
   nz = np.asarray(out) != 0
   np.testing.assert_allclose(np.asarray(out)[nz] * p[nz], np.asarray(u)[nz], rtol=1e-5)
@@ -285,12 +285,12 @@ def test_della_statistics_and_rescale():
 @pytest.mark.parametrize('density, epsilon', [(0.5, 0.5), (0.2, 0.2), (0.9, 0.1), (0.5, 0.6)])
 def test_della_epsilon_validation(density, epsilon):
   with pytest.raises(ValueError, match='epsilon'):
-    mj.della(density, epsilon)
+    mj.transforms.della_prune(density, epsilon)
 
 
 def test_della_density_one_is_unchanged_whatever_epsilon():
   u = jnp.asarray(np.random.default_rng(0).standard_normal((2, 3, 4)), jnp.float32)
   np.testing.assert_array_equal(
-      _apply(mj.della(1.0, 0.15), {'w': u}, jax.random.key(0))['w'], u)
+      _apply(mj.transforms.della_prune(1.0, 0.15), {'w': u}, jax.random.key(0))['w'], u)
   with pytest.raises(ValueError, match='needs a PRNG key'):
-    _apply(mj.della(0.5, 0.1), {'w': u})
+    _apply(mj.transforms.della_prune(0.5, 0.1), {'w': u})

@@ -14,9 +14,9 @@ import yaml
 
 import mergejax as mj
 from mergejax import cli
-from mergejax._src import stream
-from mergejax._src.io import safetensors_io as st
-from mergejax._src.io import synthetic
+from mergejax.parallel import _stream as stream
+from mergejax.io import _safetensors as st
+from mergejax.io import _synthetic as synthetic
 
 
 def _make(root, dtype='bfloat16', n=2, **kw):

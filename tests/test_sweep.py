@@ -9,17 +9,12 @@ import numpy as np
 import pytest
 
 import mergejax as mj
-from mergejax._src import sweep as sweep_lib
+from mergejax import testing
+from experiments.tools import sweep as sweep_lib
 
 
 def _zoo(k=3, seed=0):
-  rng = np.random.default_rng(seed)
-  base = {'a': {'w': jnp.asarray(rng.normal(size=(6, 5)), jnp.float32)},
-          'b': jnp.asarray(rng.normal(size=(7,)), jnp.float32)}
-  models = [jax.tree.map(
-      lambda x: x + jnp.asarray(rng.normal(size=x.shape), jnp.float32), base)
-            for _ in range(k)]
-  return base, models
+  return testing.random_models({'a/w': (6, 5), 'b': (7,)}, k, seed=seed)
 
 
 def _config(**merge):
@@ -31,16 +26,16 @@ def _config(**merge):
 
 
 def test_product_and_zip():
-  pts = mj.product(mj.sweep('config.merge.a', [1, 2]), {'b': [3, 4, 5]})
+  pts = sweep_lib.product(sweep_lib.sweep('config.merge.a', [1, 2]), {'b': [3, 4, 5]})
   assert len(pts) == 6
   assert pts[0] == {'merge.a': 1, 'b': 3} and pts[-1] == {'merge.a': 2, 'b': 5}
-  z = mj.zip_({'a': [1, 2]}, mj.sweep('b', [3, 4]))
+  z = sweep_lib.zip_({'a': [1, 2]}, sweep_lib.sweep('b', [3, 4]))
   assert z == [{'a': 1, 'b': 3}, {'a': 2, 'b': 4}]
-  assert mj.zip_sweep is mj.zip_
+  assert sweep_lib.zip_sweep is sweep_lib.zip_
   with pytest.raises(ValueError, match='equal length'):
-    mj.zip_(mj.sweep('a', [1, 2]), mj.sweep('b', [1]))
+    sweep_lib.zip_(sweep_lib.sweep('a', [1, 2]), sweep_lib.sweep('b', [1]))
   with pytest.raises(ValueError, match='one axis only'):
-    mj.product(mj.sweep('a', [1]), mj.sweep('a', [2]))
+    sweep_lib.product(sweep_lib.sweep('a', [1]), sweep_lib.sweep('a', [2]))
 
 
 def test_apply_overrides_typo_names_fields():
@@ -83,8 +78,8 @@ def test_merge_sweep_compiles_once():
 
 def test_run_sweep_groups_and_table(tmp_path):
   base, models = _zoo()
-  pts = mj.product(mj.sweep('merge.method', ['task_arithmetic', 'average']),
-                   mj.sweep('merge.lambda_', [0.5, 1.0]))
+  pts = sweep_lib.product(sweep_lib.sweep('merge.method', ['task_arithmetic', 'average']),
+                   sweep_lib.sweep('merge.lambda_', [0.5, 1.0]))
   # `average` takes no lambda_: the config for it drops the field via a job.
   calls = []
 
@@ -95,7 +90,7 @@ def test_run_sweep_groups_and_table(tmp_path):
     return [{'m': cfg.merge.method, 'lam': float(numeric['lambda_'][i])}
             for i in range(n)]
 
-  res = mj.run_sweep(_config(), pts, job, workdir=tmp_path)
+  res = sweep_lib.run_sweep(_config(), pts, job, workdir=tmp_path)
   assert res.groups == 2  # one job per method, lambdas vmapped within
   assert calls == [('task_arithmetic', {'lambda_': [0.5, 1.0]}),
                    ('average', {'lambda_': [0.5, 1.0]})]
@@ -108,14 +103,14 @@ def test_run_sweep_groups_and_table(tmp_path):
 
 def test_run_sweep_vmap_equals_loop():
   base, models = _zoo()
-  pts = mj.sweep('merge.lambda_', [0.2, 0.4, 0.8])
+  pts = sweep_lib.sweep('merge.lambda_', [0.2, 0.4, 0.8])
 
   def evaluate(p):
     return {'norm': jnp.sqrt(sum(jnp.sum(x**2) for x in jax.tree.leaves(p)))}
 
-  fast = mj.run_sweep(_config(), pts, base=base, models=models,
+  fast = sweep_lib.run_sweep(_config(), pts, base=base, models=models,
                       evaluate=evaluate)
-  slow = mj.run_sweep(_config(), pts, base=base, models=models,
+  slow = sweep_lib.run_sweep(_config(), pts, base=base, models=models,
                       evaluate=evaluate, vmap=False)
   assert fast.groups == 1 and slow.groups == 3
   np.testing.assert_allclose(fast.column('norm'), slow.column('norm'),
@@ -164,9 +159,9 @@ def test_static_floats_are_structural():
     return [{}] * len(numeric['lambda_'])
 
   cfg = _config(frac=0.5)
-  pts = mj.product(mj.sweep('merge.frac', [0.5, 0.8]),
-                   mj.sweep('merge.lambda_', [0.1, 0.2]))
-  res = mj.run_sweep(cfg, pts, job, static=['merge.frac'])
+  pts = sweep_lib.product(sweep_lib.sweep('merge.frac', [0.5, 0.8]),
+                   sweep_lib.sweep('merge.lambda_', [0.1, 0.2]))
+  res = sweep_lib.run_sweep(cfg, pts, job, static=['merge.frac'])
   assert res.groups == 2 and calls == [0.5, 0.8]
 
 

@@ -6,20 +6,15 @@ import numpy as np
 import pytest
 
 import mergejax as mj
+from mergejax import testing
 
 M = mj.methods
 
 
 def _zoo(k=3, seed=0, m=24, n=20):
-  rng = np.random.default_rng(seed)
-  base = {'Dense_0': {'kernel': rng.standard_normal((m, n)),
-                      'bias': rng.standard_normal(n)},
-          'Dense_1': {'kernel': rng.standard_normal((n, 6)),
-                      'bias': rng.standard_normal(6)}}
-  base = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), base)
-  models = [jax.tree.map(lambda x: x + 0.3 * jnp.asarray(
-      rng.standard_normal(x.shape), jnp.float32), base) for _ in range(k)]
-  return base, models
+  shapes = {'Dense_0/kernel': (m, n), 'Dense_0/bias': (n,),
+            'Dense_1/kernel': (n, 6), 'Dense_1/bias': (6,)}
+  return testing.random_models(shapes, k, seed=seed, scale=0.3)
 
 
 def _np_low_rank(x, r):
@@ -41,15 +36,14 @@ def _dense_twins(base, models, density):
 
 
 def _close(a, b, tol=1e-4):
-  np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64),
-                             rtol=tol, atol=tol)
+  testing.assert_trees_close(a, b, rtol=tol, atol=tol)
 
 
 def test_exclusive_parts_are_stored_factorised_and_match_dense():
   base, models = _zoo()
   _, st = mj.merge(M.twin(density=0.25), base, models, return_state=True)
   v = st.twins['Dense_0']['kernel']
-  assert isinstance(v, mj.SVDBasis)
+  assert isinstance(v, mj.transforms.SVDBasis)
   r = int(0.25 * 20)
   assert v.u.shape == (3, 24, r) and v.s.shape == (3, r) and v.vh.shape == (3, r, 20)
   # Stored bytes: r (m + n + 1) per task instead of m n.
@@ -124,7 +118,7 @@ def test_router_learns_task_ids_and_validates():
 
 def test_digits_routed_protocol_matches_flax_model_per_input():
   from experiments import twin_routed  # pylint: disable=g-import-not-at-top
-  from mergejax import zoo  # pylint: disable=g-import-not-at-top
+  from experiments import zoo  # pylint: disable=g-import-not-at-top
   model = zoo.Classifier(width=16)
   p = zoo.init_params(model, jax.random.key(2))
   fts = [jax.tree.map(lambda x, i=i: x + 0.1 * jax.random.normal(
@@ -148,7 +142,7 @@ def test_digits_routed_protocol_matches_flax_model_per_input():
 def test_digits_routed_protocol_runs():
   import ml_collections  # pylint: disable=g-import-not-at-top
   from experiments import default as default_exp  # pylint: disable=g-import-not-at-top
-  from mergejax import zoo  # pylint: disable=g-import-not-at-top
+  from experiments import zoo  # pylint: disable=g-import-not-at-top
   d = zoo.load_digits(jax.random.key(0))
   tasks = zoo.make_tasks(d, ['rot90', 'invert'], jax.random.key(1))
   p = zoo.init_params(zoo.Classifier(width=16), jax.random.key(2))

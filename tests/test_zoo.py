@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mergejax import zoo
+from experiments import zoo
 
 TASKS = ('rot90', 'rot180', 'rot270', 'hflip', 'vflip', 'transpose', 'invert',
          'permute', 'shift', 'noise', 'quadrants')

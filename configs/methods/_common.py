@@ -6,7 +6,7 @@ method described by a flat ``config.merge`` section (``method`` plus the
 factory's keyword arguments, mergekit names and defaults), a ``protocol`` (which
 models the method sees, as in ``configs/default.py``) and a ``sweep``
 (``config.sweep.product`` / ``config.sweep.zip`` strings, see
-``mergejax._src.sweep.parse_sweep``). ``config.experiment = 'sweep'`` runs it
+``experiments.tools.sweep.parse_sweep``). ``config.experiment = 'sweep'`` runs it
 with ``experiments/sweep.py``.
 
 Config-file arguments (``file.py:k=v,k=v``): ``variant`` (the method file's
@@ -19,8 +19,8 @@ sweep; ``False``: the single configured point).
 import ml_collections
 from ml_collections import config_dict
 
-from mergejax._src import config_files
-from mergejax._src import sweep as sweep_lib
+from experiments.tools import config_files
+from experiments.tools import sweep as sweep_lib
 
 
 

@@ -10,7 +10,7 @@ Run the default sweep over the digits zoo, or one point (``sweep=False``):
       --workdir=/tmp/arcee_fusion
 """
 
-from mergejax._src import config_files
+from experiments.tools import config_files
 
 
 SWEEP = {}  # nothing numeric worth sweeping by default

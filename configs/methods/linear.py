@@ -11,7 +11,7 @@ Run the default sweep over the digits zoo, or one point (``sweep=False``):
       --workdir=/tmp/linear
 """
 
-from mergejax._src import config_files
+from experiments.tools import config_files
 
 
 SWEEP = {}  # nothing numeric worth sweeping by default

@@ -12,7 +12,7 @@ Run the default sweep over the digits zoo, or one point (``sweep=False``):
       --workdir=/tmp/model_stock
 """
 
-from mergejax._src import config_files
+from experiments.tools import config_files
 
 
 SWEEP = {}  # nothing numeric worth sweeping by default

@@ -14,7 +14,7 @@ Run the default sweep over the digits zoo, or one point (``sweep=False``):
       --workdir=/tmp/rtsvm
 """
 
-from mergejax._src import config_files
+from experiments.tools import config_files
 
 
 # The default sweep (``:sweep=False`` turns it off); floats vmap in one call.

@@ -25,6 +25,14 @@ from typing import Any, Sequence
 
 import numpy as np
 
+# Benchmarks run as scripts (`python experiments/benchmarks/<name>.py`): the
+# repository root must be importable for `experiments.tools`.
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
+    __file__))))
+if _ROOT not in sys.path:
+  sys.path.insert(0, _ROOT)
+from experiments.tools import results as results_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+
 BF16 = None  # set lazily: ml_dtypes.bfloat16
 
 
@@ -306,8 +314,10 @@ def write_json(workdir: str, name: str, obj: Any) -> str:
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, name)
   if isinstance(obj, dict):
-    # The machine is shared: record how busy it was (1, 5, 15-min load).
-    obj = {**obj, 'loadavg_at_write': os.getloadavg()}
+    # Commit, date, machine (with its load: it may be shared) for the page.
+    obj = {'benchmark': os.path.splitext(name)[0],
+           'provenance': results_lib.provenance(), **obj,
+           'loadavg_at_write': os.getloadavg()}
   with open(path, 'w') as f:
     json.dump(obj, f, indent=2, default=str)
   return path

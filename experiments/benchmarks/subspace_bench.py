@@ -1,7 +1,7 @@
 r"""Measurements for the subspace / continual merges.
 
 1. OPCM peak memory vs the number of merged models: the incremental interface
-   (`mergejax.opcm_update`, one model at a time, each model generated on the
+   (`mergejax.transforms.opcm_update`, one model at a time, each model generated on the
    fly and dropped) against the all-at-once transformation through
    `mergejax.merge` (all models stacked). Each point runs in a fresh process
    and reports its peak RSS (``ru_maxrss``).
@@ -43,13 +43,13 @@ def opcm_child(mode: str, n: int) -> dict:
   base = _model(jax.random.PRNGKey(0), 1.0)
   t0 = time.time()
   if mode == 'incremental':
-    st = mj.opcm_init(base, 0.5)
+    st = mj.transforms.opcm_init(base, 0.5)
     for i in range(n):
       ft = jax.tree.map(lambda b, d: b + d, base,
                         _model(jax.random.PRNGKey(i + 1), 0.01))
-      st = mj.opcm_update(st, base, ft, check_finite=False)
+      st = mj.transforms.opcm_update(st, base, ft, check_finite=False)
       del ft
-    out = mj.opcm_params(st, base)
+    out = mj.transforms.opcm_params(st, base)
   else:
     fts = [jax.tree.map(lambda b, d: b + d, base,
                         _model(jax.random.PRNGKey(i + 1), 0.01))

@@ -5,7 +5,7 @@ before JAX starts) with a problem that grows with it: ``--params_per_device``
 parameters per device and model, as Llama-shaped bf16 leaves (embedding, MLP
 and attention matrices; the layer count scales with the device count), K=3
 fine-tunes + base, merged on a ``(1, n)`` (models x fsdp) mesh with
-``mergejax.sharded_merge``. The compiled merge step is timed on already
+``mergejax.parallel.sharded_merge``. The compiled merge step is timed on already
 placed inputs (warm, best of ``--repeats``), plus the full call (host arrays
 in: placement + step).
 
@@ -62,7 +62,7 @@ def worker(args) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   jax.config.update('jax_num_cpu_devices', args.devices)
   import mergejax as mj  # pylint: disable=g-import-not-at-top
-  from mergejax._src import sharding as sh  # pylint: disable=g-import-not-at-top
+  from mergejax import parallel as sh  # pylint: disable=g-import-not-at-top
   n = args.devices
   base, models, n_params = _params(n, args.params_per_device, args.num_models)
   mesh = sh.make_mesh((1, n))
@@ -85,7 +85,7 @@ def worker(args) -> dict:
       jax.block_until_ready(fn(*call_args))
       best = min(best, time.perf_counter() - t)
     t = time.perf_counter()
-    jax.block_until_ready(mj.sharded_merge(tx, base, models, mesh=mesh,
+    jax.block_until_ready(mj.parallel.sharded_merge(tx, base, models, mesh=mesh,
                                            check_finite=False))
     full = time.perf_counter() - t
     traffic = (args.num_models + 2) * n_params * 2  # bf16 in and out

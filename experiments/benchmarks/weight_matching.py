@@ -45,16 +45,16 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 from mergejax import permute
-from mergejax._src import paths
-from mergejax._src.permute import matching
-from mergejax._src.permute import solvers as solvers_lib
+import mergejax as mj
+from mergejax.permute import _matching as matching
+from mergejax.permute import _solvers as solvers_lib
 from mergejax.permute import models as M
 
 
 def gitrebasin_weight_matching(spec, params_a, params_b, seed, max_iter=100):
   """Git Re-Basin's algorithm as written there (per-group, full recompute)."""
-  a = paths.flatten_to_dict(params_a)
-  b = paths.flatten_to_dict(params_b)
+  a = mj.flatten_to_dict(params_a)
+  b = mj.flatten_to_dict(params_b)
   axes = spec.resolve(params_a)
   groups = sorted(spec.groups)
   sizes = spec.group_sizes(params_a)

@@ -139,8 +139,8 @@ def chain(*transformations: MergeTransformation) -> MergeTransformation:
 
   Example:
     >>> import mergejax as mj
-    >>> ta = mj.chain(mj.task_vectors(), mj.weighted_sum(), mj.scale(0.3),
-    ...               mj.apply_updates())
+    >>> ta = mj.chain(mj.transforms.task_vectors(), mj.transforms.weighted_sum(), mj.transforms.scale(0.3),
+    ...               mj.transforms.apply_to_base())
   """
   inits = tuple(t.init for t in transformations)
   updates = tuple(t.update for t in transformations)

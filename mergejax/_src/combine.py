@@ -33,7 +33,7 @@ def masked(inner: base.MergeTransformation,
 
   Example:
     >>> import mergejax as mj
-    >>> trim_kernels = mj.masked(mj.trim(0.2), r'kernel$')
+    >>> trim_kernels = mj.masked(mj.transforms.trim(0.2), r'kernel$')
   """
   pred = paths.make_predicate(mask)
 

@@ -100,4 +100,4 @@ def _check_reduced(out: Any, ref: Any) -> None:
           f'Leaf {p!r} came out with shape {tuple(o.shape)}, expected '
           f'{tuple(ref_flat[p].shape)}: the transformation must remove the '
           'model axis exactly once (end the chain with a reducing step such '
-          'as weighted_sum or disjoint_merge, then apply_updates).')
+          'as weighted_sum or disjoint_merge, then apply_to_base).')

@@ -8,19 +8,27 @@
 dtype(bfloat16)
 """
 
-from mergejax._src.io.atomic import atomic_output_dir
-from mergejax._src.io.atomic import remove_stale_tmp_dirs
-from mergejax._src.io.layout import flax_to_hf
-from mergejax._src.io.layout import GENERIC_RULES
-from mergejax._src.io.layout import hf_to_flax
-from mergejax._src.io.layout import LLAMA_RULES
-from mergejax._src.io.layout import NameRule
-from mergejax._src.io.orbax_io import load_orbax
-from mergejax._src.io.orbax_io import save_orbax
-from mergejax._src.io.safetensors_io import CheckpointReader
-from mergejax._src.io.safetensors_io import DEFAULT_SHARD_SIZE
-from mergejax._src.io.safetensors_io import load_checkpoint
-from mergejax._src.io.safetensors_io import parse_dtype
-from mergejax._src.io.safetensors_io import save_checkpoint
-from mergejax._src.io.safetensors_io import ShardedWriter
-from mergejax._src.io.safetensors_io import TensorSpec
+from mergejax.io._atomic import atomic_output_dir
+from mergejax.io._atomic import remove_stale_tmp_dirs
+from mergejax.io._layout import flax_to_hf
+from mergejax.io._layout import GENERIC_RULES
+from mergejax.io._layout import hf_to_flax
+from mergejax.io._layout import LLAMA_RULES
+from mergejax.io._layout import NameRule
+from mergejax.io._orbax import load_orbax
+from mergejax.io._orbax import save_orbax
+from mergejax.io._safetensors import CheckpointReader
+from mergejax.io._safetensors import DEFAULT_SHARD_SIZE
+from mergejax.io._safetensors import load_checkpoint
+from mergejax.io._safetensors import parse_dtype
+from mergejax.io._safetensors import save_checkpoint
+from mergejax.io._safetensors import ShardedWriter
+from mergejax.io._safetensors import TensorSpec
+
+__all__ = (
+    'atomic_output_dir', 'CheckpointReader', 'DEFAULT_SHARD_SIZE',
+    'flax_to_hf', 'GENERIC_RULES', 'hf_to_flax', 'LLAMA_RULES',
+    'load_checkpoint', 'load_orbax', 'NameRule', 'parse_dtype',
+    'remove_stale_tmp_dirs', 'save_checkpoint', 'save_orbax', 'ShardedWriter',
+    'TensorSpec',
+)

@@ -1,54 +1,78 @@
-"""Named merge methods, each composed from `mergejax` primitives.
+"""Named merge methods, each composed from `mergejax.transforms` building blocks.
 
 Hyperparameter names and defaults follow mergekit (``weight``, ``density``,
 ``gamma``, ``epsilon``, ``lambda_`` for mergekit's ``lambda``, ``normalize``,
-``rescale``, ``t``), so a mergekit YAML maps over one to one.
+``rescale``, ``t``), so a mergekit YAML maps over one to one. Every method
+returns a `mergejax.MergeTransformation`; run it with `mergejax.merge`.
+
+>>> import jax.numpy as jnp, mergejax as mj
+>>> base = {'w': jnp.zeros(2)}
+>>> fts = [{'w': jnp.array([1., -2.])}, {'w': jnp.array([3., 1.])}]
+>>> mj.merge(mj.methods.ties(density=1.0), base, fts)['w']  # sign election
+Array([ 2., -2.], dtype=float32)
 """
 
-from mergejax._src.methods_classic import linear
-from mergejax._src.methods_classic import task_arithmetic
-from mergejax._src.methods_classic import average
-# --- TIES family (ties, dare_*, breadcrumbs*, della*, sce, magmax, ram)
-from mergejax._src.methods_ties import breadcrumbs
-from mergejax._src.methods_ties import breadcrumbs_ties
-from mergejax._src.methods_ties import dare_linear
-from mergejax._src.methods_ties import dare_ties
-from mergejax._src.methods_ties import della
-from mergejax._src.methods_ties import della_linear
-from mergejax._src.methods_ties import magmax
-from mergejax._src.methods_ties import ram
-from mergejax._src.methods_ties import ramplus_tl
-from mergejax._src.methods_ties import sce
-from mergejax._src.methods_ties import ties
-# --- interpolation methods (slerp, nuslerp, multislerp, karcher, model_stock, nearswap)
-from mergejax._src.methods_interp import slerp
-from mergejax._src.methods_interp import nuslerp
-from mergejax._src.methods_interp import multislerp
-from mergejax._src.methods_interp import karcher
-from mergejax._src.methods_interp import model_stock
-from mergejax._src.methods_interp import nearswap
-from mergejax._src.methods_interp import arcee_fusion
-# --- subspace / mask methods (issue: subspace merges)
-from mergejax._src.continual import opcm
-from mergejax._src.lora import lora_lego
-from mergejax._src.lora import lora_svd
-from mergejax._src.methods_subspace import consensus
-from mergejax._src.methods_subspace import emr
-from mergejax._src.methods_subspace import iso_c
-from mergejax._src.methods_subspace import iso_cts
-from mergejax._src.methods_subspace import knots
-from mergejax._src.methods_subspace import lines
-from mergejax._src.methods_subspace import pcb
-from mergejax._src.methods_subspace import reconstruct
-from mergejax._src.methods_subspace import reversible
-from mergejax._src.methods_subspace import tall_masks
-from mergejax._src.methods_subspace import tsv
-from mergejax._src.methods_subspace import twin
-from mergejax._src.methods_subspace import twin_mix
-from mergejax._src.methods_subspace import widen
-from mergejax._src.rtsvm import rtsvm
-from mergejax._src.twin_router import twin_apply
-from mergejax._src.twin_router import twin_dense
-from mergejax._src.twin_router import twin_route
-from mergejax._src.twin_router import twin_train_router
-# --- end of methods
+# pylint: disable=g-importing-member
+# Classic averaging and task arithmetic.
+from mergejax.methods._classic import average
+from mergejax.methods._classic import linear
+from mergejax.methods._classic import task_arithmetic
+# Interpolation (slerp, nuslerp, multislerp, karcher, model stock, ...).
+from mergejax.methods._interp import arcee_fusion
+from mergejax.methods._interp import karcher
+from mergejax.methods._interp import model_stock
+from mergejax.methods._interp import multislerp
+from mergejax.methods._interp import nearswap
+from mergejax.methods._interp import nuslerp
+from mergejax.methods._interp import slerp
+# TIES family (trim, sign election, disjoint merge and their variants).
+from mergejax.methods._ties import breadcrumbs
+from mergejax.methods._ties import breadcrumbs_ties
+from mergejax.methods._ties import dare_linear
+from mergejax.methods._ties import dare_ties
+from mergejax.methods._ties import della
+from mergejax.methods._ties import della_linear
+from mergejax.methods._ties import magmax
+from mergejax.methods._ties import ram
+from mergejax.methods._ties import ramplus_tl
+from mergejax.methods._ties import sce
+from mergejax.methods._ties import ties
+# Subspace merges, one module per paper.
+from mergejax.methods._emr import emr
+from mergejax.methods._iso import iso_c
+from mergejax.methods._iso import iso_cts
+from mergejax.methods._knots import knots
+from mergejax.methods._lines import lines
+from mergejax.methods._pcb import pcb
+from mergejax.methods._reversible import reversible
+from mergejax.methods._rtsvm import rtsvm
+from mergejax.methods._tall_masks import consensus
+from mergejax.methods._tall_masks import tall_masks
+from mergejax.methods._tsv import tsv
+from mergejax.methods._widen import widen
+# Per-task reconstruction and routing (EMR, reversible, Twin).
+from mergejax.methods._common import reconstruct
+from mergejax.methods._twin import twin
+from mergejax.methods._twin import twin_mix
+from mergejax.methods._twin_router import twin_apply
+from mergejax.methods._twin_router import twin_dense
+from mergejax.methods._twin_router import twin_route
+from mergejax.methods._twin_router import twin_train_router
+# LoRA adapters and continual merging.
+from mergejax.methods._lora import lora_lego
+from mergejax.methods._lora import lora_svd
+from mergejax.methods._opcm import opcm
+# pylint: enable=g-importing-member
+
+__all__ = (
+    'average', 'linear', 'task_arithmetic',
+    'arcee_fusion', 'karcher', 'model_stock', 'multislerp', 'nearswap',
+    'nuslerp', 'slerp',
+    'breadcrumbs', 'breadcrumbs_ties', 'dare_linear', 'dare_ties', 'della',
+    'della_linear', 'magmax', 'ram', 'ramplus_tl', 'sce', 'ties',
+    'consensus', 'emr', 'iso_c', 'iso_cts', 'knots', 'lines', 'pcb',
+    'reversible', 'rtsvm', 'tall_masks', 'tsv', 'widen',
+    'reconstruct', 'twin', 'twin_mix', 'twin_apply', 'twin_dense',
+    'twin_route', 'twin_train_router',
+    'lora_lego', 'lora_svd', 'opcm',
+)

@@ -1,0 +1,198 @@
+"""Results pages: provenance for every measurement and Markdown from its JSON.
+
+Experiments and benchmarks record `provenance()` (commit, date, machine,
+software) in the JSON they write; `render` turns such a JSON into a Markdown
+page, and ``python -m experiments.tools.results JSON... --out docs/results``
+writes the pages the documentation (and the README's numbers) come from.
+
+>>> page = render({'experiment': 'demo', 'provenance': {'commit': 'abc'},
+...                'rows': [{'x': 1, 'y': 0.5}]}, title='Demo')
+>>> print(page.splitlines()[0])
+# Demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+from typing import Any, Mapping, Sequence
+
+__all__ = ('provenance', 'render', 'markdown_table', 'write_page', 'main')
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
+    __file__))))
+
+
+def _git(*args: str) -> str:
+  try:
+    return subprocess.run(['git', *args], cwd=_ROOT, capture_output=True,
+                          text=True, timeout=10, check=True).stdout.strip()
+  except (OSError, subprocess.SubprocessError):
+    return ''
+
+
+def _memory_gib() -> float | None:
+  try:
+    return round(os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+                 / 2**30, 1)
+  except (ValueError, OSError, AttributeError):
+    return None
+
+
+def provenance() -> dict[str, Any]:
+  """Where and when a measurement was taken: commit, date, machine, software."""
+  import jax  # pylint: disable=g-import-not-at-top
+  devices = jax.devices()
+  return dict(
+      commit=_git('rev-parse', '--short=12', 'HEAD') or 'unknown',
+      dirty=bool(_git('status', '--porcelain', '--untracked-files=no')),
+      date=datetime.datetime.now(datetime.timezone.utc).strftime(
+          '%Y-%m-%d %H:%M UTC'),
+      machine=dict(
+          system=f'{platform.system()} {platform.machine()}',
+          processor=platform.processor() or platform.machine(),
+          cpu_count=os.cpu_count(), memory_gib=_memory_gib(),
+          loadavg=[round(x, 2) for x in os.getloadavg()]
+          if hasattr(os, 'getloadavg') else None),
+      python=platform.python_version(), jax=jax.__version__,
+      backend=jax.default_backend(),
+      devices=f'{len(devices)} x {devices[0].device_kind}')
+
+
+def markdown_table(rows: Sequence[Mapping[str, Any]],
+                   columns: Sequence[str] | None = None) -> str:
+  """A Markdown table of ``rows`` (floats to 4 significant digits)."""
+  if not rows:
+    return '(no rows)'
+  cols = list(columns or dict.fromkeys(k for r in rows for k in r))
+
+  def fmt(v):
+    if isinstance(v, float):
+      return f'{v:.4g}'
+    if isinstance(v, (list, dict)):
+      return json.dumps(v)
+    return str(v)
+
+  lines = ['| ' + ' | '.join(cols) + ' |', '|' + '---|' * len(cols)]
+  lines += ['| ' + ' | '.join(fmt(r.get(c, '')) for c in cols) + ' |'
+            for r in rows]
+  return '\n'.join(lines)
+
+
+def _provenance_block(p: Mapping[str, Any]) -> str:
+  if not p:
+    return '*No provenance recorded.*'
+  m = p.get('machine', {})
+  dirty = ' (with uncommitted changes)' if p.get('dirty') else ''
+  return '\n'.join([
+      f'* commit: `{p.get("commit", "?")}`{dirty}',
+      f'* date: {p.get("date", "?")}',
+      f'* machine: {m.get("system", "?")}, {m.get("cpu_count", "?")} CPUs, '
+      f'{m.get("memory_gib", "?")} GiB, load average at the start '
+      f'{m.get("loadavg", "?")}',
+      f'* software: Python {p.get("python", "?")}, JAX {p.get("jax", "?")} '
+      f'({p.get("backend", "?")}, {p.get("devices", "?")})',
+  ])
+
+
+def _default_body(r: Mapping[str, Any]) -> str:
+  s = r['summary']
+  ok = {n: m for n, m in r['methods'].items() if m.get('status') == 'ok'}
+  ft = s['finetuned_avg_accuracy']
+  ranked = sorted(ok.items(), key=lambda kv: -kv[1]['avg_accuracy'])
+  top = [dict(method=n, avg_accuracy=round(m['avg_accuracy'], 3),
+              of_finetuned=f'{m["avg_accuracy"] / ft:.1%}')
+         for n, m in ranked]
+  secs = r.get('seconds', {})
+  return '\n'.join([
+      'Test accuracy per task of the merged backbone with each task\'s '
+      'fine-tuned head; `norm` is the mean over tasks of merged / fine-tuned '
+      'accuracy. Produced by',
+      '',
+      '```bash',
+      'python -m experiments.main --config=configs/default.py '
+      '--workdir=workdir',
+      '```',
+      '',
+      '## Summary',
+      '',
+      f'* base model average: {s["base_avg_accuracy"]:.3f}; base backbone '
+      f'with task heads: {s["base_backbone_task_heads_avg_accuracy"]:.3f}; '
+      f'fine-tuned (each on its own task): {ft:.3f}',
+      f'* best single merged model: {s["best_method"]} '
+      f'{s["best_avg_accuracy"]:.3f} ({s["best_over_finetuned"]:.1%} of '
+      'fine-tuned)',
+      f'* every merge beats the base model: {s["all_merges_beat_base"]}',
+      f'* errors: {s["errors"] or "none"}; skipped: {s["skipped"] or "none"}',
+      f'* wall time: {secs.get("total", float("nan")):.1f} s '
+      f'(zoo {secs.get("zoo", float("nan")):.1f} s, merges '
+      f'{secs.get("merges", float("nan")):.1f} s)',
+      '',
+      '## Methods ranked by average test accuracy',
+      '',
+      markdown_table(top),
+      '',
+      '## Full table',
+      '',
+      '```',
+      r['table'],
+      '```',
+  ])
+
+
+def render(result: Mapping[str, Any], title: str | None = None) -> str:
+  """A Markdown page for one results JSON (an experiment or a benchmark)."""
+  name = result.get('experiment') or result.get('benchmark') or 'results'
+  title = title or result.get('title') or f'Results: {name}'
+  parts = [f'# {title}', '',
+           '*Generated by `experiments/tools/results.py` from the JSON the '
+           'run wrote; do not edit by hand.*', '',
+           _provenance_block(result.get('provenance', {})), '']
+  if name == 'default' and 'summary' in result:
+    parts.append(_default_body(result))
+  else:
+    if result.get('description'):
+      parts += [result['description'], '']
+    if result.get('command'):
+      parts += ['```bash', result['command'], '```', '']
+    for key in ('rows', 'cases', 'results'):
+      if isinstance(result.get(key), list) and result[key] and isinstance(
+          result[key][0], dict):
+        parts.append(markdown_table(result[key]))
+        break
+    if result.get('notes'):
+      parts += ['', *[f'* {n}' for n in result['notes']]]
+  return '\n'.join(parts).rstrip() + '\n'
+
+
+def write_page(result: Mapping[str, Any], path: str,
+               title: str | None = None) -> str:
+  """Writes `render(result)` to ``path`` atomically; returns the path."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    f.write(render(result, title))
+  os.replace(tmp, path)
+  return path
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  p.add_argument('json', nargs='+', help='results JSON files')
+  p.add_argument('--out', default=os.path.join(_ROOT, 'docs', 'results'),
+                 help='directory of the pages (one <name>.md per JSON)')
+  args = p.parse_args(argv)
+  for path in args.json:
+    with open(path) as f:
+      result = json.load(f)
+    name = (result.get('experiment') or result.get('benchmark')
+            or os.path.splitext(os.path.basename(path))[0])
+    print('wrote', write_page(result, os.path.join(args.out, f'{name}.md')))
+
+
+if __name__ == '__main__':
+  main()

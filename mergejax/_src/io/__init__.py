@@ -1,1 +1,0 @@
-"""Checkpoint IO (private; public names are re-exported from `mergejax.io`)."""

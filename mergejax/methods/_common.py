@@ -1,0 +1,67 @@
+"""Helpers shared by the named methods: the task-vector frame, task rebuilds.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+import jax
+import jax.numpy as jnp
+from mergejax._src import base
+from mergejax.transforms import _reduce as reduce
+
+
+def finish(step, lambda_):
+  """``task_vectors -> step -> scale(lambda_) -> apply``: the task-arithmetic frame."""
+  return base.chain(reduce.task_vectors(), step, reduce.scale(lambda_),
+                    reduce.apply_to_base())
+
+
+def reconstruct(state: Any, base_params: Any, i: int | jax.Array) -> Any:
+  """Rebuilds task model ``i`` from the state of EMR / TALL / reversible / twin.
+
+  ``state`` is what ``mergejax.merge(tx, base, models, return_state=True)``
+  returned (the first recognised method state inside it is used).
+
+  Args:
+    state: the merge state.
+    base_params: the base model (its dtypes are kept).
+    i: task index (may be traced, e.g. under ``jax.vmap``).
+
+  Returns:
+    Task ``i``'s model, shaped and typed like ``base_params``.
+  """
+  s = find_state(state)
+  if s is None:
+    raise ValueError(
+        'reconstruct: the state holds no EMRState, TallMaskState, '
+        'ReversibleState or TwinState. Pass the state returned by '
+        'merge(tx, base, models, return_state=True) for emr, tall_masks, '
+        'consensus, reversible or twin.')
+  delta = s.task_delta(base_params, i)
+  return jax.tree.map(lambda b, d: (b.astype(jnp.float32) + d).astype(b.dtype),
+                      base_params, delta)
+
+
+def find_state(state):
+  """The first state inside ``state`` that can rebuild task models, or None.
+
+  Method states that keep what rebuilds every task model (EMR, TALL masks,
+  reversible merging, Twin-Merging) define ``task_delta(base_params, i)``.
+  """
+  if callable(getattr(state, 'task_delta', None)):
+    return state
+  if isinstance(state, dict):
+    items = list(state.values())
+  elif isinstance(state, (tuple, list)):
+    items = list(state)
+  else:
+    return None
+  for it in items:
+    if (found := find_state(it)) is not None:
+      return found
+  return None
+
+
+def take(tree, i):
+  """Model ``i`` of a stacked tree (``i`` may be traced)."""
+  return jax.tree.map(lambda x: jnp.take(x, i, axis=0), tree)
