@@ -86,7 +86,10 @@ def train_cnn(key, data, *, module, epochs, batch_size, lr):
       ce = optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
       return ce, new
     (_, new), g = jax.value_and_grad(loss, has_aux=True)(params)
-    upd, state = opt.update(g, state, params)
+    # optax mixes Python floats with int32 step counts (strict dtype
+    # promotion, as in the tests, rejects it).
+    with jax.numpy_dtype_promotion('standard'):
+      upd, state = opt.update(g, state, params)
     return optax.apply_updates(params, upd), new, state
 
   n = len(x)

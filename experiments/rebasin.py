@@ -54,7 +54,10 @@ def train_mlp(key, data, *, features, epochs, batch_size, lr, num_outputs=10):
       logits = module.apply({'params': p}, xb)
       return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
     g = jax.grad(loss)(params)
-    upd, state = opt.update(g, state, params)
+    # optax mixes Python floats with int32 step counts (strict dtype
+    # promotion, as in the tests, rejects it).
+    with jax.numpy_dtype_promotion('standard'):
+      upd, state = opt.update(g, state, params)
     return optax.apply_updates(params, upd), state
 
   n = len(x)

@@ -7,6 +7,7 @@ import jax
 
 jax.config.update('jax_num_cpu_devices', 8)
 jax.config.update('jax_numpy_rank_promotion', 'raise')
+jax.config.update('jax_numpy_dtype_promotion', 'strict')
 # CLI runs inside the test process must not turn on (and fill) the user's
 # persistent compilation cache; the cache has its own subprocess test.
 os.environ.setdefault('MERGEJAX_COMPILE_CACHE', 'none')

@@ -52,7 +52,10 @@ def _fit(model, params, opt, x, y, key, *, steps, batch_size, chunk, desc,
     p, s, xx, yy = carry
     idx = jax.random.randint(k, (batch_size,), 0, xx.shape[0])
     loss, g = jax.value_and_grad(lambda q: _loss(model, q, xx[idx], yy[idx]))(p)
-    upd, s = opt.update(g, s, p)
+    # optax mixes Python floats with int32 step counts (strict dtype
+    # promotion, as in the tests, rejects it).
+    with jax.numpy_dtype_promotion('standard'):
+      upd, s = opt.update(g, s, p)
     return (optax.apply_updates(p, upd), s, xx, yy), loss
 
   def run(p, s, xx, yy, keys):

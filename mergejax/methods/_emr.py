@@ -19,7 +19,7 @@ class EMRState(NamedTuple):
   def task_delta(self, base_params, i):
     del base_params
     r = jnp.take(self.rescalers, i)
-    return jax.tree.map(lambda m, t: r * (jnp.take(m, i, axis=0) * t),
+    return jax.tree.map(lambda m, t: r * jnp.where(jnp.take(m, i, axis=0), t, 0.0),
                         self.masks, self.unified)
 
 
@@ -58,14 +58,15 @@ def _emr_update(updates, state, params=None, *, key=None):
       lambda x: jnp.where(jnp.sum(x, axis=0) > 0, 1.0, -1.0), updates)
   m = jax.tree.map(lambda x, g: x * g[None] > 0, updates, flag)
   uni = jax.tree.map(
-      lambda x, mm, g: g * jnp.max(jnp.abs(mm * x), axis=0), updates, m, flag)
+      lambda x, mm, g: g * jnp.max(jnp.abs(jnp.where(mm, x, 0.0)), axis=0),
+      updates, m, flag)
   axes = lambda x: tuple(range(1, x.ndim))
   scales = sum(jnp.mean(jnp.abs(x), axis=axes(x))
                for x in jax.tree.leaves(updates))
-  new = sum(jnp.mean(jnp.abs(mm * u[None]), axis=axes(mm))
+  new = sum(jnp.mean(jnp.abs(jnp.where(mm, u[None], 0.0)), axis=axes(mm))
             for mm, u in zip(jax.tree.leaves(m), jax.tree.leaves(uni)))
   r = scales / new
   out = jax.tree.map(
-      lambda mm, u: jnp.mean(r.reshape((-1,) + (1,) * u.ndim) * (mm * u[None]),
+      lambda mm, u: jnp.mean(r.reshape((-1,) + (1,) * u.ndim) * jnp.where(mm, u[None], 0.0),
                              axis=0), m, uni)
   return out, EMRState(uni, m, r)

@@ -20,7 +20,7 @@ class TallMaskState(NamedTuple):
 
   def task_delta(self, base_params, i):
     del base_params
-    return jax.tree.map(lambda m, t: jnp.take(m, i, axis=0) * t, self.masks,
+    return jax.tree.map(lambda m, t: jnp.where(jnp.take(m, i, axis=0), t, 0.0), self.masks,
                         self.mtl)
 
 
@@ -132,6 +132,7 @@ def _consensus_update(updates, state, params=None, *, key=None, formula):
   del key
   m, mtl = _tall(updates, state.tall.tall_lambda, params, formula)
   c = masks_lib.consensus_mask(m, state.k)
-  out = jax.tree.map(lambda cm, t: state.lambda_ * cm * t, c, mtl)
+  out = jax.tree.map(lambda cm, t: state.lambda_ * jnp.where(cm, t, 0.0), c,
+                     mtl)
   tall = TallMaskState(state.tall.tall_lambda, m, mtl)
   return out, ConsensusState(state.lambda_, state.k, tall, c)

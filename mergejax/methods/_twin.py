@@ -117,7 +117,7 @@ def _twin_update(updates, state, params=None, *, key=None, shared, density,
       return subspace.SVDBasis(*subspace.truncated_svd(mat, r))
     n = v[0].size
     k = int(density * n)
-    return jax.vmap(lambda y: y * select.topk_mask(y, k))(v)
+    return jax.vmap(lambda y: jnp.where(select.topk_mask(y, k), y, 0.0))(v)
 
   twins = jax.tree.map(comp, diff)
   return theta, TwinState(shared_state, theta, twins)

@@ -135,7 +135,10 @@ def _fit(router, x, y, steps, lr, wd):
     def step(carry, _):
       p, s = carry
       g = jax.grad(loss)(p)
-      u, s = opt.update(g, s, p)
+      # optax mixes Python floats with int32 step counts, which strict
+      # dtype promotion rejects: its step runs under standard promotion.
+      with jax.numpy_dtype_promotion('standard'):
+        u, s = opt.update(g, s, p)
       return (optax.apply_updates(p, u), s), None
     (layers, _), _ = jax.lax.scan(step, (layers, opt.init(layers)), None,
                                   length=steps)

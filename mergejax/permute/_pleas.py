@@ -1064,7 +1064,10 @@ def _adam_fit(gs, hs, colmask, lams, scale, mask, w_init, w0, lr, steps):
   def step(carry, _):
     w, state = carry
     grad = jax.grad(loss)(w) * mask  # the structural zeros get no update
-    upd, state = opt.update(grad, state, w)
+    # optax mixes Python floats with int32 step counts, which strict
+    # dtype promotion rejects: its step runs under standard promotion.
+    with jax.numpy_dtype_promotion('standard'):
+      upd, state = opt.update(grad, state, w)
     return (optax.apply_updates(w, upd), state), None
 
   (w, _), _ = jax.lax.scan(step, (w_init, opt.init(w_init)), None, length=steps)
