@@ -307,3 +307,31 @@ def test_compile_cache_is_filled_by_one_run_and_reused_by_the_next(tiny,
   a, b = (st.CheckpointReader(str(tmp_path / o)) for o in 'ab')
   for n in a.keys():
     np.testing.assert_array_equal(a.read(n), b.read(n))
+
+
+@pytest.mark.parametrize('text, match', [
+    ('merge_method: [linear', 'not valid YAML'),
+    ('- 1\n- 2', 'must be a YAML mapping'),
+    ('models:\n  - model: a', 'has no `merge_method:`'),
+    ('merge_method: linear\nmodels:\n  - model: a\n    parameters: [1, 2]',
+     r'models\[0\].parameters must be a mapping'),
+    ('merge_method: linear\nmodels:\n  - model: a\n    parameters:\n'
+     '      weight: .inf', r'models\[0\].parameters.weight is inf'),
+    ('merge_method: ties\nmodels:\n  - model: a\n    parameters:\n'
+     '      density: []', r'density is an empty list'),
+    ('merge_method: linear\nparameters:\n  weight: .nan\nmodels:\n'
+     '  - model: a', r'parameters.weight is nan'),
+])
+def test_malformed_configs_give_one_clear_error(text, match):
+  from mergejax.cli import _mergekit_config as mc  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ValueError, match=match):
+    mc.load_config(text, resolve_paths=False)
+
+
+def test_bad_config_file_exits_with_a_message_naming_it(tmp_path, capsys):
+  from mergejax import cli  # pylint: disable=g-import-not-at-top
+  cfg = tmp_path / 'bad.yml'
+  cfg.write_text('merge_method: [linear')
+  assert cli.main(['merge', str(cfg), str(tmp_path / 'out'), '--quiet']) == 2
+  err = capsys.readouterr().err
+  assert 'bad.yml is not valid YAML' in err and 'Traceback' not in err

@@ -74,7 +74,8 @@ def test_masked_leaves_other_leaves_alone():
 
 @pytest.mark.parametrize('mutate, match', [
     (lambda m: {**m, 'head': m['head'][:3]}, r"models\[1\] leaf 'head' has shape"),
-    (lambda m: {**m, 'head': m['head'].astype(jnp.bfloat16)}, r"'head' has dtype bfloat16"),
+    (lambda m: {**m, 'head': m['head'].astype(jnp.int32)}, r"'head' has dtype int32"),
+    (lambda m: {**m, 'head': m['head'][:0]}, r"'head' has zero-size shape \(0, 2\)"),
     (lambda m: {'enc': m['enc']}, 'different tree structure'),
     (lambda m: {**m, 'head': m['head'].at[0, 0].set(jnp.inf)}, r"'head'.*NaN/Inf"),
 ])
@@ -83,6 +84,43 @@ def test_bad_input_names_the_leaf(mutate, match):
   models[1] = mutate(models[1])
   with pytest.raises(ValueError, match=match):
     mj.merge(mj.methods.task_arithmetic(), base, models)
+
+
+def test_mixed_precision_models_are_cast_to_the_base_dtype_with_a_warning():
+  base, models = _zoo()
+  mixed = [models[0], {**models[1], 'head': models[1]['head'].astype(
+      jnp.bfloat16)}, models[2]]
+  with pytest.warns(UserWarning, match=r"models\[1\] leaf 'head' is bfloat16"):
+    out = mj.merge(mj.methods.task_arithmetic(), base, mixed)
+  cast = [models[0], {**models[1], 'head': models[1]['head'].astype(
+      jnp.bfloat16).astype(jnp.float32)}, models[2]]
+  testing.assert_trees_close(out, mj.merge(mj.methods.task_arithmetic(), base,
+                                           cast), rtol=0, atol=0)
+  assert out['head'].dtype == jnp.float32
+
+
+@pytest.mark.parametrize('make, k, bad', [
+    (lambda v: mj.methods.ties(density=v), 3, (float('nan'), -0.5, 1.5)),
+    (lambda v: mj.methods.task_arithmetic(lambda_=v), 3, (float('nan'),
+                                                          float('inf'))),
+    (lambda v: mj.methods.breadcrumbs(density=0.5, gamma=v), 3,
+     (float('nan'),)),
+    (lambda v: mj.methods.slerp(t=v), 1, (float('nan'),)),
+])
+def test_traced_hyperparameters_out_of_range_stop_the_merge(make, k, bad):
+  base, models = _zoo()
+  run = jax.jit(lambda v: mj.merge(make(v), base, models[:k]))
+  jax.block_until_ready(run(0.5))  # in range: runs
+  for v in bad:
+    with pytest.raises(Exception, match='must (lie in|be finite).*traced'):
+      jax.block_until_ready(run(v))
+    with pytest.raises(ValueError, match='must (lie in|be finite)'):
+      make(v)  # concrete: raises at once
+
+
+def test_empty_hyperparameter_lists_are_rejected():
+  with pytest.raises(ValueError, match='density is empty'):
+    mj.methods.ties(density=[])
 
 
 def test_empty_models_and_bad_weights():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import warnings
 from typing import Any, Sequence
 
 import jax
@@ -21,8 +23,11 @@ def hparam(value: Any, name: str, *, low: float | None = None,
            high_inclusive: bool = True) -> jax.Array:
   """Converts a numeric hyperparameter to a float32 array, checking its range.
 
-  Traced values (inside ``jax.vmap``/``jit`` sweeps) cannot be checked here and
-  are passed through; concrete values outside the range raise at once.
+  Concrete values that are empty, NaN, infinite or outside the range raise at
+  once. Traced values (inside ``jax.vmap``/``jit`` sweeps) are checked when the
+  computation runs: a value out of range stops it with an error naming the
+  hyperparameter (raised as a ``JaxRuntimeError`` carrying this message), so a
+  sweep never returns a silently wrong merge.
 
   Args:
     value: a scalar, a per-model sequence, or an array (possibly traced).
@@ -36,20 +41,49 @@ def hparam(value: Any, name: str, *, low: float | None = None,
     ``value`` as a float32 array.
 
   Raises:
-    ValueError: if a concrete value is NaN or outside the range.
+    ValueError: if a concrete value is empty, NaN, infinite or outside the
+      range.
+
+  Example:
+    >>> hparam(0.2, 'density', low=0.0, high=1.0)
+    Array(0.2, dtype=float32)
+    >>> hparam(1.5, 'density', low=0.0, high=1.0)
+    Traceback (most recent call last):
+    ...
+    ValueError: density must lie in [0.0, 1.0], got 1.5.
   """
   arr = jnp.asarray(value, dtype=jnp.float32)
+  check = functools.partial(_check_range, name=name, low=low, high=high,
+                            low_inclusive=low_inclusive,
+                            high_inclusive=high_inclusive)
   if is_concrete(arr):
-    v = np.asarray(arr)
-    lo_ok = True if low is None else np.all(v >= low if low_inclusive else v > low)
-    hi_ok = True if high is None else np.all(v <= high if high_inclusive else v < high)
-    if np.any(np.isnan(v)) or not (lo_ok and hi_ok):
-      lb = '-inf' if low is None else f'{low}'
-      ub = 'inf' if high is None else f'{high}'
-      rng = ('[' if low_inclusive else '(') + f'{lb}, {ub}' + (
-          ']' if high_inclusive else ')')
-      raise ValueError(f'{name} must lie in {rng}, got {v.tolist()}.')
+    if arr.size == 0:
+      raise ValueError(f'{name} is empty ({value!r}); give one value, or one '
+                       'per model.')
+    check(np.asarray(arr))
+  else:
+    # Traced: the check runs with the values, on the host (one scalar-sized
+    # callback per hyperparameter per call).
+    jax.debug.callback(functools.partial(check, traced=True), arr)
   return arr
+
+
+def _check_range(v, *, name, low, high, low_inclusive, high_inclusive,
+                 traced=False):
+  v = np.asarray(v)
+  lo_ok = True if low is None else np.all(v >= low if low_inclusive else v > low)
+  hi_ok = True if high is None else np.all(v <= high if high_inclusive else v < high)
+  if np.all(np.isfinite(v)) and lo_ok and hi_ok:
+    return
+  lb = '-inf' if low is None else f'{low}'
+  ub = 'inf' if high is None else f'{high}'
+  rng = ('[' if low_inclusive else '(') + f'{lb}, {ub}' + (
+      ']' if high_inclusive else ')')
+  where = (' (a traced value, e.g. one point of a vmapped sweep)' if traced
+           else '')
+  if low is None and high is None:
+    raise ValueError(f'{name} must be finite, got {v.tolist()}{where}.')
+  raise ValueError(f'{name} must lie in {rng}, got {v.tolist()}{where}.')
 
 
 def per_model(value: jax.Array, k: int, name: str) -> jax.Array:
@@ -115,6 +149,11 @@ def check_models(base: Any, models: Sequence[Any], *, check_finite: bool = True,
             f'{name} leaf {path!r} has dtype {x.dtype}; mergejax merges '
             'floating-point leaves only. Drop integer leaves (e.g. step '
             'counters) before merging and restore them afterwards.')
+      if 0 in tuple(x.shape):
+        raise ValueError(
+            f'{name} leaf {path!r} has zero-size shape {tuple(x.shape)}: there '
+            'is nothing to merge in it. Drop it from the trees before merging '
+            '(and add it back afterwards).')
       if x.shape != r.shape:
         raise ValueError(
             f'{name} leaf {path!r} has shape {tuple(x.shape)} but {ref_name} '
@@ -130,6 +169,49 @@ def check_models(base: Any, models: Sequence[Any], *, check_finite: bool = True,
             f'{name} leaf {path!r} (shape {tuple(x.shape)}, {x.dtype}) contains '
             f'{n_bad} NaN/Inf value(s). Fix or drop that checkpoint, or pass '
             'check_finite=False to merge anyway.')
+
+
+def cast_models(base: Any, models: Sequence[Any]) -> list[Any]:
+  """Casts float leaves whose dtype differs from the reference's, warning once.
+
+  The reference is ``base`` (or ``models[0]`` without a base). mergekit casts
+  every input to the merge dtype; mergejax does the same, and says so once
+  per call, naming the first leaf cast. Trees that differ in structure or
+  shape are left alone for `check_models` to report.
+
+  Returns:
+    ``models`` with every differing floating-point leaf cast.
+  """
+  models = list(models)
+  ref = base if base is not None else (models[0] if models else None)
+  if ref is None:
+    return models
+  ref_def = jax.tree.structure(ref)
+  first = None
+  out = []
+  for i, m in enumerate(models):
+    if jax.tree.structure(m) != ref_def:
+      out.append(m)
+      continue
+
+    def cast(path, x, r, i=i):
+      nonlocal first
+      dx, dr = getattr(x, 'dtype', None), getattr(r, 'dtype', None)
+      if (dx is None or dr is None or dx == dr
+          or not jnp.issubdtype(dx, jnp.floating)
+          or not jnp.issubdtype(dr, jnp.floating)):
+        return x
+      first = first or (f'models[{i}]', path, dx, dr)
+      return x.astype(dr)
+
+    out.append(paths.tree_map_with_path(cast, m, ref))
+  if first:
+    name, path, dx, dr = first
+    warnings.warn(
+        f'{name} leaf {path!r} is {dx} where the reference is {dr}: models are '
+        f'cast to the reference dtypes before merging (as mergekit casts to '
+        'its merge dtype).', UserWarning, stacklevel=3)
+  return out
 
 
 @jax.jit

@@ -77,7 +77,7 @@ def merge(transformation: base_lib.MergeTransformation,
     >>> mj.merge(mj.methods.ties(density=1.0), base, fts)['w']
     Array([1., 2., 2.], dtype=float32)
   """
-  models = list(models) if not isinstance(models, list) else models
+  models = checks.cast_models(base, models)
   checks.check_models(base, models, check_finite=check_finite,
                       base_required=False)
   ref = base if base is not None else models[0]

@@ -394,6 +394,10 @@ def main(argv: Sequence[str] | None = None) -> int:
           NotImplementedError) as e:
     print(f'mergejax: error: {e}', file=sys.stderr)
     return 2
+  except OSError as e:  # read-only filesystem, full disk, permissions
+    print(f'mergejax: error: {e.strerror or e} ({e.filename or args.out_dir}); '
+          'nothing complete was written there.', file=sys.stderr)
+    return 1
   if not args.quiet:
     print(json.dumps({
         'tensors': stats.tensors, 'shards': stats.shards,

@@ -26,6 +26,7 @@ definition for; it is exact for Llama-style names.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import warnings
@@ -206,6 +207,29 @@ def _warn_unknown(params: Mapping[str, Any], method: str, where: str) -> None:
           'check for a typo.', UserWarning, stacklevel=3)
 
 
+def _check_values(value: Any, where: str) -> None:
+  """Rejects empty lists and non-finite numbers in a parameter value."""
+  if isinstance(value, bool) or value is None or isinstance(value, str):
+    return
+  if isinstance(value, (int, float)):
+    if not math.isfinite(value):
+      raise ValueError(f'{where} is {value}: parameter values must be finite.')
+    return
+  if isinstance(value, Mapping):
+    for k, v in value.items():
+      _check_values(v, f'{where}.{k}')
+    return
+  if isinstance(value, (list, tuple)):
+    if not value:
+      raise ValueError(f'{where} is an empty list: give a value, a gradient '
+                       '(a list of values) or a list of {filter, value}.')
+    for i, v in enumerate(value):
+      _check_values(v, f'{where}[{i}]')
+    return
+  raise ValueError(f'{where} has a {type(value).__name__} value {value!r}; '
+                   'expected a number, a list or a mapping.')
+
+
 def load_config(config: str | Mapping[str, Any], *,
                 base_dir: str | None = None,
                 resolve_paths: bool = True) -> MergeConfig:
@@ -229,17 +253,23 @@ def load_config(config: str | Mapping[str, Any], *,
     >>> cfg.merge_method, cfg.models[0].parameters
     ('linear', {'weight': 0.5})
   """
+  source = 'the config'
   if isinstance(config, str):
-    if os.path.exists(config):
-      base_dir = base_dir or os.path.dirname(os.path.abspath(config))
-      with open(config) as f:
-        raw = yaml.safe_load(f)
-    else:
-      raw = yaml.safe_load(config)
+    try:
+      if os.path.exists(config):
+        source = config
+        base_dir = base_dir or os.path.dirname(os.path.abspath(config))
+        with open(config) as f:
+          raw = yaml.safe_load(f)
+      else:
+        raw = yaml.safe_load(config)
+    except yaml.YAMLError as e:
+      raise ValueError(f'{source} is not valid YAML: {e}') from None
   else:
     raw = dict(config)
   if not isinstance(raw, Mapping):
-    raise ValueError('A merge config must be a YAML mapping.')
+    raise ValueError(f'{source} must be a YAML mapping (merge_method:, '
+                     f'models: or slices:, ...), got {type(raw).__name__}.')
   if 'modules' in raw:
     raise ValueError('`modules:` (multi-module models such as VLMs) is not '
                      'supported yet; use `models:` or `slices:`.')
@@ -248,6 +278,9 @@ def load_config(config: str | Mapping[str, Any], *,
     raise ValueError('A merge config needs exactly one of `models:` or '
                      f'`slices:`, got {forms or "neither"}.')
   method = raw.get('merge_method')
+  if method is None:
+    raise ValueError(f'{source} has no `merge_method:`; add one of '
+                     f'{sorted(METHODS)}.')
   if method not in METHODS:
     raise ValueError(f'Unknown merge_method {method!r}; known: '
                      f'{sorted(METHODS)}.')
@@ -274,7 +307,13 @@ def load_config(config: str | Mapping[str, Any], *,
     return _resolve_model(ref, base_dir)
 
   def params_of(d, where):
-    p = dict(d.get('parameters') or {})
+    p = d.get('parameters') or {}
+    label = 'parameters' if where == 'parameters' else f'{where}.parameters'
+    if not isinstance(p, Mapping):
+      raise ValueError(f'{label} must be a mapping of name: value, got {p!r}.')
+    p = dict(p)
+    for k, v in p.items():
+      _check_values(v, f'{label}.{k}')
     _warn_unknown(p, method, where)
     return p
 

@@ -398,7 +398,7 @@ def prepare_sharded_merge(transformation: base_lib.MergeTransformation,
   ``compiled_fn(*args)`` returns ``(merged, state)``. Useful to time the merge
   step alone, or to re-run it on the same placed inputs.
   """
-  models = list(models)
+  models = checks.cast_models(base, models)
   checks.check_models(base, models, check_finite=False, base_required=False)
   mesh = _auto(mesh)
   ref = base if base is not None else models[0]
