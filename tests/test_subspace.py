@@ -412,3 +412,20 @@ def test_lapack_calls_take_one_matrix_even_when_batched_or_vmapped():
   u, s, vh = jax.vmap(subspace.svd)(x)
   np.testing.assert_allclose(np.asarray((u * s[..., None, :]) @ vh), x,
                              atol=1e-5)
+
+
+@pytest.mark.parametrize('make', [M.emr, M.opcm], ids=['emr', 'opcm'])
+def test_models_equal_to_the_base_give_the_base(make):
+  base, _ = _zoo()
+  out = mj.merge(make(), base, [base] * 3)
+  _close(out, base, 0)
+
+
+def test_emr_stays_finite_when_a_task_disagrees_with_every_elected_sign():
+  base, _ = _zoo(k=1)
+  up = jax.tree.map(lambda x: x + 0.1, base)
+  down = jax.tree.map(lambda x: x - 0.05, base)  # loses every sign election
+  out, st = mj.merge(M.emr(), base, [up, up, down], return_state=True)
+  assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(out))
+  rec = M.reconstruct(st, base, 2)
+  assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(rec))

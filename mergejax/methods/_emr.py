@@ -65,8 +65,11 @@ def _emr_update(updates, state, params=None, *, key=None):
                for x in jax.tree.leaves(updates))
   new = sum(jnp.mean(jnp.abs(jnp.where(mm, u[None], 0.0)), axis=axes(mm))
             for mm, u in zip(jax.tree.leaves(m), jax.tree.leaves(uni)))
-  r = scales / new
+  # A task whose mask keeps nothing (all-zero task vector, or a sign that
+  # disagrees with the elected one everywhere) rebuilds to zero whatever its
+  # rescaler; 1 keeps it finite (FusionBench divides 0 by 0 there).
+  r = jnp.where(new > 0, scales / jnp.where(new > 0, new, 1.0), 1.0)
   out = jax.tree.map(
-      lambda mm, u: jnp.mean(r.reshape((-1,) + (1,) * u.ndim) * jnp.where(mm, u[None], 0.0),
-                             axis=0), m, uni)
+      lambda mm, u: jnp.mean(r.reshape((-1,) + (1,) * u.ndim)
+                             * jnp.where(mm, u[None], 0.0), axis=0), m, uni)
   return out, EMRState(uni, m, r)

@@ -71,7 +71,9 @@ def project_new_task(delta: jax.Array, tau: jax.Array,
   """
   u, s, vh = subspace.svd(delta)
   r = s.shape[0]
-  frac = jnp.cumsum(s) / jnp.sum(s)
+  # A zero merge (every task vector so far zero) has no spectrum: nothing is
+  # protected then, instead of 0 / 0.
+  frac = jnp.cumsum(s) / jnp.maximum(jnp.sum(s), jnp.finfo(s.dtype).tiny)
   rho = jnp.argmax(frac > alpha)  # first index past alpha (0 if none)
   p = u.T @ tau @ vh.T  # [r, r]
   i = jnp.arange(r)
@@ -115,7 +117,9 @@ def step(state: OPCMState, tau: Any, *, exclude, conv) -> OPCMState:
       tm = subspace.to_matrix(t, conv, batch_dims=0)
       t = project_new_task(dm, tm, state.alpha).reshape(t.shape)
     new[p] = state.lambda_ * d + t
-  lam = global_norm(new) / mean_norm
+  lam = global_norm(new) / jnp.where(mean_norm > 0, mean_norm, 1.0)
+  # Zero task vectors leave a zero merge: no rescaling (avoids 0 / 0).
+  lam = jnp.where(lam > 0, lam, 1.0)
   first = state.count == 0
   merged = {p: jnp.where(first, flat_tau[p], new[p] / lam) for p in new}
   lam = jnp.where(first, 1.0, lam)
