@@ -54,6 +54,12 @@ maps one numeric hyperparameter to its grid (vmapped, chosen on validation);
   added to the base; any other method (``factory``) merges the rank-r
   fine-tunes ``theta_0 + a_i b_i`` (``lora_ta``: task arithmetic on them, the
   reference that shows what the truncation alone costs).
+* ``data``: data-informed merges (``fisher_merging``, ``regmean``) of the
+  fine-tunes (base unused), with statistics of each fine-tune on the first
+  ``data.examples`` training inputs of its own task
+  (``experiments.default.data_statistics``): diagonal Fishers of the
+  classifier with the task's head (``data.fisher_kind``), or the input Grams
+  of the backbone's Dense layers.
 * ``not_applicable``: listed but not run.
 
 An optional ``factory`` names the `mergejax.methods` function when it differs
@@ -77,6 +83,8 @@ METHODS = (
     'widen', 'opcm', 'tall_masks', 'emr', 'twin', 'reversible',
     # LoRA merges on the rank-r LoRA zoo derived from the fine-tunes.
     'lora_lego', 'lora_svd', 'lora_ta',
+    # Data-informed merges (statistics on each task's training inputs).
+    'fisher_merging', 'regmean',
 )
 
 TASKS = ('rot90', 'rot180', 'rot270', 'hflip', 'vflip', 'transpose', 'invert',
@@ -204,7 +212,14 @@ def get_config(arg=None):
       lora_svd=entry(sweep=dict(weights=m.get_ref('lambdas')),
                      protocol='lora'),
       lora_ta=entry(sweep=lam, protocol='lora', factory='task_arithmetic'),
+      # FusionBench's defaults: 256 examples per task, batches of 32; RegMean
+      # shrinks off-diagonal Gram entries by 0.95 (its CLIP setting).
+      fisher_merging=entry(protocol='data'),
+      regmean=entry(dict(alpha=0.95), protocol='data'),
   )
+  methods['fisher_merging'].data = dict(stats='fisher', examples=256,
+                                        batch_size=32, fisher_kind='exact')
+  methods['regmean'].data = dict(stats='gram', examples=256, batch_size=32)
   methods['twin'].router = dict(per_task=128, hidden=(), steps=300,
                                 learning_rate=1e-2)
   for name in METHODS:

@@ -10,6 +10,7 @@ zoo config), so a second run skips training.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import inspect
 import json
@@ -31,7 +32,7 @@ from experiments.tools import results as results_lib
 # so that stale caches are not reused.
 ZOO_VERSION = 1
 PROTOCOLS = ('models', 'no_base', 'sum_endpoint', 'fold', 'per_task',
-             'routed', 'lora', 'not_applicable')
+             'routed', 'lora', 'data', 'not_applicable')
 
 
 def zoo_hash(config) -> str:
@@ -107,8 +108,55 @@ def _stack(trees):
   return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
 
 
+def data_statistics(entry, model, sub: str, fts: list, heads, tasks) -> dict:
+  """The ``data`` protocol's statistics, as keyword arguments of the method.
+
+  Each fine-tune's statistics come from the first ``entry.data.examples``
+  training inputs of its own task, in batches of ``entry.data.batch_size``:
+  ``stats='fisher'`` gives ``fishers`` (`mergejax.stats.fisher_diagonal` of
+  the classifier with the task's own head, kind ``entry.data.fisher_kind``;
+  the backbone part), ``stats='gram'`` gives ``grams``
+  (`mergejax.stats.input_grams` of the backbone's Dense layers).
+  """
+  if sub != 'backbone':
+    raise ValueError(f"the data protocol merges backbones; config.merge.params "
+                     f"is {sub!r}.")
+  d = entry.data
+  logits_fn = _classifier_logits(model)
+  inputs_fn = _backbone_inputs(model)
+  out = []
+  for i, (bb, task) in enumerate(zip(fts, tasks)):
+    x = jnp.asarray(task.train.x[:d.examples], jnp.float32)
+    y = jnp.asarray(task.train.y[:d.examples], jnp.int32)
+    batches = [(x[j:j + d.batch_size], y[j:j + d.batch_size])
+               for j in range(0, x.shape[0], d.batch_size)]
+    if d.stats == 'fisher':
+      head = jax.tree.map(lambda h, i=i: h[i], heads)
+      f = mj.stats.fisher_diagonal(logits_fn, {'backbone': bb, 'head': head},
+                                   batches, kind=d.fisher_kind,
+                                   key=jax.random.key(i))
+      out.append(f['backbone'])
+    elif d.stats == 'gram':
+      out.append(mj.stats.input_grams(inputs_fn, bb, batches))
+    else:
+      raise ValueError(f"data.stats must be 'fisher' or 'gram', got "
+                       f'{d.stats!r}.')
+  return {'fishers' if d.stats == 'fisher' else 'grams': out}
+
+
+@functools.lru_cache(maxsize=None)
+def _classifier_logits(model):
+  # One function object per model: the statistics steps compile once.
+  return lambda p, x: model.apply({'params': p}, x)
+
+
+@functools.lru_cache(maxsize=None)
+def _backbone_inputs(model):
+  return mj.stats.linen_dense_inputs(zoo.Backbone(model.width, model.depth))
+
+
 def merge_method(name: str, entry, base, fts: list, key: jax.Array, *,
-                 adapters: list | None = None):
+                 adapters: list | None = None, data: dict | None = None):
   """Merges with one method entry.
 
   With a sweep, the merge runs as one ``jax.vmap``-ped call over the swept
@@ -157,8 +205,9 @@ def merge_method(name: str, entry, base, fts: list, key: jax.Array, *,
     return _stack([m]), None, notes
   if protocol in ('models', 'per_task'):
     b, models = base, fts
-  elif protocol == 'no_base':
+  elif protocol in ('no_base', 'data'):
     b, models = None, fts
+    kwargs.update(data or {})
   elif protocol == 'lora':
     b = base
     if adapters is None:
@@ -397,8 +446,10 @@ def _main(config, workdir: str) -> dict[str, Any]:
       if entry.protocol != 'routed':
         ads = (get_lora_zoo(entry.lora_rank) if entry.protocol == 'lora'
                else None)
+        data = (data_statistics(entry, model, sub, ft_bbs, heads, tasks)
+                if entry.protocol == 'data' else None)
         bbs, sweep, notes = merge_method(name, entry, base_bb, ft_bbs, key,
-                                         adapters=ads)
+                                         adapters=ads, data=data)
       if entry.protocol == 'routed':  # Twin-Merging with a trained router
         val, test, notes, extra = _routed(name, entry, base_bb, ft_bbs, tasks,
                                           heads, config, key)

@@ -12,6 +12,7 @@ of optax's ``GradientTransformation`` -- built from the building blocks in
 Array([2., 2.], dtype=float32)
 
 Subpackages: `transforms` (building blocks), `methods` (named algorithms),
+`stats` (Fisher and Gram statistics for data-informed merges),
 `permute` (permutation alignment), `parallel` (meshes, multi-host, streaming),
 `io` (checkpoints), `cli` (the ``mergejax`` command and mergekit YAML) and
 `testing` (helpers for tests of merge code).
@@ -40,6 +41,7 @@ from mergejax._src.paths import leaf_paths
 from mergejax import io  # pylint: disable=g-bad-import-order
 from mergejax import methods  # pylint: disable=g-bad-import-order
 from mergejax import parallel  # pylint: disable=g-bad-import-order
+from mergejax import stats  # pylint: disable=g-bad-import-order
 from mergejax import transforms  # pylint: disable=g-bad-import-order
 
 __version__ = '0.2.0'
@@ -48,7 +50,8 @@ __all__ = (
     'MergeTransformation', 'EmptyState', 'chain', 'named_chain', 'identity',
     'static_fn', 'masked', 'partition', 'merge', 'stack_models', 'leaf_paths',
     'flatten_to_dict', 'layer_index', 'check_models', 'check_hparam',
-    'transforms', 'methods', 'permute', 'parallel', 'io', 'cli', 'testing',
+    'transforms', 'methods', 'stats', 'permute', 'parallel', 'io', 'cli',
+    'testing',
 )
 
 # Subpackages loaded on first use: `permute` pulls in scipy.optimize, flax and

@@ -26,13 +26,14 @@ ALLOWED = {
     'transforms': {'core'},
     'methods': {'core', 'transforms'},
     'permute': {'core', 'transforms'},
+    'stats': {'core'},
     'io': {'core'},
     'parallel': {'core', 'transforms', 'io'},
     'testing': {'core'},
     'cli': {'core', 'transforms', 'methods', 'io', 'parallel', 'permute',
-            'top'},
+            'stats', 'top'},
     'top': {'core', 'transforms', 'methods', 'io', 'parallel', 'permute',
-            'cli', 'testing'},
+            'stats', 'cli', 'testing'},
     'shims': {'parallel'},
 }
 
@@ -117,7 +118,7 @@ def import_graph() -> str:
     if a != b and 'shims' not in (a, b):
       counts[(a, b)] = counts.get((a, b), 0) + 1
   order = ['top', 'cli', 'permute', 'parallel', 'io', 'testing', 'methods',
-           'transforms', 'core']
+           'stats', 'transforms', 'core']
   rows = ['| from | imports (modules per arrow) |', '|---|---|']
   for a in order:
     outs = [f'{b} ({counts[(a, b)]})' for b in order if (a, b) in counts]
@@ -188,6 +189,7 @@ def test_experiments_configs_and_notebooks_use_only_public_modules():
 # ---------------------------------------------------------------- public API
 
 PUBLIC = ('mergejax', 'mergejax.transforms', 'mergejax.methods',
+          'mergejax.stats',
           'mergejax.permute', 'mergejax.parallel', 'mergejax.io',
           'mergejax.cli', 'mergejax.testing')
 

@@ -39,6 +39,13 @@ KWARGS = {
     'nuslerp': dict(weight=[1., 2.]),
     'lines': dict(method=mj.methods.task_arithmetic(), beta=0.5),
     'reversible': dict(budget=2),
+    # Data-informed methods: statistics built from the test's models (K=2).
+    'fisher_merging': lambda base, models: dict(fishers=[
+        jax.tree.map(lambda x: np.abs(x) + 0.1, m) for m in models]),
+    'regmean': lambda base, models: dict(grams=[
+        {p: x @ x.T + np.eye(x.shape[0], dtype=np.float32)
+         for p, x in m.items() if x.ndim == 2 and p.startswith('model.layers')}
+        for m in models]),
 }
 
 
@@ -74,11 +81,12 @@ def _zoo(k=4, dtype=np.float32, seed=0, small=False):
                                nested=False, as_numpy=True)
 
 
-def _build(name):
-  """(transformation, base-or-None, K) for a method; unknown arguments fail."""
+def _build(name, base, models):
+  """The method's transformation; unknown arguments fail."""
   fn = getattr(mj.methods, name)
+  kw = KWARGS.get(name, {})
   try:
-    return fn(**KWARGS.get(name, {}))
+    return fn(**(kw(base, models) if callable(kw) else kw))
   except TypeError as e:
     pytest.fail(f'{name}: no default hyperparameters known to this test ({e}); '
                 'add them to KWARGS')
@@ -106,8 +114,8 @@ _REFS = {}
 def _case(name):
   """(transformation, base, models, key, unsharded result), cached per method."""
   if name not in _REFS:
-    tx = _build(name)
     base, models = _zoo(k=2, small=True)
+    tx = _build(name, base, models)
     key = jax.random.key(0)
     b, ms, ref = _reference(tx, base, models, key)
     _REFS[name] = (tx, b, ms, key, ref)

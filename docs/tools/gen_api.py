@@ -27,6 +27,8 @@ PAGES = (
     ('methods', 'mergejax.methods', 'Methods',
      'Named merge methods (one page each under '
      '[Methods](../methods/index.md)).'),
+    ('stats', 'mergejax.stats', 'Statistics',
+     'Fisher information and input Gram matrices for data-informed merges.'),
     ('permute', 'mergejax.permute', 'Permutations',
      'Permutation alignment: specs, weight and activation matching, PLeaS, '
      'REPAIR, barriers.'),

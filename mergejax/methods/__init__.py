@@ -58,6 +58,9 @@ from mergejax.methods._twin_router import twin_apply
 from mergejax.methods._twin_router import twin_dense
 from mergejax.methods._twin_router import twin_route
 from mergejax.methods._twin_router import twin_train_router
+# Data-informed merges (statistics from `mergejax.stats`).
+from mergejax.methods._data import fisher_merging
+from mergejax.methods._data import regmean
 # LoRA adapters and continual merging.
 from mergejax.methods._lora import lora_lego
 from mergejax.methods._lora import lora_svd
@@ -74,5 +77,6 @@ __all__ = (
     'reversible', 'rtsvm', 'tall_masks', 'tsv', 'widen',
     'reconstruct', 'twin', 'twin_mix', 'twin_apply', 'twin_dense',
     'twin_route', 'twin_train_router',
+    'fisher_merging', 'regmean',
     'lora_lego', 'lora_svd', 'opcm',
 )

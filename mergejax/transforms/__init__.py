@@ -27,6 +27,8 @@ from mergejax.transforms._continual import opcm_params
 from mergejax.transforms._continual import opcm_update
 from mergejax.transforms._continual import OPCMState
 from mergejax.transforms._continual import project_new_task
+from mergejax.transforms._fisher import fisher_weighted_sum
+from mergejax.transforms._fisher import FisherWeightState
 from mergejax.transforms._interpolate import arcee_fusion_reduce
 from mergejax.transforms._interpolate import karcher_reduce
 from mergejax.transforms._interpolate import KarcherState
@@ -55,6 +57,8 @@ from mergejax.transforms._masks import magnitude_mask
 from mergejax.transforms._ram import ram_merge
 from mergejax.transforms._ram import RamMergeState
 from mergejax.transforms._reduce import apply_to_base
+from mergejax.transforms._regmean import regmean_reduce
+from mergejax.transforms._regmean import RegMeanState
 from mergejax.transforms._reduce import mean
 from mergejax.transforms._reduce import scale
 from mergejax.transforms._reduce import ScaleState
@@ -115,6 +119,9 @@ __all__ = (
     'consensus_mask', 'compute_tall_masks', 'layer_scale', 'LayerScaleState',
     'outlier_reweight', 'OutlierReweightState', 'tsv_reduce',
     'TSVReduceState',
+    # data-informed reductions (statistics from mergejax.stats)
+    'fisher_weighted_sum', 'FisherWeightState', 'regmean_reduce',
+    'RegMeanState',
     # LoRA adapters
     'LoRA', 'lora_delta', 'lora_from_delta', 'check_lora', 'merge_lora',
     # continual merging

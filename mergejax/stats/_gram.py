@@ -1,0 +1,114 @@
+"""Input Gram matrices of a model's linear layers, accumulated in float32."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Mapping
+
+import jax
+import jax.numpy as jnp
+
+
+def input_grams(inputs_fn: Callable[[Any, Any], Mapping[str, jax.Array]],
+                params: Any, batches: Iterable[Any], *,
+                num_examples: int | None = None) -> dict[str, jax.Array]:
+  """``G = X^T X / N`` of the inputs ``X`` of each linear layer, over data.
+
+  Args:
+    inputs_fn: ``inputs_fn(params, x) -> {kernel_path: inputs}``: for each
+      linear layer, keyed by its kernel's leaf path (``'Dense_0/kernel'``, as
+      `mergejax.leaf_paths` spells it), the inputs it reads, ``[..., d_in]``
+      (leading axes -- examples, tokens -- are rows). `linen_dense_inputs`
+      builds one for any Flax linen model.
+    params: the model's parameters.
+    batches: an iterable of inputs ``x`` (or ``(x, y)`` pairs; ``y`` is
+      ignored).
+    num_examples: stop after this many examples.
+
+  Returns:
+    ``{kernel_path: G}``, ``G`` float32 ``[d_in, d_in]`` (rows of all batches
+    averaged, as FusionBench's running average).
+
+  References:
+    Jin et al., "Dataless Knowledge Fusion by Merging Weights of Language
+      Models" (RegMean), ICLR 2023. https://arxiv.org/abs/2212.09849
+  """
+  sums: dict[str, jax.Array] = {}
+  rows: dict[str, int] = {}
+  seen = 0
+  step = _gram_step(inputs_fn)
+  for batch in batches:
+    x = batch[0] if isinstance(batch, (tuple, list)) else batch
+    if num_examples is not None:
+      x = x[:num_examples - seen]
+    if x.shape[0] == 0:
+      break
+    grams, counts = step(params, x)
+    for p, g in grams.items():
+      sums[p] = g if p not in sums else sums[p] + g
+      rows[p] = rows.get(p, 0) + int(counts[p])
+    seen += int(x.shape[0])
+    if num_examples is not None and seen >= num_examples:
+      break
+  if not sums:
+    raise ValueError('input_grams: inputs_fn returned no layers, or the '
+                     'batches hold no examples.')
+  return {p: g / rows[p] for p, g in sums.items()}
+
+
+_STEPS = {}
+
+
+def _gram_step(inputs_fn):
+  # One jitted step per inputs_fn (per batch shape): the batch loop reuses it.
+  if inputs_fn not in _STEPS:
+    @jax.jit
+    def step(params, x):
+      grams, counts = {}, {}
+      for p, v in inputs_fn(params, x).items():
+        v = jnp.asarray(v, jnp.float32).reshape(-1, v.shape[-1])
+        grams[p] = v.T @ v
+        counts[p] = jnp.asarray(v.shape[0], jnp.int32)
+      return grams, counts
+    _STEPS[inputs_fn] = step
+  return _STEPS[inputs_fn]
+
+
+def linen_dense_inputs(module: Any, *, method: str | None = None,
+                       **apply_kwargs: Any) -> Callable[[Any, Any],
+                                                        dict[str, jax.Array]]:
+  """An ``inputs_fn`` for `input_grams` that records every ``nn.Dense`` input.
+
+  Runs ``module.apply({'params': params}, x)`` with a Flax method interceptor,
+  so no forward is re-implemented: whatever the model, each ``nn.Dense``
+  call's input is recorded under its kernel's path.
+
+  Args:
+    module: a Flax linen module.
+    method: the module method to run (default ``__call__``).
+    **apply_kwargs: extra keyword arguments of ``module.apply``.
+
+  Returns:
+    ``inputs_fn(params, x) -> {'<module path>/kernel': inputs}``.
+  """
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+
+  def inputs_fn(params, x):
+    captured = {}
+
+    def interceptor(next_fun, args, kwargs, context):
+      if (isinstance(context.module, nn.Dense)
+          and context.method_name == '__call__'):
+        path = '/'.join(context.module.path + ('kernel',))
+        if path in captured:
+          raise ValueError(f'nn.Dense {path!r} is called twice per forward; '
+                           'write an inputs_fn that says which call to use.')
+        captured[path] = args[0]
+      return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(interceptor):
+      module.apply({'params': params}, x,
+                   **({} if method is None else {'method': method}),
+                   **apply_kwargs)
+    return captured
+
+  return inputs_fn
