@@ -194,7 +194,8 @@ def readme_summary(result: Mapping[str, Any]) -> str:
   s = result['summary']
   ok = {n: m for n, m in result['methods'].items() if m.get('status') == 'ok'}
   ft = s['finetuned_avg_accuracy']
-  pick = ['task_arithmetic', 'ties', 'tsv', 'iso_c', 'rtsvm', 'emr', 'twin']
+  pick = ['average', 'task_arithmetic', 'ties', 'fisher_merging', 'regmean',
+          'tsv', 'iso_c', 'emr', 'twin']
   rows = [dict(model='base model', avg_accuracy=f'{s["base_avg_accuracy"]:.3f}',
                of_finetuned=f'{s["base_avg_accuracy"] / ft:.1%}'),
           dict(model='fine-tuned, each on its own task',
