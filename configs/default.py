@@ -54,12 +54,15 @@ maps one numeric hyperparameter to its grid (vmapped, chosen on validation);
   added to the base; any other method (``factory``) merges the rank-r
   fine-tunes ``theta_0 + a_i b_i`` (``lora_ta``: task arithmetic on them, the
   reference that shows what the truncation alone costs).
-* ``data``: data-informed merges (``fisher_merging``, ``regmean``) of the
-  fine-tunes (base unused), with statistics of each fine-tune on the first
+* ``data``: data-informed merges (``fisher_merging``, ``regmean``,
+  ``regmean_plusplus``, ``adamerging``) of the
+  fine-tunes, with statistics of each fine-tune on the first
   ``data.examples`` training inputs of its own task
   (``experiments.default.data_statistics``): diagonal Fishers of the
-  classifier with the task's head (``data.fisher_kind``), or the input Grams
-  of the backbone's Dense layers.
+  classifier with the task's head (``data.fisher_kind``), the input Grams
+  of the backbone's Dense layers (through the merged layers for
+  RegMean++), or AdaMerging's coefficients fitted on unlabeled validation
+  inputs.
 * ``not_applicable``: listed but not run.
 
 An optional ``factory`` names the `mergejax.methods` function when it differs
@@ -84,7 +87,7 @@ METHODS = (
     # LoRA merges on the rank-r LoRA zoo derived from the fine-tunes.
     'lora_lego', 'lora_svd', 'lora_ta',
     # Data-informed merges (statistics on each task's training inputs).
-    'fisher_merging', 'regmean',
+    'fisher_merging', 'regmean', 'regmean_plusplus', 'adamerging',
 )
 
 TASKS = ('rot90', 'rot180', 'rot270', 'hflip', 'vflip', 'transpose', 'invert',
@@ -216,10 +219,20 @@ def get_config(arg=None):
       # shrinks off-diagonal Gram entries by 0.95 (its CLIP setting).
       fisher_merging=entry(protocol='data'),
       regmean=entry(dict(alpha=0.95), protocol='data'),
+      regmean_plusplus=entry(dict(alpha=0.95), protocol='data'),
+      adamerging=entry(protocol='data'),
   )
   methods['fisher_merging'].data = dict(stats='fisher', examples=256,
                                         batch_size=32, fisher_kind='exact')
   methods['regmean'].data = dict(stats='gram', examples=256, batch_size=32)
+  methods['regmean_plusplus'].data = dict(stats='sequential', examples=256,
+                                          batch_size=32)
+  # Layer-wise AdaMerging with the paper's settings (init 0.3, Adam 1e-3,
+  # 500 steps, coefficients clamped to [0, 1]), on unlabeled validation
+  # inputs (the paper uses the unlabeled test inputs).
+  methods['adamerging'].data = dict(stats='unlabeled', examples=128,
+                                    batch_size=32, granularity='layer',
+                                    init=0.3, steps=500, learning_rate=1e-3)
   methods['twin'].router = dict(per_task=128, hidden=(), steps=300,
                                 learning_rate=1e-2)
   for name in METHODS:

@@ -108,7 +108,8 @@ def _stack(trees):
   return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
 
 
-def data_statistics(entry, model, sub: str, fts: list, heads, tasks) -> dict:
+def data_statistics(entry, model, sub: str, base, fts: list, heads,
+                    tasks) -> dict:
   """The ``data`` protocol's statistics, as keyword arguments of the method.
 
   Each fine-tune's statistics come from the first ``entry.data.examples``
@@ -116,15 +117,24 @@ def data_statistics(entry, model, sub: str, fts: list, heads, tasks) -> dict:
   ``stats='fisher'`` gives ``fishers`` (`mergejax.stats.fisher_diagonal` of
   the classifier with the task's own head, kind ``entry.data.fisher_kind``;
   the backbone part), ``stats='gram'`` gives ``grams``
-  (`mergejax.stats.input_grams` of the backbone's Dense layers).
+  (`mergejax.stats.input_grams` of the backbone's Dense layers), and
+  ``stats='sequential'`` what `mergejax.methods.regmean_plusplus` computes
+  its Grams from (the Dense-input function, the models, each one's batches),
+  and ``stats='unlabeled'`` AdaMerging's ``coefficients``, fitted
+  (`mergejax.methods.fit_adamerging`) to minimise the prediction entropy of
+  every task's head on the first ``examples`` *validation* inputs of its task,
+  labels unused.
   """
   if sub != 'backbone':
     raise ValueError(f"the data protocol merges backbones; config.merge.params "
                      f"is {sub!r}.")
   d = entry.data
+  if d.stats == 'unlabeled':
+    return dict(coefficients=_fit_adamerging(d, model, base, fts, heads,
+                                             tasks))
   logits_fn = _classifier_logits(model)
   inputs_fn = _backbone_inputs(model)
-  out = []
+  out, per_model = [], []
   for i, (bb, task) in enumerate(zip(fts, tasks)):
     x = jnp.asarray(task.train.x[:d.examples], jnp.float32)
     y = jnp.asarray(task.train.y[:d.examples], jnp.int32)
@@ -138,10 +148,31 @@ def data_statistics(entry, model, sub: str, fts: list, heads, tasks) -> dict:
       out.append(f['backbone'])
     elif d.stats == 'gram':
       out.append(mj.stats.input_grams(inputs_fn, bb, batches))
+    elif d.stats == 'sequential':
+      per_model.append([b[0] for b in batches])
     else:
-      raise ValueError(f"data.stats must be 'fisher' or 'gram', got "
-                       f'{d.stats!r}.')
+      raise ValueError(f"data.stats must be 'fisher', 'gram' or 'sequential', "
+                       f'got {d.stats!r}.')
+  if d.stats == 'sequential':
+    return dict(inputs_fn=inputs_fn, models=list(fts), batches=per_model)
   return {'fishers' if d.stats == 'fisher' else 'grams': out}
+
+
+def _fit_adamerging(d, model, base, fts, heads, tasks):
+  xs = jnp.stack([jnp.asarray(t.val.x[:d.examples], jnp.float32)
+                  for t in tasks])  # [K, n, 64]: each task through its head
+
+  def loss(bb, xb):
+    logits = jax.vmap(lambda h, x: model.apply(
+        {'params': {'backbone': bb, 'head': h}}, x))(heads, xb)
+    return mj.methods.prediction_entropy(logits)
+
+  batches = [xs[:, j:j + d.batch_size]
+             for j in range(0, xs.shape[1] - d.batch_size + 1, d.batch_size)]
+  res = mj.methods.fit_adamerging(loss, base, fts, batches,
+                                  granularity=d.granularity, init=d.init,
+                                  steps=d.steps, learning_rate=d.learning_rate)
+  return res.coefficients
 
 
 @functools.lru_cache(maxsize=None)
@@ -205,8 +236,10 @@ def merge_method(name: str, entry, base, fts: list, key: jax.Array, *,
     return _stack([m]), None, notes
   if protocol in ('models', 'per_task'):
     b, models = base, fts
-  elif protocol in ('no_base', 'data'):
+  elif protocol == 'no_base':
     b, models = None, fts
+  elif protocol == 'data':  # full-weight merges ignore the base
+    b, models = base, fts
     kwargs.update(data or {})
   elif protocol == 'lora':
     b = base
@@ -446,7 +479,8 @@ def _main(config, workdir: str) -> dict[str, Any]:
       if entry.protocol != 'routed':
         ads = (get_lora_zoo(entry.lora_rank) if entry.protocol == 'lora'
                else None)
-        data = (data_statistics(entry, model, sub, ft_bbs, heads, tasks)
+        data = (data_statistics(entry, model, sub, base_bb, ft_bbs, heads,
+                                tasks)
                 if entry.protocol == 'data' else None)
         bbs, sweep, notes = merge_method(name, entry, base_bb, ft_bbs, key,
                                          adapters=ads, data=data)

@@ -168,3 +168,79 @@ def test_bad_statistics_name_the_layer():
   with pytest.raises(ValueError, match="kind='sampled' draws labels"):
     stats.fisher_diagonal(lambda p, x: x, base, [jnp.ones((2, 3))],
                           kind='sampled')
+
+
+def test_regmean_plusplus_takes_each_layer_s_grams_through_the_merged_layers():
+  model, _, models, x, _ = _zoo()
+  fn = stats.linen_dense_inputs(model)
+  data = [[x[8 * i:8 * i + 8]] for i in range(3)]
+  out = mj.merge(M.regmean_plusplus(fn, models, data, alpha=0.9), None, models)
+  # By hand: layer 0 is RegMean's (its inputs are the data itself) ...
+  g0 = [np.asarray(d[0], np.float64).T @ np.asarray(d[0], np.float64) / 8
+        for d in data]
+  shrink = lambda g: 0.9 * g + 0.1 * np.diag(np.diag(g))
+  k0 = np.linalg.solve(sum(shrink(g) for g in g0), sum(
+      shrink(g) @ np.asarray(m['Dense_0']['kernel'], np.float64)
+      for g, m in zip(g0, models)))
+  b0 = np.mean([np.asarray(m['Dense_0']['bias'], np.float64) for m in models], 0)
+  np.testing.assert_allclose(out['Dense_0']['kernel'], k0, rtol=1e-4, atol=1e-5)
+  # ... layer 1's Grams come from the merged layer 0's outputs.
+  hs = [np.maximum(np.asarray(d[0], np.float64) @ k0 + b0, 0) for d in data]
+  g1 = [h.T @ h / 8 for h in hs]
+  k1 = np.linalg.solve(sum(shrink(g) for g in g1), sum(
+      shrink(g) @ np.asarray(m['Dense_1']['kernel'], np.float64)
+      for g, m in zip(g1, models)))
+  np.testing.assert_allclose(out['Dense_1']['kernel'], k1, rtol=1e-3, atol=1e-4)
+  # RegMean (each model's own layer 0) differs in layer 1 only.
+  plain = mj.merge(M.regmean([stats.input_grams(fn, m, d) for m, d in
+                              zip(models, data)], alpha=0.9), None, models)
+  np.testing.assert_allclose(plain['Dense_0']['kernel'], k0, rtol=1e-4,
+                             atol=1e-5)
+  assert not np.allclose(plain['Dense_1']['kernel'], k1, atol=1e-4)
+
+
+def test_regmean_plusplus_of_one_model_is_that_model():
+  model, _, models, x, _ = _zoo(k=1)
+  fn = stats.linen_dense_inputs(model)
+  out = mj.merge(M.regmean_plusplus(fn, models, [[x]], alpha=1.0), None,
+                 models)
+  testing.assert_trees_close(out, models[0], rtol=1e-3, atol=1e-4)
+
+
+def test_adamerging_with_frozen_coefficients_is_task_arithmetic():
+  _, base, models, _, _ = _zoo()
+  lam = 0.4
+  ta = mj.merge(M.task_arithmetic(lambda_=lam), base, models)
+  task = mj.merge(M.adamerging(jnp.full(3, lam)), base, models)
+  layer = mj.merge(M.adamerging(jax.tree.map(lambda _: jnp.full(3, lam), base)),
+                   base, models)
+  testing.assert_trees_close(task, ta, atol=1e-6)
+  testing.assert_trees_close(layer, ta, atol=1e-6)
+  # Layer-wise coefficients act leaf by leaf.
+  c = jax.tree.map(lambda _: jnp.zeros(3), base)
+  c['Dense_1']['kernel'] = jnp.array([1., 0., 0.])
+  out = mj.merge(M.adamerging(c), base, models)
+  np.testing.assert_allclose(out['Dense_1']['kernel'],
+                             models[0]['Dense_1']['kernel'], atol=1e-6)
+  np.testing.assert_allclose(out['Dense_0']['kernel'],
+                             base['Dense_0']['kernel'], atol=1e-6)
+
+
+@pytest.mark.parametrize('granularity', ['task', 'layer'])
+def test_fit_adamerging_lowers_the_entropy_in_one_compile(granularity):
+  model, base, models, x, _ = _zoo()
+  f = _logits_fn(model)
+  loss = lambda p, xb: M.prediction_entropy(f(p, xb))
+  batches = [x[:12], x[12:]]
+  with testing.log_compilations() as log:
+    res = M.fit_adamerging(loss, base, models, batches,
+                           granularity=granularity, steps=40,
+                           learning_rate=1e-2)
+  assert log.count('run') == 1
+  assert res.losses[-1] < res.losses[0]
+  leaves = jax.tree.leaves(res.coefficients)
+  assert all(l.shape == (3,) and bool(jnp.all((l >= 0) & (l <= 1)))
+             for l in leaves)
+  # The merge it reports is the one the coefficients give.
+  merged = mj.merge(M.adamerging(res.coefficients), base, models)
+  assert float(loss(merged, x[:12])) <= float(res.losses[0]) + 1e-6

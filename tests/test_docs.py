@@ -11,7 +11,8 @@ import mergejax as mj
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HELPERS = {'reconstruct', 'twin_mix', 'twin_apply', 'twin_dense', 'twin_route',
-           'twin_train_router'}  # documented in the API reference only
+           'twin_train_router', 'fit_adamerging', 'prediction_entropy',
+           'AdaMergingResult'}  # documented in the API reference only
 
 
 def test_every_method_has_a_page_in_the_nav():

@@ -24,7 +24,7 @@ PACKAGE = ROOT / 'mergejax'
 ALLOWED = {
     'core': {'core'},
     'transforms': {'core'},
-    'methods': {'core', 'transforms'},
+    'methods': {'core', 'transforms', 'stats'},
     'permute': {'core', 'transforms'},
     'stats': {'core'},
     'io': {'core'},
@@ -226,7 +226,7 @@ _PAPER_METHODS = {
     # Named methods from a paper: their docstring cites it.
     name for name in importlib.import_module('mergejax.methods').__all__
     if name not in ('average', 'linear', 'reconstruct', 'nearswap',
-                    'arcee_fusion')}
+                    'arcee_fusion', 'prediction_entropy', 'AdaMergingResult')}
 
 
 API_LISTING = ROOT / 'docs' / 'api' / 'public.txt'

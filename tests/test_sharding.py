@@ -39,6 +39,11 @@ KWARGS = {
     'nuslerp': dict(weight=[1., 2.]),
     'lines': dict(method=mj.methods.task_arithmetic(), beta=0.5),
     'reversible': dict(budget=2),
+    'adamerging': dict(coefficients=jnp.array([0.3, 0.6])),
+    'regmean_plusplus': lambda base, models: dict(
+        inputs_fn=lambda p, x: {'model.layers.0.mlp.up_proj.weight': x},
+        models=models, batches=[[np.ones((4, 24), np.float32) * (i + 1)]
+                                for i in range(len(models))], ridge=0.1),
     # Data-informed methods: statistics built from the test's models (K=2).
     'fisher_merging': lambda base, models: dict(fishers=[
         jax.tree.map(lambda x: np.abs(x) + 0.1, m) for m in models]),
@@ -52,7 +57,8 @@ KWARGS = {
 # Functions in mergejax.methods that read a merge's state rather than build a
 # transformation.
 NOT_FACTORIES = {'reconstruct', 'twin_mix', 'twin_apply', 'twin_dense',
-                 'twin_route', 'twin_train_router'}
+                 'twin_route', 'twin_train_router', 'fit_adamerging',
+                 'prediction_entropy'}
 
 
 def _method_names():
@@ -151,8 +157,8 @@ def test_sharded_equals_unsharded_mesh_shapes(name, mesh):
 # bases, factorised twin parts) must rebuild the same task models.
 @pytest.mark.parametrize('name', ['emr', 'tall_masks', 'reversible', 'twin'])
 def test_sharded_state_reconstructs_task_models(name):
-  tx = _build(name)
   base, models = _zoo(k=2, small=True)
+  tx = _build(name, base, models)
   _, ref_state = mj.merge(tx, base, models, return_state=True)
   _, state = mj.parallel.sharded_merge(tx, base, models, mesh=sh.make_mesh((2, 4)),
                               rules=RULES, return_state=True)

@@ -59,8 +59,13 @@ from mergejax.methods._twin_router import twin_dense
 from mergejax.methods._twin_router import twin_route
 from mergejax.methods._twin_router import twin_train_router
 # Data-informed merges (statistics from `mergejax.stats`).
+from mergejax.methods._adamerging import adamerging
+from mergejax.methods._adamerging import AdaMergingResult
+from mergejax.methods._adamerging import fit_adamerging
+from mergejax.methods._adamerging import prediction_entropy
 from mergejax.methods._data import fisher_merging
 from mergejax.methods._data import regmean
+from mergejax.methods._data import regmean_plusplus
 # LoRA adapters and continual merging.
 from mergejax.methods._lora import lora_lego
 from mergejax.methods._lora import lora_svd
@@ -77,6 +82,7 @@ __all__ = (
     'reversible', 'rtsvm', 'tall_masks', 'tsv', 'widen',
     'reconstruct', 'twin', 'twin_mix', 'twin_apply', 'twin_dense',
     'twin_route', 'twin_train_router',
-    'fisher_merging', 'regmean',
+    'fisher_merging', 'regmean', 'regmean_plusplus',
+    'adamerging', 'fit_adamerging', 'AdaMergingResult', 'prediction_entropy',
     'lora_lego', 'lora_svd', 'opcm',
 )

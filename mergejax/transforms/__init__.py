@@ -17,6 +17,8 @@ Array([ 0.,  0.,  3., -4.], dtype=float32)
 """
 
 # pylint: disable=g-importing-member
+from mergejax.transforms._coefficients import coefficient_sum
+from mergejax.transforms._coefficients import CoefficientSumState
 from mergejax.transforms._consensus import disjoint_merge
 from mergejax.transforms._consensus import DisjointMergeState
 from mergejax.transforms._consensus import elect_sign
@@ -97,7 +99,7 @@ from mergejax.transforms._subspace import SVDBasis
 __all__ = (
     # task vectors and reductions
     'task_vectors', 'weighted_sum', 'WeightedSumState', 'mean', 'scale',
-    'ScaleState', 'apply_to_base',
+    'ScaleState', 'apply_to_base', 'coefficient_sum', 'CoefficientSumState',
     # exact top-k selection
     'kth_largest_magnitude', 'topk_mask', 'topk_masks', 'batched_topk_masks',
     # sparsification

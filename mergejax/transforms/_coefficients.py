@@ -1,0 +1,54 @@
+"""Per-model, per-leaf coefficients on task vectors (AdaMerging's merge)."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from mergejax._src import base
+from mergejax._src import modelaxis
+from mergejax._src import paths
+
+
+class CoefficientSumState(NamedTuple):
+  coefficients: Any  # [K] (task-wise) or a tree like the params of [K]
+
+
+def coefficient_sum(coefficients: Any) -> base.MergeTransformation:
+  """``sum_i c_i tau_i`` with coefficients per model, or per model and leaf.
+
+  Reducing (``[K, ...] -> [...]``). ``coefficients`` is a ``[K]`` array (one
+  per model, task-wise) or a pytree like the params whose leaves are ``[K]``
+  (one per model and leaf: layer-wise). The coefficients live in the state,
+  so they are traced: sweeps ``vmap`` over them and ``jax.grad`` flows into
+  them (AdaMerging trains them).
+
+  Example:
+    >>> import jax.numpy as jnp, mergejax as mj
+    >>> from mergejax import transforms as T
+    >>> c = {'a': jnp.array([1., 0.]), 'b': jnp.array([0., 2.])}
+    >>> u = {'a': jnp.array([[1.], [5.]]), 'b': jnp.array([[1.], [5.]])}
+    >>> T.coefficient_sum(c).update(u, T.coefficient_sum(c).init(None))[0]
+    {'a': Array([1.], dtype=float32), 'b': Array([10.], dtype=float32)}
+  """
+  coefficients = jax.tree.map(lambda c: jnp.asarray(c, jnp.float32),
+                              coefficients)
+  return base.MergeTransformation(lambda params: CoefficientSumState(
+      coefficients), base.static_fn.of(_coefficient_update))
+
+
+def _coefficient_update(updates, state, params=None, *, key=None):
+  del params, key
+  c = state.coefficients
+  if hasattr(c, 'ndim'):  # one array: task-wise
+    return jax.tree.map(lambda u: modelaxis.model_sum(u, c), updates), state
+  flat_c = paths.flatten_to_dict(c)
+  flat_u = paths.flatten_to_dict(updates)
+  if set(flat_c) != set(flat_u):
+    raise ValueError('layer-wise coefficients must have the parameters\' '
+                     f'tree: missing {sorted(set(flat_u) - set(flat_c))[:5]}, '
+                     f'extra {sorted(set(flat_c) - set(flat_u))[:5]}.')
+  out = {p: modelaxis.model_sum(u, flat_c[p]) for p, u in flat_u.items()}
+  return paths.unflatten_like(updates, out), state
