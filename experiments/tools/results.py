@@ -195,7 +195,7 @@ def readme_summary(result: Mapping[str, Any]) -> str:
   ok = {n: m for n, m in result['methods'].items() if m.get('status') == 'ok'}
   ft = s['finetuned_avg_accuracy']
   pick = ['average', 'task_arithmetic', 'ties', 'fisher_merging', 'regmean',
-          'tsv', 'iso_c', 'emr', 'twin']
+          'regmean_plusplus', 'adamerging', 'tsv', 'iso_c', 'emr', 'twin']
   rows = [dict(model='base model', avg_accuracy=f'{s["base_avg_accuracy"]:.3f}',
                of_finetuned=f'{s["base_avg_accuracy"] / ft:.1%}'),
           dict(model='fine-tuned, each on its own task',
