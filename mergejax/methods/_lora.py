@@ -97,7 +97,7 @@ def lora_lego(rank: int | None = None, *, iters: int = 25,
   steps) on the concatenated vectors; each unit's sign is fixed first so that
   ``(a, b)`` and ``(-a, -b)``, which give the same update, fall together.
   Cluster ``c``'s merged unit is the mean of its members; with ``reweight``
-  its norm is restored to the members' mean norm (our reading of the paper's
+  its norm is restored to the members' mean norm (a reading of the paper's
   parameter reweighting; uncertain). The merged adapter has ``rank`` units,
   scaled by ``scale`` (traced). Dense leaves are averaged.
 

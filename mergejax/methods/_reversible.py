@@ -34,7 +34,7 @@ def reversible(budget: int, *, scope: str = 'leaf',
                centred: bool = False) -> base.MergeTransformation:
   """Reversible model merging: a compact basis rebuilding every task model.
 
-  Our closed form (the paper gives no formulas): for each leaf, the task
+  A closed form designed here (the abstract gives no formulas): for each leaf, the task
   vectors ``D = [vec tau_1 ... vec tau_K]`` are replaced by their best rank-b
   approximation (Eckart-Young), computed from the ``K x K`` Gram matrix
   (``eigh``), so memory stays ``O(n K)``. The state (`ReversibleState`) holds

@@ -36,7 +36,7 @@ def rtsvm(alpha: float | jax.Array = 1.0, *,
 
   ``tau_i = theta_i - theta_0`` -> `outlier_reweight` ``(quantile)`` (every
   leaf) -> `tsv_reduce` ``(energy)`` -> ``theta_0 + alpha tau``. The two
-  steps are our reading of Yang et al. (2025)'s "outlier-aware parameter
+  steps are a design read from Yang et al. (2025)'s "outlier-aware parameter
   weighting" and "sparsity-adaptive rank selection" (only the abstract was
   available; see the module docstring). ``quantile=1, energy=1`` is exactly
   `tsv` (TSV-M). Every numeric knob is traced; the slot size ``int(r / K)``

@@ -4,8 +4,8 @@ Yang et al. (2025, "Mix Data or Merge Models? Balancing the Helpfulness,
 Honesty, and Harmlessness of LLMs via Model Merging", arXiv 2502.06876; called
 RESM in its v3) extend TSV-M with two steps aimed at heavy-tailed LLM task
 vectors: *outlier-aware parameter weighting* and *sparsity-adaptive rank
-selection*. The abstract is all we could consult, so the two formulas below are
-**our reading** of those two phrases, built to reduce exactly to TSV-M at their
+selection*. Only the abstract was available, so the two formulas below are
+**a design** read from those two phrases (not the paper's text), built to reduce exactly to TSV-M at their
 neutral settings:
 
 * `outlier_reweight` (per model, per leaf): entries of ``tau_i`` larger in
@@ -49,8 +49,8 @@ def outlier_reweight(quantile: float | jax.Array = 0.99, *,
   ``|x_i|`` (NumPy ``np.quantile(..., method='lower')``: the ascending sorted
   value at index ``floor(quantile (n - 1))``, found by radix select, no sort),
   and ``x_i <- x_i * min(1, t_i / |x_i|)``. Keeps the model axis; usually run
-  on task vectors, before a reduction (R-TSVM's outlier-aware weighting, our
-  reading). ``quantile`` is traced; ``1.0`` leaves the input unchanged.
+  on task vectors, before a reduction (R-TSVM's outlier-aware weighting, as
+  designed here). ``quantile`` is traced; ``1.0`` leaves the input unchanged.
 
   Args:
     quantile: in ``[0, 1]``; the fraction of entries per model and leaf that
