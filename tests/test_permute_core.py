@@ -281,3 +281,16 @@ def test_matching_spec_keeps_the_function():
       m.apply({'params': permute.apply_permutation(
           permute.mlp_spec(2), res, b)}, x),
       m.apply({'params': b}, x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('perm, match', [
+    ([0, 0, 1, 2, 3, 4], r'repeated indices \[0\]'),
+    ([0, 1, 2, 3, 4, 6], r'out-of-range indices \[6\]'),
+    ([0., 1., 2., 3., 4., 5.], 'dtype float'),
+])
+def test_apply_permutation_rejects_malformed_permutations(perm, match):
+  spec = permute.mlp_spec(1)
+  a = {'Dense_0': {'kernel': jnp.ones((4, 6)), 'bias': jnp.zeros(6)},
+       'Dense_1': {'kernel': jnp.ones((6, 2)), 'bias': jnp.zeros(2)}}
+  with pytest.raises(ValueError, match=match):
+    permute.apply_permutation(spec, {'P_0': np.asarray(perm)}, a)

@@ -279,8 +279,12 @@ def check_permutations(spec: PermutationSpec, perms: Mapping[str, Any],
                        tree: Any) -> None:
   """Checks names and shapes of ``perms`` against ``spec`` on ``tree``.
 
+  Concrete permutations must also be integer arrays holding every unit index
+  exactly once (traced ones, inside ``jit``, are checked for shape only).
+
   Raises:
-    ValueError: for unknown group names, or arrays of the wrong length.
+    ValueError: for unknown group names, arrays of the wrong length or dtype,
+      or indices out of range or repeated.
   """
   shapes = spec.perm_shapes(tree)
   unknown = sorted(set(perms) - set(shapes))
@@ -294,6 +298,24 @@ def check_permutations(spec: PermutationSpec, perms: Mapping[str, Any],
           f'Permutation for group {g!r} has shape {tuple(np.shape(p))} but the '
           f'group has size {shapes[g]} (e.g. {where[0]!r} axis {where[1]}); a '
           'permutation must list every unit of its group exactly once.')
+    if isinstance(p, jax.core.Tracer):
+      continue
+    arr = np.asarray(p)
+    if not np.issubdtype(arr.dtype, np.integer):
+      raise ValueError(f'Permutation for group {g!r} has dtype {arr.dtype}; '
+                       'permutations are integer index arrays (e.g. the '
+                       'output of weight_matching).')
+    n = arr.shape[-1]
+    rows = arr.reshape(-1, n)
+    bad = ~np.all(np.sort(rows, axis=-1) == np.arange(n), axis=-1)
+    if np.any(bad):
+      row = rows[int(np.argmax(bad))]
+      out = sorted(set(row[(row < 0) | (row >= n)].tolist()))
+      dup = sorted({int(v) for v in row if np.sum(row == v) > 1})
+      raise ValueError(
+          f'Permutation for group {g!r} is not a permutation of 0..{n - 1}: '
+          f'out-of-range indices {out[:5]}, repeated indices {dup[:5]}. Each '
+          'unit must appear exactly once.')
 
 
 def apply_permutation(spec: PermutationSpec, perms: Mapping[str, Any],
