@@ -166,3 +166,12 @@ def test_incremental_term_layouts(shape, axis, other):
             matching._mat(np, np.take(b, q, axis=other), axis).astype(np.float64).T)
     np.testing.assert_allclose(term.cost(q), want, rtol=1e-4, atol=1e-3)
     p = q
+
+
+@pytest.mark.parametrize('cost, match', [
+    (np.full((3, 3), np.nan), 'NaN/Inf'),
+    (np.zeros((3, 4)), r'\[\.\.\., n, n\]'),
+])
+def test_solvers_reject_nan_and_non_square_scores(cost, match):
+  with pytest.raises(ValueError, match=match):
+    permute.solve_assignment(cost, 'scipy')

@@ -185,6 +185,10 @@ def solve_assignment(cost, solver: str | Callable = 'scipy') -> jax.Array:
   Returns:
     int32 ``[..., n]``.
 
+  Raises:
+    ValueError: if a concrete ``cost`` is not square or holds NaN/Inf (an
+      assignment of such scores is arbitrary).
+
   Example:
     >>> import jax.numpy as jnp
     >>> from mergejax import permute
@@ -192,6 +196,14 @@ def solve_assignment(cost, solver: str | Callable = 'scipy') -> jax.Array:
     >>> permute.solve_assignment(c, 'hungarian')
     Array([1, 2, 0], dtype=int32)
   """
+  if not isinstance(cost, jax.core.Tracer):
+    shape = np.shape(cost)
+    if len(shape) < 2 or shape[-1] != shape[-2]:
+      raise ValueError(f'solve_assignment needs [..., n, n] scores, got shape '
+                       f'{tuple(shape)}.')
+    if not np.all(np.isfinite(np.asarray(cost))):
+      raise ValueError('solve_assignment: the scores hold NaN/Inf; check the '
+                       'inputs they were computed from (e.g. NaN weights).')
   if solver in HOST_SOLVERS and not isinstance(cost, jax.core.Tracer):
     return jnp.asarray(host_lap(np.asarray(cost), solver))
   return get_solver(solver)(cost)
