@@ -294,3 +294,12 @@ def test_apply_permutation_rejects_malformed_permutations(perm, match):
        'Dense_1': {'kernel': jnp.ones((6, 2)), 'bias': jnp.zeros(2)}}
   with pytest.raises(ValueError, match=match):
     permute.apply_permutation(spec, {'P_0': np.asarray(perm)}, a)
+
+
+def test_weight_matching_rejects_a_non_permutation_start():
+  spec = permute.mlp_spec(1)
+  a = {'Dense_0': {'kernel': jnp.ones((4, 6)), 'bias': jnp.zeros(6)},
+       'Dense_1': {'kernel': jnp.ones((6, 2)), 'bias': jnp.zeros(2)}}
+  with pytest.raises(ValueError, match='repeated indices'):
+    permute.weight_matching(spec, a, a, init_permutations={
+        'P_0': np.array([0, 1, 1, 2, 3, 4])})

@@ -532,3 +532,22 @@ def test_resnet_pleas_beats_permute_average_with_stream_structure():
   norms = {'norm_init': {'scale': jnp.ones(4), 'bias': jnp.zeros(4)}}
   with pytest.raises(ValueError, match='LayerNorm'):
     permute.pleas({**a, **norms}, {**b, **norms}, [XR], size=1.3)
+
+
+@pytest.mark.parametrize('kwargs, match', [
+    (dict(ridge=-1.0), 'ridge must be a finite value >= 0'),
+    (dict(ridge=float('nan')), 'ridge must be a finite value >= 0'),
+    (dict(ridge=[]), 'ridge must be a finite value >= 0'),
+    (dict(fit='gradient', fit_steps=0), 'fit_steps >= 1'),
+])
+def test_bad_ridge_and_fit_steps_are_clear_errors(kwargs, match):
+  a, b = _models()
+  with pytest.raises(ValueError, match=match):
+    permute.pleas(a, b, [jnp.ones((8, 5))], size=1.5, **kwargs)
+
+
+def test_singular_least_squares_asks_for_a_ridge():
+  a, b = _models()
+  x = jnp.zeros((8, 5))  # every feature constant: rank-deficient Grams
+  with pytest.raises(ValueError, match='singular.*pass a ridge > 0'):
+    permute.pleas(a, b, [x], size=1.5, ridge=0.0)

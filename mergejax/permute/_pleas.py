@@ -728,6 +728,12 @@ def pleas(params_a: Any, params_b: Any, batches: Iterable[Any] | Any, *,
                      f'each of the {len(batches)} batches, got {batch_tasks!r}.')
   if ridge_to not in ('zero', 'average'):
     raise ValueError(f"ridge_to must be 'zero' or 'average', got {ridge_to!r}.")
+  ridges = np.atleast_1d(np.asarray(ridge, np.float64))
+  if ridges.size == 0 or not np.all(np.isfinite(ridges)) or np.any(ridges < 0):
+    raise ValueError(f'ridge must be a finite value >= 0 or a non-empty list of '
+                     f'them, got {ridge!r}.')
+  if fit == 'gradient' and int(fit_steps) < 1:
+    raise ValueError(f"fit='gradient' needs fit_steps >= 1, got {fit_steps}.")
   pa, sa = _split_variables(params_a)
   pb, sb = _split_variables(params_b)
   chain = _infer_chain(pa, num_hidden, norm, sa is not None)
@@ -1001,7 +1007,13 @@ def _solve_blocks(stats, blocks, in_blocks, ridge, w0=None, bias=True):
     rhs = h[np.ix_(rows, cols)]
     if w0 is not None:
       rhs = rhs + lam * w0[np.ix_(rows, cols)]
-    w[np.ix_(rows, cols)] = np.linalg.solve(gi, rhs)
+    try:
+      w[np.ix_(rows, cols)] = np.linalg.solve(gi, rhs)
+    except np.linalg.LinAlgError:
+      raise ValueError(
+          'pleas: a layer\'s least-squares system is singular (its features '
+          f'are rank-deficient at ridge={ridge}); pass a ridge > 0, e.g. '
+          'ridge=1e-3, or more data.') from None
   return w
 
 
