@@ -9,7 +9,7 @@ pairs searched in order, first match wins, as in big_vision.
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import jax
 from jax import tree_util
@@ -50,6 +50,16 @@ def flatten_to_dict(tree: Any) -> dict[str, Any]:
   """Flattens a pytree into ``{path: leaf}`` (insertion-ordered)."""
   flat, _ = tree_util.tree_flatten_with_path(tree)
   return {path_str(p): x for p, x in flat}
+
+
+def require_same_paths(flat: Mapping[str, Any], ref: Mapping[str, Any],
+                       what: str) -> None:
+  """Raises a ValueError naming missing and extra paths unless the keys agree."""
+  if set(flat) != set(ref):
+    raise ValueError(
+        f"{what} must have the parameters' tree: missing "
+        f'{sorted(set(ref) - set(flat))[:5]}, extra '
+        f'{sorted(set(flat) - set(ref))[:5]}.')
 
 
 def unflatten_like(tree: Any, flat: dict[str, Any]) -> Any:

@@ -46,9 +46,6 @@ def _coefficient_update(updates, state, params=None, *, key=None):
     return jax.tree.map(lambda u: modelaxis.model_sum(u, c), updates), state
   flat_c = paths.flatten_to_dict(c)
   flat_u = paths.flatten_to_dict(updates)
-  if set(flat_c) != set(flat_u):
-    raise ValueError('layer-wise coefficients must have the parameters\' '
-                     f'tree: missing {sorted(set(flat_u) - set(flat_c))[:5]}, '
-                     f'extra {sorted(set(flat_c) - set(flat_u))[:5]}.')
+  paths.require_same_paths(flat_c, flat_u, 'layer-wise coefficients')
   out = {p: modelaxis.model_sum(u, flat_c[p]) for p, u in flat_u.items()}
   return paths.unflatten_like(updates, out), state

@@ -72,10 +72,7 @@ def fisher_weighted_sum(fishers: Any, *, epsilon: float | jax.Array = 1e-6,
 
 def _check_fishers(fishers, params):
   fl, pl = paths.flatten_to_dict(fishers), paths.flatten_to_dict(params)
-  if set(fl) != set(pl):
-    raise ValueError(
-        'fishers must have the parameters\' tree: missing '
-        f'{sorted(set(pl) - set(fl))[:5]}, extra {sorted(set(fl) - set(pl))[:5]}.')
+  paths.require_same_paths(fl, pl, 'fishers')
   for p, f in fl.items():
     if tuple(f.shape[1:]) != tuple(pl[p].shape):
       raise ValueError(f'fishers leaf {p!r} has shape {tuple(f.shape)}; '
