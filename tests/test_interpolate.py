@@ -1,6 +1,5 @@
 """Interpolation primitives against NumPy references, identities, compilation."""
 
-import functools
 
 import hypothesis
 from hypothesis import strategies as st

@@ -12,7 +12,6 @@ import importlib.util
 import sys
 import types
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -5,7 +5,6 @@ from hypothesis import strategies as st
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from mergejax.transforms import _select as select
 

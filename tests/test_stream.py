@@ -1,7 +1,6 @@
 """Streaming executor: == in-memory merge, one compile per shape, global trim."""
 
 import os
-import resource
 import subprocess
 import sys
 import textwrap

@@ -25,3 +25,25 @@ from experiments.zoo._train import finetune
 from experiments.zoo._train import load_or_train
 from experiments.zoo._train import train_base
 from experiments.zoo._train import Zoo
+
+__all__ = (
+    'augment',
+    'Digits',
+    'load_digits',
+    'make_tasks',
+    'make_transform',
+    'Split',
+    'Task',
+    'TASK_NAMES',
+    'normalized',
+    'TaskEvaluator',
+    'accuracy',
+    'Backbone',
+    'Classifier',
+    'init_params',
+    'logits',
+    'finetune',
+    'load_or_train',
+    'train_base',
+    'Zoo',
+)
