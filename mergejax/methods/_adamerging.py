@@ -11,6 +11,7 @@ import optax
 
 from mergejax._src import base
 from mergejax._src import merge as merge_lib
+from mergejax._src import optim
 from mergejax.transforms import _coefficients as coeff_lib
 from mergejax.transforms import _reduce as reduce
 
@@ -115,11 +116,7 @@ def fit_adamerging(loss_fn: Callable[[Any, Any], jax.Array], base_params: Any,
       c, state = carry
       batch = jax.tree.map(lambda b: b[i % len(batches)], stacked)
       value, g = jax.value_and_grad(loss)(c, batch)
-      # optax mixes Python floats with int32 step counts, which strict dtype
-      # promotion rejects: its step runs under standard promotion.
-      with jax.numpy_dtype_promotion('standard'):
-        upd, state = opt.update(g, state, c)
-        c = optax.apply_updates(c, upd)
+      c, state = optim.optax_step(opt, g, state, c)
       if clamp is not None:
         c = jax.tree.map(lambda v: jnp.clip(v, clamp[0], clamp[1]), c)
       return (c, state), value

@@ -31,6 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from mergejax._src import optim
+
 from mergejax.methods import _common as common
 from mergejax.methods import _twin as twin_lib
 from mergejax.transforms import _subspace as subspace
@@ -135,11 +137,7 @@ def _fit(router, x, y, steps, lr, wd):
     def step(carry, _):
       p, s = carry
       g = jax.grad(loss)(p)
-      # optax mixes Python floats with int32 step counts, which strict
-      # dtype promotion rejects: its step runs under standard promotion.
-      with jax.numpy_dtype_promotion('standard'):
-        u, s = opt.update(g, s, p)
-      return (optax.apply_updates(p, u), s), None
+      return optim.optax_step(opt, g, s, p), None
     (layers, _), _ = jax.lax.scan(step, (layers, opt.init(layers)), None,
                                   length=steps)
     return layers

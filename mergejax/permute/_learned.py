@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from mergejax._src import optim
 from mergejax._src import paths
 from mergejax.permute import _evaluate as evaluate_lib
 from mergejax.permute import _matching as matching_lib
@@ -275,11 +276,7 @@ def _fit(init_perms, reference, other, batches, key, learning_rate, tau,
     lam = jax.random.uniform(jax.random.fold_in(key, i), (), jnp.float32,
                              lam_range[0], lam_range[1])
     value, grads = jax.value_and_grad(objective)(logits, batch, lam)
-    # optax mixes Python floats with int32 step counts, which strict
-    # dtype promotion rejects: its step runs under standard promotion.
-    with jax.numpy_dtype_promotion('standard'):
-      updates, state = opt.update(grads, state, logits)
-    return (optax.apply_updates(logits, updates), state), value
+    return optim.optax_step(opt, grads, state, logits), value
 
   (logits, _), losses = jax.lax.scan(step, (logits, opt.init(logits)),
                                      jnp.arange(steps))
@@ -516,11 +513,8 @@ def ste_matching(spec: PermutationSpec, reference: Any, other: Any,
       # The midpoint; ste first so that it is computed in ste's float32.
       return loss_fn(evaluate_lib.lerp_params(ste, reference, 0.5), batch)
     value, grads = jax.value_and_grad(loss)(theta)
-    # optax mixes Python floats with int32 step counts, which strict
-    # dtype promotion rejects: its step runs under standard promotion.
-    with jax.numpy_dtype_promotion('standard'):
-      upd, state = opt.update(grads, state, theta)
-    return optax.apply_updates(theta, upd), state, value
+    theta, state = optim.optax_step(opt, grads, state, theta)
+    return theta, state, value
 
   permute_fn = jax.jit(lambda p, x: spec_lib.apply_permutation(spec, p, x))
   perms = None

@@ -78,6 +78,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from mergejax._src import optim
 from mergejax._src import paths
 from mergejax.permute import _evaluate as evaluate
 from mergejax.permute import models as models_lib
@@ -1076,11 +1077,7 @@ def _adam_fit(gs, hs, colmask, lams, scale, mask, w_init, w0, lr, steps):
   def step(carry, _):
     w, state = carry
     grad = jax.grad(loss)(w) * mask  # the structural zeros get no update
-    # optax mixes Python floats with int32 step counts, which strict
-    # dtype promotion rejects: its step runs under standard promotion.
-    with jax.numpy_dtype_promotion('standard'):
-      upd, state = opt.update(grad, state, w)
-    return (optax.apply_updates(w, upd), state), None
+    return optim.optax_step(opt, grad, state, w), None
 
   (w, _), _ = jax.lax.scan(step, (w_init, opt.init(w_init)), None, length=steps)
   return w
