@@ -297,14 +297,9 @@ def run_measured(cmd: Sequence[str], *, env: dict[str, str] | None = None,
 
 def print_table(rows: list[dict[str, Any]], cols: Sequence[str]) -> str:
   """Prints and returns a Markdown table of ``rows`` restricted to ``cols``."""
-  def fmt(v):
-    if isinstance(v, float):
-      return f'{v:.3g}' if abs(v) < 1000 else f'{v:.0f}'
-    return str(v)
-  lines = ['| ' + ' | '.join(cols) + ' |', '|' + '---|' * len(cols)]
-  for r in rows:
-    lines.append('| ' + ' | '.join(fmt(r.get(c, '')) for c in cols) + ' |')
-  text = '\n'.join(lines)
+  text = results_lib.markdown_table(
+      rows, cols, float_format=lambda v: f'{v:.3g}' if abs(v) < 1000
+      else f'{v:.0f}')
   print(text)
   sys.stdout.flush()
   return text

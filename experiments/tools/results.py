@@ -20,7 +20,7 @@ import os
 import platform
 import re
 import subprocess
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 __all__ = ('provenance', 'render', 'markdown_table', 'write_page',
            'readme_summary', 'fill_readme', 'index_page', 'main')
@@ -66,15 +66,17 @@ def provenance() -> dict[str, Any]:
 
 
 def markdown_table(rows: Sequence[Mapping[str, Any]],
-                   columns: Sequence[str] | None = None) -> str:
-  """A Markdown table of ``rows`` (floats to 4 significant digits)."""
+                   columns: Sequence[str] | None = None, *,
+                   float_format: Callable[[float], str] = '{:.4g}'.format
+                   ) -> str:
+  """A Markdown table of ``rows`` (floats by ``float_format``, 4 digits)."""
   if not rows:
     return '(no rows)'
   cols = list(columns or dict.fromkeys(k for r in rows for k in r))
 
   def fmt(v):
     if isinstance(v, float):
-      return f'{v:.4g}'
+      return float_format(v)
     if isinstance(v, (list, dict)):
       return json.dumps(v)
     return str(v)

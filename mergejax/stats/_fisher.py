@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Iterable
 
 import jax
@@ -69,7 +70,7 @@ def fisher_diagonal(logits_fn: Callable[[Any, jax.Array], jax.Array],
     if n == 0:
       break
     bkey = None if key is None else jax.random.fold_in(key, b)
-    total = _accumulate(logits_fn, kind, total, params, x, y, bkey)
+    total = _step(logits_fn, kind)(total, params, x, y, bkey)
     seen += n
     if num_examples is not None and seen >= num_examples:
       break
@@ -78,18 +79,9 @@ def fisher_diagonal(logits_fn: Callable[[Any, jax.Array], jax.Array],
   return jax.tree.map(lambda t: t / seen, total)
 
 
-def _accumulate(logits_fn, kind, total, params, x, y, key):
-  return _step(logits_fn, kind)(total, params, x, y, key)
-
-
-_STEPS = {}
-
-
+@functools.lru_cache(maxsize=None)
 def _step(logits_fn, kind):
   # One jitted step per (logits_fn, kind): the batch loop reuses it.
-  cache_key = (logits_fn, kind)
-  if cache_key in _STEPS:
-    return _STEPS[cache_key]
 
   def logp(p, xi):
     return _log_probs(logits_fn, p, xi[None])[0]  # [C]
@@ -119,5 +111,4 @@ def _step(logits_fn, kind):
       sq = jax.tree.map(lambda s: jnp.sum(s, axis=0), sq)
     return jax.tree.map(lambda t, s: t + s.astype(jnp.float32), total, sq)
 
-  _STEPS[cache_key] = step
   return step

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Iterable, Mapping
 
 import jax
@@ -55,22 +56,18 @@ def input_grams(inputs_fn: Callable[[Any, Any], Mapping[str, jax.Array]],
   return {p: g / rows[p] for p, g in sums.items()}
 
 
-_STEPS = {}
-
-
+@functools.lru_cache(maxsize=None)
 def _gram_step(inputs_fn):
   # One jitted step per inputs_fn (per batch shape): the batch loop reuses it.
-  if inputs_fn not in _STEPS:
-    @jax.jit
-    def step(params, x):
-      grams, counts = {}, {}
-      for p, v in inputs_fn(params, x).items():
-        v = jnp.asarray(v, jnp.float32).reshape(-1, v.shape[-1])
-        grams[p] = v.T @ v
-        counts[p] = jnp.asarray(v.shape[0], jnp.int32)
-      return grams, counts
-    _STEPS[inputs_fn] = step
-  return _STEPS[inputs_fn]
+  @jax.jit
+  def step(params, x):
+    grams, counts = {}, {}
+    for p, v in inputs_fn(params, x).items():
+      v = jnp.asarray(v, jnp.float32).reshape(-1, v.shape[-1])
+      grams[p] = v.T @ v
+      counts[p] = jnp.asarray(v.shape[0], jnp.int32)
+    return grams, counts
+  return step
 
 
 def linen_dense_inputs(module: Any, *, method: str | None = None,
