@@ -2,6 +2,7 @@
 
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,6 +10,8 @@ import pytest
 
 from mergejax import permute
 from mergejax.permute import _pleas as pleas_lib
+from mergejax.permute import _pleas_lstsq as lstsq
+from mergejax.permute import _pleas_networks as networks
 from mergejax.permute import models as M
 
 KEY = jax.random.key(0)
@@ -43,10 +46,10 @@ def test_choose_ratios_respects_budget_and_prefers_dissimilar_units():
 def test_merge_costs_match_numpy_reference():
   a, b = _models()
   x = np.asarray(jax.random.normal(KEY, (40, 5)), np.float64)
-  chain = pleas_lib._infer_chain(a, 2, None, False)
-  features = lambda v, x: pleas_lib._run(v[0], v[1], x, chain)[2]
-  costs = pleas_lib._merge_costs(features, (a, None), (b, None),
-                                 [jnp.asarray(x[:25]), jnp.asarray(x[25:])], chain)
+  net = permute.mlp_network(2)
+  features = lambda v, x: networks.capture(net)(v, x)[2]
+  costs = pleas_lib._merge_costs(features, {'params': a}, {'params': b},
+                                 [jnp.asarray(x[:25]), jnp.asarray(x[25:])], net)
 
   def hidden(p):
     hs, h = [], x
@@ -241,8 +244,8 @@ def test_patches_are_channel_major_like_a_direct_conv():
   k = jax.random.normal(KEY, (3, 3, 2, 5))
   y = jax.lax.conv_general_dilated(XC, k, (1, 1), 'SAME',
                                    dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-  flat = pleas_lib._rows_first(k).reshape(2 * 9, 5)  # [C_in, kh, kw, C_out]
-  np.testing.assert_allclose(pleas_lib._patches(XC, 3, 3) @ flat, y.reshape(-1, 5),
+  flat = lstsq.rows_first(k).reshape(2 * 9, 5)  # [C_in, kh, kw, C_out]
+  np.testing.assert_allclose(lstsq.patches(XC, 3, 3) @ flat, y.reshape(-1, 5),
                              atol=1e-5)
 
 
@@ -251,25 +254,50 @@ def test_conv_least_squares_recovers_a_known_conv():
   # fitting a conv to its own outputs returns its kernel and bias.
   k = jax.random.normal(KEY, (3, 3, 2, 5))
   b = jnp.arange(5.0)
-  y = pleas_lib._conv(XC, k) + b[None, None, None]
-  xp = np.asarray(pleas_lib._patches(XC, 3, 3), np.float64)
+  y = jax.lax.conv_general_dilated(XC, k, (1, 1), 'SAME', dimension_numbers=(
+      'NHWC', 'HWIO', 'NHWC')) + b[None, None, None]
+  xp = np.asarray(lstsq.patches(XC, 3, 3), np.float64)
   xp = np.concatenate([xp, np.ones((xp.shape[0], 1))], 1)
   yp = np.asarray(y, np.float64).reshape(-1, 5)
-  in_blocks = pleas_lib._index_blocks([], -1, d_in=2, taps=9)
+  in_blocks = lstsq.index_blocks([], -1, d_in=2, taps=9)
   assert sorted(np.concatenate(list(in_blocks.values()))) == list(range(18))
-  w = pleas_lib._solve_blocks({None: (xp.T @ xp, xp.T @ yp)},
+  w = lstsq.solve_blocks({None: (xp.T @ xp, xp.T @ yp)},
                               [(np.arange(5), ('m', 'a', 'b'))], in_blocks, 1e-12)
   np.testing.assert_allclose(w[:-1].reshape(2, 3, 3, 5).transpose(1, 2, 0, 3), k,
                              atol=1e-4)
   np.testing.assert_allclose(w[-1], b, atol=1e-4)
 
 
-def test_cnn_group_norm_forward_matches_flax():
-  # PLeaS' own forward pass (targets, merged features) against models.CNN.
+def test_capture_runs_the_model_function():
+  # Layer inputs and outputs come from the Flax model itself (interceptor):
+  # the head's output is the model's output, the first Dense reads the pooled
+  # conv features, and a tensor read by two layers counts once as a feature.
   (a, _), (ya, _) = _cnn_pair('group')
-  chain = pleas_lib._infer_chain(a, None, 'group', False)
-  ins, zs, _ = pleas_lib._run(a, None, XC, chain)
-  np.testing.assert_allclose(zs[-1], ya, atol=1e-5)
+  net = permute.cnn_network(2, 2, norm='group')
+  ins, outs, feats = networks.capture(net)({'params': a}, XC)
+  np.testing.assert_allclose(outs[-1], ya, atol=1e-6)
+  assert ins[2].shape == (XC.shape[0], CNN_KW['features'][-1])
+  assert [len(feats[g]) for g in net.groups] == [1, 1, 1]
+  (ra, _), _ = _resnet_pair('none')
+  rnet = permute.resnet_network((1, 1))
+  _, _, rfeats = networks.capture(rnet)({'params': ra}, XR)
+  # Stage-1 block 0's conv1 and shortcut read one tensor: the stage-0 stream
+  # has the stem output and block 0's output, nothing twice.
+  assert len(rfeats['P_stage0']) == 2 and len(rfeats['P_stage1']) == 1
+
+
+@pytest.mark.parametrize('arch', ['mlp', 'cnn', 'resnet'])
+def test_network_spec_is_the_hand_written_spec(arch):
+  # The spec derived from the layer graph equals the hand-written builder's.
+  net, spec, params = {
+      'mlp': lambda: (permute.mlp_network(2), permute.mlp_spec(2), _models()[0]),
+      'cnn': lambda: (permute.cnn_network(2, 2, norm='group'),
+                      permute.cnn_spec(2, 2, norm='group'), _cnn_pair('group')[0][0]),
+      'resnet': lambda: (permute.resnet_network((1, 1)),
+                         permute.resnet_spec((1, 1), norm='none'),
+                         _resnet_pair('none')[0][0]),
+  }[arch]()
+  assert networks.network_spec(net, params).axes == spec.axes
 
 
 @pytest.mark.parametrize('norm', ['none', 'batch',
@@ -366,7 +394,9 @@ def test_cnn_pleas_beats_permute_average_and_keeps_structural_zeros():
 
 def test_cnn_sizes_count_conv_weights_and_flops():
   (a, b), _ = _cnn_pair('group')
-  dims = pleas_lib._layer_dims(a, pleas_lib._infer_chain(a, None, 'group', False), XC)
+  net = permute.cnn_network(2, 2, norm='group')
+  infos, _ = networks.describe(net, {'params': a}, XC)
+  dims = pleas_lib._layer_dims(net, a, infos)
   assert dims[0] == permute.LayerDims(2, 4, 9, 36, 3)
   one = sum(x.size for x in jax.tree.leaves(a))
   for measure in ('params', 'flops'):
@@ -423,13 +453,13 @@ def test_gradient_fit_approaches_the_closed_form_objective():
   x = np.concatenate([rng.normal(size=(300, 7)), np.ones((300, 1))], 1)
   y = rng.normal(size=(300, 6)) + x[:, :6]
   stats = {None: (x.T @ x, x.T @ y)}
-  blocks = pleas_lib._out_blocks(groups, 1, False, 0, 0)
-  in_blocks = pleas_lib._index_blocks(groups, 0)
-  obj = lambda w: pleas_lib._objective(w, stats, blocks, in_blocks, 1e-3)
-  closed = pleas_lib._solve_blocks(stats, blocks, in_blocks, 1e-3)
+  blocks = lstsq.out_blocks(groups, 1, False, 0, 0)
+  in_blocks = lstsq.index_blocks(groups, 0)
+  obj = lambda w: lstsq.objective(w, stats, blocks, in_blocks, 1e-3)
+  closed = lstsq.solve_blocks(stats, blocks, in_blocks, 1e-3)
   start = np.zeros_like(closed)
-  ref = pleas_lib._fit_gradient(stats, blocks, in_blocks, 1e-3, None, start, 400, 5e-4)
-  long = pleas_lib._fit_gradient(stats, blocks, in_blocks, 1e-3, None, start, 2000, 1e-2)
+  ref = lstsq.fit_gradient(stats, blocks, in_blocks, 1e-3, None, start, 400, 5e-4)
+  long = lstsq.fit_gradient(stats, blocks, in_blocks, 1e-3, None, start, 2000, 1e-2)
   assert obj(closed) < obj(ref) < obj(start)
   np.testing.assert_allclose(obj(long), obj(closed), rtol=1e-6)
   np.testing.assert_allclose(long, closed, atol=1e-4)
@@ -551,3 +581,100 @@ def test_singular_least_squares_asks_for_a_ridge():
   x = jnp.zeros((8, 5))  # every feature constant: rank-deficient Grams
   with pytest.raises(ValueError, match='singular.*pass a ridge > 0'):
     permute.pleas(a, b, [x], size=1.5, ridge=0.0)
+
+
+# --------------------------------------------------------------------------- #
+# A user's own model: PLeaS through its PleasNetwork and model function.
+# --------------------------------------------------------------------------- #
+class _ResMLP(nn.Module):
+  """Not a bundled model: other names, tanh, a residual add inside one group."""
+  width: int
+  hidden: int
+  num_outputs: int
+  norm: bool = False
+
+  @nn.compact
+  def __call__(self, x):
+    z = nn.Dense(self.width, name='inp')(x)
+    if self.norm:
+      z = nn.LayerNorm(name='ln')(z)
+    h = nn.tanh(z)
+    u = nn.tanh(nn.Dense(self.hidden, name='up')(h))
+    h = h + nn.Dense(self.width, name='down')(u)  # a residual stream
+    return nn.Dense(self.num_outputs, name='out')(h)
+
+
+def _res_apply(v, x, norm=False):
+  # The widths come from the variables: the same function runs the merged model.
+  p = v['params']
+  return _ResMLP(p['inp']['kernel'].shape[-1], p['up']['kernel'].shape[-1],
+                 p['out']['kernel'].shape[-1], norm).apply(v, x)
+
+
+RES_NET = permute.PleasNetwork(
+    _res_apply, (permute.PleasLayer(('inp',), None, 'h'),
+                 permute.PleasLayer(('up',), 'h', 'u'),
+                 permute.PleasLayer(('down',), 'u', 'h'),
+                 permute.PleasLayer(('out',), 'h', None)), ('h', 'u'))
+XM = jax.random.normal(jax.random.key(5), (200, 5))
+
+
+def _res_pair():
+  m = _ResMLP(8, 16, 3)
+  a, b = (m.init(jax.random.key(k), XM)['params'] for k in (6, 7))
+  return a, b, jnp.concatenate([m.apply({'params': a}, XM),
+                                m.apply({'params': b}, XM)], 1)
+
+
+def test_custom_network_full_size_is_the_exact_ensemble():
+  a, b, target = _res_pair()
+  res = permute.pleas(a, b, [XM[:100], XM[100:]], size=2.0, ridge=1e-9,
+                      network=RES_NET)
+  assert res.widths == (16, 32) and res.arch == 'custom' and res.size == 2.0
+  np.testing.assert_allclose(res.apply(XM), target, atol=1e-4)
+  with pytest.raises(ValueError, match='bundled models only'):
+    res.module(6)
+
+
+def test_custom_network_least_squares_beats_averaging():
+  a, b, target = _res_pair()
+  err = {}
+  for name, kw in (('pleas', {}), ('avg', dict(least_squares=False))):
+    r = permute.pleas(a, b, [XM], size=1.4, network=RES_NET, **kw)
+    assert 1.0 < r.size <= 1.4 + 1e-9
+    err[name] = float(jnp.mean((r.apply(XM) - target) ** 2))
+  assert err['pleas'] < 0.5 * err['avg'], err
+
+
+def test_custom_network_errors_are_clear():
+  a, b, _ = _res_pair()
+  layers = RES_NET.layers
+  bad = lambda **kw: RES_NET._replace(**kw)
+  with pytest.raises(ValueError, match='order the forward pass calls'):
+    permute.pleas(a, b, [XM], size=1.5,
+                  network=bad(layers=(layers[1], layers[0]) + layers[2:]))
+  with pytest.raises(ValueError, match="no module 'upp'"):
+    permute.pleas(a, b, [XM], size=1.5, network=bad(
+        layers=(layers[0], permute.PleasLayer(('upp',), 'h', 'u')) + layers[2:]))
+  with pytest.raises(ValueError, match='never read'):
+    permute.pleas(a, b, [XM], size=1.5, network=bad(layers=layers[:2] + layers[3:]))
+  extra = {'scale': {'w': jnp.ones(3)}}
+  with pytest.raises(ValueError, match="'scale/w' belongs to no layer"):
+    permute.pleas({**a, **extra}, {**b, **extra}, [XM], size=1.5, network=RES_NET)
+  with pytest.raises(ValueError, match='task head'):
+    permute.pleas(a, b, [XM], size=1.5, network=bad(layers=layers[:3]))
+  with pytest.raises(ValueError, match='not in network.groups'):
+    permute.pleas(a, b, [XM], size=1.5, network=bad(groups=('h', 'v')))
+  with pytest.raises(ValueError, match='reads and writes group'):
+    permute.pleas(a, b, [XM], size=1.5, network=bad(
+        layers=(layers[0], permute.PleasLayer(('up',), 'h', 'h')) + layers[2:]))
+  with pytest.raises(ValueError, match='num_hidden and norm'):
+    permute.pleas(a, b, [XM], size=1.5, network=RES_NET, num_hidden=1)
+  # A LayerNorm after a layer mixes the blocks: read from the module itself.
+  m = _ResMLP(8, 16, 3, norm=True)
+  la, lb = (m.init(jax.random.key(k), XM)['params'] for k in (6, 7))
+  ln_net = RES_NET._replace(
+      apply=functools.partial(_res_apply, norm=True),
+      layers=(permute.PleasLayer(('inp',), None, 'h', ('ln',)),) + layers[1:])
+  with pytest.raises(ValueError, match="'ln' is a LayerNorm"):
+    permute.pleas(la, lb, [XM], size=1.5, network=ln_net)

@@ -40,11 +40,16 @@ from mergejax.permute._evaluate import interpolation_barrier
 from mergejax.permute._evaluate import lerp_params
 from mergejax.permute._evaluate import repair
 from mergejax.permute._evaluate import reset_batch_stats
-from mergejax.permute._pleas import choose_ratios
-from mergejax.permute._pleas import LayerDims
-from mergejax.permute._pleas import merged_size
 from mergejax.permute._pleas import pleas
 from mergejax.permute._pleas import PleasResult
+from mergejax.permute._pleas_networks import cnn_network
+from mergejax.permute._pleas_networks import mlp_network
+from mergejax.permute._pleas_networks import PleasLayer
+from mergejax.permute._pleas_networks import PleasNetwork
+from mergejax.permute._pleas_networks import resnet_network
+from mergejax.permute._pleas_ratios import choose_ratios
+from mergejax.permute._pleas_ratios import LayerDims
+from mergejax.permute._pleas_ratios import merged_size
 from mergejax.permute._matching import merge_many
 from mergejax.permute._learned import permutation_matrices
 from mergejax.permute._learned import sinkhorn_matching
@@ -54,13 +59,16 @@ from mergejax.permute._learned import ste_matching
 
 __all__ = (
     'activation_matching', 'activation_statistics', 'apply_permutation',
-    'Barrier', 'check_permutations', 'check_spec', 'choose_ratios', 'cnn_spec',
+    'Barrier', 'check_permutations', 'check_spec', 'choose_ratios',
+    'cnn_network', 'cnn_spec',
     'compose', 'describe_difference', 'identity_permutations', 'infer_spec',
     'interpolation_barrier', 'inverse', 'LayerDims', 'lerp_params',
-    'MatchingResult', 'merge_many', 'merged_size', 'mlp_spec', 'models',
+    'MatchingResult', 'merge_many', 'merged_size', 'mlp_network', 'mlp_spec',
+    'models',
     'objective', 'permutation_matrices', 'PermutationSpec', 'permute_align',
-    'PermuteAlignState', 'pleas', 'PleasResult', 'random_permutations',
-    'repair', 'reset_batch_stats', 'resnet_spec', 'same_groups', 'sinkhorn',
+    'PermuteAlignState', 'pleas', 'PleasLayer', 'PleasNetwork', 'PleasResult',
+    'random_permutations', 'repair', 'reset_batch_stats', 'resnet_network',
+    'resnet_spec', 'same_groups', 'sinkhorn',
     'sinkhorn_matching', 'SinkhornMatchingResult', 'soft_apply_permutation',
     'solve_assignment', 'ste_matching', 'transformer_spec', 'weight_matching',
 )
