@@ -75,7 +75,6 @@ References:
 
 from __future__ import annotations
 
-import re
 from typing import Any, Iterable, NamedTuple, Sequence
 
 import jax
@@ -149,97 +148,6 @@ class PleasResult(NamedTuple):
 
 # With a grid of ridges, every _HOLDOUT-th example is held out to choose one.
 _HOLDOUT = 5
-
-
-# --------------------------------------------------------------------------- #
-# The bundled models: their network from the parameter names.
-# --------------------------------------------------------------------------- #
-def _indexed(params, prefix):
-  idx = sorted(int(m.group(1)) for k in params
-               if (m := re.fullmatch(prefix + r'_(\d+)', str(k))))
-  if idx != list(range(len(idx))):
-    raise ValueError(f'pleas: {prefix}_i modules must be numbered 0, 1, …; got '
-                     f'{[f"{prefix}_{i}" for i in idx]}.')
-  return len(idx)
-
-
-def _bundled_network(params, num_hidden, norm, has_stats):
-  """``(network, arch, stage_sizes)`` of `models.MLP`, `models.CNN` or `models.ResNet` params."""
-  if not isinstance(params, dict):
-    raise ValueError(f'pleas: expected a params dict, got {type(params).__name__}.')
-  if 'conv_init' in params:
-    return _resnet(params, num_hidden, norm, has_stats)
-  num_convs, num_dense = _indexed(params, 'Conv'), _indexed(params, 'Dense')
-  if num_dense == 0:
-    raise ValueError('pleas: the params have no Dense_j modules (the head); '
-                     f'top-level keys: {sorted(params)[:8]}.')
-  if num_convs == 0:
-    if norm not in (None, 'none'):
-      raise ValueError(f'pleas: norm={norm!r} applies to CNNs only (no Conv_i).')
-    if num_hidden is not None and num_hidden != num_dense - 1:
-      raise ValueError(f'pleas: num_hidden={num_hidden} but the params have '
-                       f'{num_dense} Dense layers ({num_dense - 1} hidden).')
-    return networks.mlp_network(num_dense - 1), 'mlp', ()
-  if num_hidden is not None and num_hidden != num_convs + num_dense - 1:
-    raise ValueError(f'pleas: num_hidden={num_hidden} but the CNN has {num_convs} '
-                     f'convs and {num_dense} Dense layers ({num_convs + num_dense - 1} '
-                     'hidden groups); leave num_hidden out for CNNs.')
-  norm = _norm_kind(norm, has_stats, 'Norm_0' in params, 'CNN (Norm_i)')
-  return networks.cnn_network(num_convs, num_dense, norm=norm), 'cnn', ()
-
-
-def _norm_kind(norm, has_stats, has_norm, what):
-  """The bundled models' norm kind (inferred when None), with clear errors."""
-  if norm is None:
-    if has_stats:
-      norm = 'batch'
-    elif has_norm:
-      raise ValueError(
-          f'pleas: the {what} has norm params but no batch_stats, so it is LayerNorm '
-          "or GroupNorm. LayerNorm (models' default) normalises over all "
-          'channels, mixing the merged and separate blocks, and is not supported; '
-          "for GroupNorm with one channel per group pass norm='group'; for "
-          "BatchNorm pass {'params': …, 'batch_stats': …}.")
-    else:
-      norm = 'none'
-  if norm == 'layer':
-    raise ValueError(
-        "pleas: norm='layer' is not supported: LayerNorm normalises over all "
-        'channels, mixing the [merged | sep_A | sep_B] blocks (the sep_A <-> sep_B '
-        "blocks would no longer be independent). Use norm='batch', 'group' "
-        "(one channel per group) or 'none'.")
-  if norm not in ('none', 'batch', 'group'):
-    raise ValueError(f"pleas: norm must be 'none', 'batch' or 'group', got {norm!r}.")
-  if norm == 'batch' and not has_stats:
-    raise ValueError("pleas: norm='batch' needs the running statistics: pass "
-                     "{'params': …, 'batch_stats': …} for both models.")
-  if has_norm != (norm != 'none'):
-    raise ValueError(f'pleas: norm={norm!r} but the params '
-                     f"{'have' if has_norm else 'have no'} norm modules.")
-  return norm
-
-
-def _resnet(params, num_hidden, norm, has_stats):
-  """`models.ResNet`: stem, stages of basic blocks adding into a stream, head."""
-  if num_hidden is not None:
-    raise ValueError('pleas: leave num_hidden out for ResNets.')
-  if 'head' not in params:
-    raise ValueError('pleas: a ResNet (conv_init) needs a Dense `head`; top-level '
-                     f'keys: {sorted(params)[:8]}.')
-  norm = _norm_kind(norm, has_stats, 'norm_init' in params, 'ResNet')
-  stage_sizes = []
-  while f'stage{len(stage_sizes)}_block0' in params:
-    s, n = len(stage_sizes), 0
-    while f'stage{s}_block{n}' in params:
-      n += 1
-    stage_sizes.append(n)
-  if not stage_sizes:
-    raise ValueError('pleas: a ResNet needs stage{s}_block{b} modules.')
-  for s in range(1, len(stage_sizes)):
-    if 'shortcut_conv' not in params[f'stage{s}_block0']:
-      raise ValueError(f'pleas: stage{s}_block0 changes the stream without a '
-                       'shortcut_conv.')
-  return networks.resnet_network(stage_sizes, norm=norm), 'resnet', tuple(stage_sizes)
 
 
 def _check_pair(pa, pb, sa, sb, head):
@@ -423,6 +331,89 @@ def pleas(params_a: Any, params_b: Any, batches: Iterable[Any] | Any, *,
     >>> r.features, r.apply(x).shape
     ((8,), (8, 4))
   """
+  batches, sources, grid = _check_options(
+      batches, inputs=inputs, bn_stats=bn_stats, fit=fit, measure=measure,
+      criterion=criterion, ratios=ratios, size=size, batch_tasks=batch_tasks,
+      ridge_to=ridge_to, ridge=ridge, fit_steps=fit_steps)
+  pa, sa = networks.split_variables(params_a)
+  pb, sb = networks.split_variables(params_b)
+  if network is None:
+    network, arch, stage_sizes = networks.infer_network(
+        pa, num_hidden, norm, sa is not None)
+    if arch != 'mlp' and np.ndim(batches[0]) != 4:
+      raise ValueError(f'pleas: a CNN needs [N, H, W, C] batches, got shape '
+                       f'{tuple(np.shape(batches[0]))}.')
+  else:
+    if num_hidden is not None or norm is not None:
+      raise ValueError('pleas: num_hidden and norm describe the bundled models; '
+                       'a PleasNetwork gives its layers, and its norms are read '
+                       'from its modules.')
+    arch, stage_sizes = 'custom', ()
+  networks.check_network(network, pa)
+  _check_pair(pa, pb, sa, sb, network.layers[-1].path)
+  va, vb = networks.variables(pa, sa), networks.variables(pb, sb)
+  infos, norm_kind = networks.describe(network, va, batches[0])
+  if norm_kind == 'batch' and sa is None:
+    raise ValueError('pleas: the network has BatchNorm: pass '
+                     "{'params': …, 'batch_stats': …} for both models.")
+  if ratios is not None and (len(ratios) != network.num_ratios or
+                             not all(0.0 <= r <= 1.0 for r in ratios)):
+    n = network.num_ratios
+    what = (f'{n} stages' if arch == 'resnet' else
+            f'{n} free ratios (network.ratio_of)' if network.ratio_of
+            else f'{n} hidden groups {network.groups}')
+    raise ValueError(f'pleas: ratios must give a value in [0, 1] for each of the '
+                     f'{what}, got {ratios!r}.')
+
+  # 1. Matching: B's units permuted onto A's; a score per unit pair.
+  run = networks.capture(network)
+  vb, sims = _match(network, run, va, vb, batches, align, criterion)
+  # 2. Partial permutation: which units stay separate, and the widths.
+  plan = _partition(network, sims, _layer_dims(network, pa, infos), ratios, size,
+                    measure)
+  # 3. Least squares, layer by layer in the forward order: layer l reads
+  #    only what layers < l wrote, so the merged model built so far gives
+  #    its inputs.
+  ctx = _Context(network, jax.jit(run), va, vb, batches, sources, plan)
+  heads = [int(np.shape(_get(v['params'], network.layers[-1].path)['kernel'])[-1])
+           for v in (va, vb)]
+  out, stats_out = _template(network, pa, sa, plan.widths, sum(heads))
+  chosen = []
+  for l, info in enumerate(infos):
+    layer = network.layers[l]
+    if least_squares:
+      w, lam = _fit_layer(ctx, l, info, networks.variables(out, stats_out),
+                          inputs=inputs, grid=grid, ridge_to=ridge_to, fit=fit,
+                          fit_steps=fit_steps, fit_lr=fit_lr)
+      chosen.append(lam)
+    else:
+      w = _averaged(ctx, l)[1]
+    _set(out, layer.path, _unflatten(ctx, l, info, w))
+    if layer.norm is not None:
+      _set(out, layer.norm, _assemble_leaves(ctx, l, 'params'))
+      if norm_kind == 'batch':
+        st = _batch_stats(ctx.run, out, stats_out, batches, l)
+        if bn_stats == 'keep_separate':  # [recomputed m | A's s | B's s]
+          m = len(ctx.part(layer.writes)[0])
+          own = _assemble_leaves(ctx, l, 'batch_stats')
+          st = {k: jnp.concatenate([v[:m], own[k][m:]]) for k, v in st.items()}
+        _set(stats_out, layer.norm, st)
+  extra = {}
+  if arch == 'resnet':
+    extra = dict(features=plan.widths[:network.num_ratios], stage_sizes=stage_sizes)
+  elif arch == 'cnn':
+    num_convs = sum(i.kind == 'conv' for i in infos)
+    extra = dict(features=plan.widths[:num_convs], dense=plan.widths[num_convs:])
+  elif arch == 'mlp':
+    extra = dict(dense=plan.widths)
+  return PleasResult(out, plan.widths, plan.ratios, plan.size,
+                     tuple(chosen) or None, batch_stats=stats_out, norm=norm_kind,
+                     network=network, arch=arch, **extra)
+
+
+def _check_options(batches, *, inputs, bn_stats, fit, measure, criterion, ratios,
+                   size, batch_tasks, ridge_to, ridge, fit_steps):
+  """Clear errors for bad options; returns ``(batches, sources, ridge grid)``."""
   if inputs not in ('merged', 'original'):
     raise ValueError(f"inputs must be 'merged' or 'original', got {inputs!r}.")
   if bn_stats not in ('recompute', 'keep_separate'):
@@ -451,61 +442,47 @@ def pleas(params_a: Any, params_b: Any, batches: Iterable[Any] | Any, *,
   if grid.size == 0 or not np.all(np.isfinite(grid)) or np.any(grid < 0):
     raise ValueError(f'ridge must be a finite value >= 0 or a non-empty list of '
                      f'them, got {ridge!r}.')
-  grid = tuple(float(r) for r in grid)
   if fit == 'gradient' and int(fit_steps) < 1:
     raise ValueError(f"fit='gradient' needs fit_steps >= 1, got {fit_steps}.")
-  pa, sa = networks.split_variables(params_a)
-  pb, sb = networks.split_variables(params_b)
-  if network is None:
-    network, arch, stage_sizes = _bundled_network(pa, num_hidden, norm,
-                                                  sa is not None)
-    if arch != 'mlp' and np.ndim(batches[0]) != 4:
-      raise ValueError(f'pleas: a CNN needs [N, H, W, C] batches, got shape '
-                       f'{tuple(np.shape(batches[0]))}.')
-  else:
-    if num_hidden is not None or norm is not None:
-      raise ValueError('pleas: num_hidden and norm describe the bundled models; '
-                       'a PleasNetwork gives its layers, and its norms are read '
-                       'from its modules.')
-    arch, stage_sizes = 'custom', ()
-  networks.check_network(network, pa)
-  head = network.layers[-1]
-  _check_pair(pa, pb, sa, sb, head.path)
-  va, vb = networks.variables(pa, sa), networks.variables(pb, sb)
-  infos, norm_kind = networks.describe(network, va, batches[0])
-  if norm_kind == 'batch' and sa is None:
-    raise ValueError('pleas: the network has BatchNorm: pass '
-                     "{'params': …, 'batch_stats': …} for both models.")
-  num_ratios = network.num_ratios
-  ratio_of = network.ratio_of or tuple(range(len(network.groups)))
-  if ratios is not None and (len(ratios) != num_ratios or
-                             not all(0.0 <= r <= 1.0 for r in ratios)):
-    what = (f'{num_ratios} stages' if arch == 'resnet' else
-            f'{num_ratios} free ratios (network.ratio_of)' if network.ratio_of
-            else f'{num_ratios} hidden groups {network.groups}')
-    raise ValueError(f'pleas: ratios must give a value in [0, 1] for each of the '
-                     f'{what}, got {ratios!r}.')
+  return batches, sources, tuple(float(r) for r in grid)
 
-  run = networks.capture(network)
-  run_jit = jax.jit(run)
+
+def _match(network, run, va, vb, batches, align, criterion):
+  """B's variables permuted onto A's, and per group a score per matched unit.
+
+  Scores are higher for units better merged: the matched correlation
+  (``'correlation'``), or ``1 - cost / max cost`` of the first-order merge
+  cost (``'sensitivity'``, one scale across groups).
+  """
   features = lambda v, x: run(v, x)[2]
-  perms, costs = evaluate.activation_matching(features, va, vb, batches,
-                                              return_costs=True)
+  perms, corr = evaluate.activation_matching(features, va, vb, batches,
+                                             return_costs=True)
   if not align:
     perms = {g: jnp.arange(p.shape[0], dtype=jnp.int32) for g, p in perms.items()}
-  spec = networks.network_spec(network, pa, batch_stats=sb is not None)
-  vb = apply_permutation(spec, perms, vb) if sb is not None else networks.variables(
-      apply_permutation(spec, perms, pb))
-  pb, sb = vb['params'], vb.get('batch_stats')
-  groups_k = {g: k for k, g in enumerate(network.groups)}
+  has_stats = 'batch_stats' in vb
+  spec = networks.network_spec(network, vb['params'], batch_stats=has_stats)
+  vb = (apply_permutation(spec, perms, vb) if has_stats else
+        networks.variables(apply_permutation(spec, perms, vb['params'])))
   if criterion == 'correlation':
-    sims = [np.asarray(costs[g])[np.arange(len(perms[g])), np.asarray(perms[g])]
-            for g in network.groups]
-  else:  # scores in [0, 1] on one scale across groups: 1 - cost / max cost
-    cost = _merge_costs(features, va, vb, batches, network)
-    top = max(float(np.max(c)) for c in cost) or 1.0
-    sims = [1.0 - c / top for c in cost]
-  dims = _layer_dims(network, pa, infos)
+    return vb, [np.asarray(corr[g])[np.arange(len(perms[g])), np.asarray(perms[g])]
+                for g in network.groups]
+  cost = _merge_costs(features, va, vb, batches, network)
+  top = max(float(np.max(c)) for c in cost) or 1.0
+  return vb, [1.0 - c / top for c in cost]
+
+
+class _Plan(NamedTuple):
+  """Per group its ``(merged, separate)`` units; the widths, ratios and size."""
+  parts: tuple[tuple[np.ndarray, np.ndarray], ...]
+  widths: tuple[int, ...]
+  ratios: tuple[float, ...]
+  size: float
+
+
+def _partition(network, sims, dims, ratios, size, measure):
+  """Ratios (given, or greedy for ``size``) and the units each group keeps separate."""
+  groups_k = {g: k for k, g in enumerate(network.groups)}
+  ratio_of = network.ratio_of or tuple(range(len(network.groups)))
 
   def size_of(free):
     r = [free[t] for t in ratio_of]
@@ -516,128 +493,142 @@ def pleas(params_a: Any, params_b: Any, batches: Iterable[Any] | Any, *,
 
   if ratios is None:
     ratios = ratios_lib.greedy_ratios(
-        _tied_sims(sims, ratio_of, num_ratios, network.groups), size_of, size)
+        _tied_sims(sims, ratio_of, network.num_ratios, network.groups), size_of,
+        size)
   free = tuple(float(r) for r in ratios)
   group_ratios = tuple(free[t] for t in ratio_of)
-  merged_size = size_of(free)
-  # Units: merged = best matched (1 - r) fraction, separate = the rest.
-  parts = []
-  for k in range(len(sims)):
-    n = len(sims[k])
+  parts = []  # merged = the best-matched (1 - r) fraction, separate = the rest
+  for k, sim in enumerate(sims):
+    n = len(sim)
     n_sep = int(round(group_ratios[k] * n))
-    order = np.argsort(-sims[k], kind='stable')
+    order = np.argsort(-sim, kind='stable')
     parts.append((np.sort(order[:n - n_sep]), np.sort(order[n - n_sep:])))
   widths = tuple(len(m) + 2 * len(s) for m, s in parts)
-  part = lambda g: None if g is None else parts[groups_k[g]]
-  na = int(np.shape(_get(pa, head.path)['kernel'])[-1])
-  nb = int(np.shape(_get(pb, head.path)['kernel'])[-1])
-  out, stats_out = _template(network, pa, sa, widths, na + nb)
+  return _Plan(tuple(parts), widths, group_ratios, size_of(free))
 
-  chosen = []
-  for l, (layer, info) in enumerate(zip(network.layers, infos)):
-    # In order: layer l reads only what layers < l wrote.
-    is_head = layer.writes is None
-    da, db = _get(pa, layer.path), _get(pb, layer.path)
-    ka, kb = da['kernel'], db['kernel']
-    bias = 'bias' in da
-    conv = info.kind == 'conv'
-    kh, kw = info.kernel
-    gi = -1 if layer.reads is None else groups_k[layer.reads]
-    avg = lstsq.average_blocks(lstsq.rows_first(ka), lstsq.rows_first(kb),
-                               da.get('bias'), db.get('bias'), part(layer.reads),
-                               part(layer.writes))
-    flat = lambda k, b: np.concatenate(
-        [np.asarray(k, np.float64).reshape(-1, k.shape[-1])] +
-        ([np.asarray(b, np.float64)[None]] if bias else []), 0)
-    if not least_squares:
-      w = flat(*avg)
-    else:
-      fit_st, val = {}, {}  # per data source: (X^T X, X^T Y), fitting / held out
-      offset = 0
-      for x, src in zip(batches, sources):
-        ins_a, za, _ = run_jit(va, x)
-        ins_b, zb, _ = run_jit(vb, x)
-        if layer.reads is None:
-          xin = ins_a[l]
-        elif inputs == 'merged':  # what merged layer l will actually read
-          xin = run_jit(networks.variables(out, stats_out), x)[0][l]
-        else:  # PLeaS' reference: the original models' features
-          xin = lstsq.assemble(ins_a[l], ins_b[l], part(layer.reads))
-        if conv:
-          xin = lstsq.patches(xin, kh, kw, info.stride)
-        if bias:
-          xin = jnp.concatenate([xin, jnp.ones((xin.shape[0], 1), xin.dtype)], 1)
-        y = (jnp.concatenate([za[l], zb[l]], -1) if is_head
-             else lstsq.assemble(za[l], zb[l], part(layer.writes)))
-        y = y.reshape(-1, y.shape[-1])
-        xin, y = np.asarray(xin, np.float64), np.asarray(y, np.float64)
-        # Every `_HOLDOUT`-th example (counted across batches) is held out,
-        # with all its positions.
-        n_ex = np.shape(x)[0]
-        held = np.repeat((offset + np.arange(n_ex)) % _HOLDOUT == 0,
-                         xin.shape[0] // n_ex)
-        offset += n_ex
-        if len(grid) == 1:
-          held[:] = False
-        for acc, rows in ((fit_st, ~held), (val, held)):
-          st = (xin[rows].T @ xin[rows], xin[rows].T @ y[rows])
-          acc[src] = st if src not in acc else (acc[src][0] + st[0],
-                                                acc[src][1] + st[1])
-      w_avg = flat(*avg)
-      w0 = w_avg if ridge_to == 'average' else None
-      blocks = lstsq.out_blocks(parts, None if is_head else groups_k[layer.writes],
-                                is_head, ka.shape[-1], kb.shape[-1])
-      in_blocks = lstsq.index_blocks(parts, gi,
-                                     ka.shape[-2], kh * kw)
-      if fit == 'closed_form':
-        solve = lambda st, r: lstsq.solve_blocks(st, blocks, in_blocks, r, w0, bias)
-      else:
-        solve = lambda st, r: lstsq.fit_gradient(st, blocks, in_blocks, r, w0,
-                                                 w_avg, fit_steps, fit_lr, bias)
-      lam = grid[0]
-      if len(grid) > 1:  # choose the ridge on the held-out rows, refit on all
-        # The held-out squared error (up to constants): the objective unridged.
-        errs = [lstsq.objective(solve(fit_st, r), val, blocks, in_blocks, 0.0,
-                                bias=bias) for r in grid]
-        lam = grid[int(np.argmin(errs))]
-        for src, (g, h) in val.items():
-          f = fit_st.get(src)
-          fit_st[src] = (g, h) if f is None else (f[0] + g, f[1] + h)
-      chosen.append(lam)
-      w = solve(fit_st, lam)
-    n_w = int(np.prod(avg[0].shape[:-1]))
-    kernel = np.asarray(w[:n_w]).reshape(avg[0].shape)
-    if conv:  # [C_in, kh, kw, C_out] -> Flax HWIO
-      kernel = kernel.transpose(1, 2, 0, 3)
-    new = {'kernel': jnp.asarray(kernel, jnp.float32)}
+
+class _Context(NamedTuple):
+  """What every layer's solve reads: the models, the data, the partition."""
+  network: networks.PleasNetwork
+  run: Any                 # jitted capture: (variables, x) -> (ins, outs, feats)
+  va: Any
+  vb: Any                  # B permuted onto A
+  batches: list[Any]
+  sources: list[int | None]
+  plan: _Plan
+
+  def part(self, group):
+    """The group's ``(merged, separate)`` units; None for the input / the head."""
+    return None if group is None else self.plan.parts[self.network.groups.index(group)]
+
+  def index(self, group):
+    return -1 if group is None else self.network.groups.index(group)
+
+
+def _averaged(ctx, l):
+  """Layer l's permute-then-average blocks: ``(kernel, bias)`` and flattened."""
+  layer = ctx.network.layers[l]
+  da, db = (_get(v['params'], layer.path) for v in (ctx.va, ctx.vb))
+  k, b = lstsq.average_blocks(lstsq.rows_first(da['kernel']),
+                              lstsq.rows_first(db['kernel']), da.get('bias'),
+                              db.get('bias'), ctx.part(layer.reads),
+                              ctx.part(layer.writes))
+  flat = np.concatenate([np.asarray(k, np.float64).reshape(-1, k.shape[-1])] +
+                        ([np.asarray(b, np.float64)[None]] if b is not None else []),
+                        0)
+  return k.shape, flat
+
+
+def _unflatten(ctx, l, info, w):
+  """Layer l's params from the ``[inputs (+ bias), outputs]`` solution."""
+  shape = _averaged(ctx, l)[0]
+  n_w = int(np.prod(shape[:-1]))
+  kernel = np.asarray(w[:n_w]).reshape(shape)
+  if info.kind == 'conv':  # [C_in, kh, kw, C_out] -> Flax HWIO
+    kernel = kernel.transpose(1, 2, 0, 3)
+  new = {'kernel': jnp.asarray(kernel, jnp.float32)}
+  if 'bias' in _get(ctx.va['params'], ctx.network.layers[l].path):
+    new['bias'] = jnp.asarray(w[n_w], jnp.float32)
+  return new
+
+
+def _assemble_leaves(ctx, l, collection):
+  """Layer l's norm leaves (params or running statistics), assembled by blocks."""
+  layer = ctx.network.layers[l]
+  la, lb = (_get(v[collection], layer.norm) for v in (ctx.va, ctx.vb))
+  return {k: jnp.asarray(lstsq.assemble(
+      np.asarray(la[k], np.float64)[None], np.asarray(lb[k], np.float64)[None],
+      ctx.part(layer.writes))[0], jnp.float32) for k in la}
+
+
+def _layer_grams(ctx, l, info, merged, inputs, holdout):
+  """Layer l's Gram statistics ``(X^T X, X^T Y)`` per data source.
+
+  Returns ``(fitting, held_out)``; with ``holdout``, every `_HOLDOUT`-th
+  example (counted across batches, with all its positions) is held out.
+  """
+  layer = ctx.network.layers[l]
+  bias = 'bias' in _get(ctx.va['params'], layer.path)
+  fit_st, val = {}, {}
+  offset = 0
+  for x, src in zip(ctx.batches, ctx.sources):
+    ins_a, za, _ = ctx.run(ctx.va, x)
+    ins_b, zb, _ = ctx.run(ctx.vb, x)
+    if layer.reads is None:
+      xin = ins_a[l]
+    elif inputs == 'merged':  # what merged layer l will actually read
+      xin = ctx.run(merged, x)[0][l]
+    else:  # PLeaS' reference: the original models' features
+      xin = lstsq.assemble(ins_a[l], ins_b[l], ctx.part(layer.reads))
+    if info.kind == 'conv':
+      xin = lstsq.patches(xin, *info.kernel, info.stride)
     if bias:
-      new['bias'] = jnp.asarray(w[n_w], jnp.float32)
-    _set(out, layer.path, new)
-    if layer.norm is not None:
-      na_, nb_ = _get(pa, layer.norm), _get(pb, layer.norm)
-      _set(out, layer.norm, {k: jnp.asarray(lstsq.assemble(
-          np.asarray(na_[k], np.float64)[None], np.asarray(nb_[k], np.float64)[None],
-          part(layer.writes))[0], jnp.float32) for k in na_})
-      if norm_kind == 'batch':
-        st = _batch_stats(run_jit, out, stats_out, batches, l)
-        if bn_stats == 'keep_separate':  # [recomputed m | A's s | B's s]
-          m = len(part(layer.writes)[0])
-          st = {k: jnp.concatenate([v[:m], jnp.asarray(lstsq.assemble(
-              np.asarray(_get(sa, layer.norm)[k])[None],
-              np.asarray(_get(sb, layer.norm)[k])[None], part(layer.writes))[0, m:],
-              jnp.float32)]) for k, v in st.items()}
-        _set(stats_out, layer.norm, st)
-  extra = {}
-  if arch == 'resnet':
-    extra = dict(features=widths[:num_ratios], stage_sizes=stage_sizes)
-  elif arch == 'cnn':
-    num_convs = sum(i.kind == 'conv' for i in infos)
-    extra = dict(features=widths[:num_convs], dense=widths[num_convs:])
-  elif arch == 'mlp':
-    extra = dict(dense=widths)
-  return PleasResult(out, widths, group_ratios, merged_size, tuple(chosen) or None,
-                     batch_stats=stats_out, norm=norm_kind, network=network,
-                     arch=arch, **extra)
+      xin = jnp.concatenate([xin, jnp.ones((xin.shape[0], 1), xin.dtype)], 1)
+    y = (jnp.concatenate([za[l], zb[l]], -1) if layer.writes is None
+         else lstsq.assemble(za[l], zb[l], ctx.part(layer.writes)))
+    y = y.reshape(-1, y.shape[-1])
+    xin, y = np.asarray(xin, np.float64), np.asarray(y, np.float64)
+    n_ex = np.shape(x)[0]
+    held = np.repeat((offset + np.arange(n_ex)) % _HOLDOUT == 0,
+                     xin.shape[0] // n_ex) & holdout
+    offset += n_ex
+    for acc, rows in ((fit_st, ~held), (val, held)):
+      st = (xin[rows].T @ xin[rows], xin[rows].T @ y[rows])
+      acc[src] = st if src not in acc else (acc[src][0] + st[0],
+                                            acc[src][1] + st[1])
+  return fit_st, val
+
+
+def _fit_layer(ctx, l, info, merged, *, inputs, grid, ridge_to, fit, fit_steps,
+               fit_lr):
+  """Layer l's least-squares weights ``[inputs (+ bias), outputs]`` and its ridge."""
+  layer = ctx.network.layers[l]
+  ka = _get(ctx.va['params'], layer.path)['kernel']
+  kb = _get(ctx.vb['params'], layer.path)['kernel']
+  bias = 'bias' in _get(ctx.va['params'], layer.path)
+  fit_st, val = _layer_grams(ctx, l, info, merged, inputs, len(grid) > 1)
+  w_avg = _averaged(ctx, l)[1]
+  w0 = w_avg if ridge_to == 'average' else None
+  is_head = layer.writes is None
+  blocks = lstsq.out_blocks(ctx.plan.parts, ctx.index(layer.writes), is_head,
+                            ka.shape[-1], kb.shape[-1])
+  in_blocks = lstsq.index_blocks(ctx.plan.parts, ctx.index(layer.reads),
+                                 ka.shape[-2], info.kernel[0] * info.kernel[1])
+  if fit == 'closed_form':
+    solve = lambda st, r: lstsq.solve_blocks(st, blocks, in_blocks, r, w0, bias)
+  else:
+    solve = lambda st, r: lstsq.fit_gradient(st, blocks, in_blocks, r, w0, w_avg,
+                                             fit_steps, fit_lr, bias)
+  lam = grid[0]
+  if len(grid) > 1:  # choose the ridge on the held-out rows, refit on all
+    # The held-out squared error (up to constants): the objective unridged.
+    errs = [lstsq.objective(solve(fit_st, r), val, blocks, in_blocks, 0.0,
+                            bias=bias) for r in grid]
+    lam = grid[int(np.argmin(errs))]
+    for src, (g, h) in val.items():
+      f = fit_st.get(src)
+      fit_st[src] = (g, h) if f is None else (f[0] + g, f[1] + h)
+  return solve(fit_st, lam), lam
 
 
 def _merge_costs(features, va, vb, batches, network):

@@ -35,6 +35,7 @@ Example:
 from __future__ import annotations
 
 import functools
+import re
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
@@ -210,6 +211,101 @@ def resnet_network(stage_sizes: Sequence[int], *, norm: str = 'none') -> PleasNe
 
 
 # --------------------------------------------------------------------------- #
+# The bundled models' networks from their parameter names.
+# --------------------------------------------------------------------------- #
+def _indexed(params, prefix):
+  idx = sorted(int(m.group(1)) for k in params
+               if (m := re.fullmatch(prefix + r'_(\d+)', str(k))))
+  if idx != list(range(len(idx))):
+    raise ValueError(f'pleas: {prefix}_i modules must be numbered 0, 1, …; got '
+                     f'{[f"{prefix}_{i}" for i in idx]}.')
+  return len(idx)
+
+
+def infer_network(params, num_hidden=None, norm=None, has_stats=False):
+  """``(network, arch, stage_sizes)`` of `models.MLP`, `models.CNN` or `models.ResNet` params.
+
+  ``arch`` is ``'mlp' | 'cnn' | 'resnet'``; ``num_hidden`` (MLPs) and
+  ``norm`` are checked against the names, ``norm`` inferred when None.
+  """
+  if not isinstance(params, dict):
+    raise ValueError(f'pleas: expected a params dict, got {type(params).__name__}.')
+  if 'conv_init' in params:
+    return _resnet(params, num_hidden, norm, has_stats)
+  num_convs, num_dense = _indexed(params, 'Conv'), _indexed(params, 'Dense')
+  if num_dense == 0:
+    raise ValueError('pleas: the params have no Dense_j modules (the head); '
+                     f'top-level keys: {sorted(params)[:8]}.')
+  if num_convs == 0:
+    if norm not in (None, 'none'):
+      raise ValueError(f'pleas: norm={norm!r} applies to CNNs only (no Conv_i).')
+    if num_hidden is not None and num_hidden != num_dense - 1:
+      raise ValueError(f'pleas: num_hidden={num_hidden} but the params have '
+                       f'{num_dense} Dense layers ({num_dense - 1} hidden).')
+    return mlp_network(num_dense - 1), 'mlp', ()
+  if num_hidden is not None and num_hidden != num_convs + num_dense - 1:
+    raise ValueError(f'pleas: num_hidden={num_hidden} but the CNN has {num_convs} '
+                     f'convs and {num_dense} Dense layers ({num_convs + num_dense - 1} '
+                     'hidden groups); leave num_hidden out for CNNs.')
+  norm = _named_norm_kind(norm, has_stats, 'Norm_0' in params, 'CNN (Norm_i)')
+  return cnn_network(num_convs, num_dense, norm=norm), 'cnn', ()
+
+
+def _named_norm_kind(norm, has_stats, has_norm, what):
+  """The bundled models' norm kind (inferred when None), with clear errors."""
+  if norm is None:
+    if has_stats:
+      norm = 'batch'
+    elif has_norm:
+      raise ValueError(
+          f'pleas: the {what} has norm params but no batch_stats, so it is LayerNorm '
+          "or GroupNorm. LayerNorm (models' default) normalises over all "
+          'channels, mixing the merged and separate blocks, and is not supported; '
+          "for GroupNorm with one channel per group pass norm='group'; for "
+          "BatchNorm pass {'params': …, 'batch_stats': …}.")
+    else:
+      norm = 'none'
+  if norm == 'layer':
+    raise ValueError(
+        "pleas: norm='layer' is not supported: LayerNorm normalises over all "
+        'channels, mixing the [merged | sep_A | sep_B] blocks (the sep_A <-> sep_B '
+        "blocks would no longer be independent). Use norm='batch', 'group' "
+        "(one channel per group) or 'none'.")
+  if norm not in ('none', 'batch', 'group'):
+    raise ValueError(f"pleas: norm must be 'none', 'batch' or 'group', got {norm!r}.")
+  if norm == 'batch' and not has_stats:
+    raise ValueError("pleas: norm='batch' needs the running statistics: pass "
+                     "{'params': …, 'batch_stats': …} for both models.")
+  if has_norm != (norm != 'none'):
+    raise ValueError(f'pleas: norm={norm!r} but the params '
+                     f"{'have' if has_norm else 'have no'} norm modules.")
+  return norm
+
+
+def _resnet(params, num_hidden, norm, has_stats):
+  """`models.ResNet`: stem, stages of basic blocks adding into a stream, head."""
+  if num_hidden is not None:
+    raise ValueError('pleas: leave num_hidden out for ResNets.')
+  if 'head' not in params:
+    raise ValueError('pleas: a ResNet (conv_init) needs a Dense `head`; top-level '
+                     f'keys: {sorted(params)[:8]}.')
+  norm = _named_norm_kind(norm, has_stats, 'norm_init' in params, 'ResNet')
+  stage_sizes = []
+  while f'stage{len(stage_sizes)}_block0' in params:
+    s, n = len(stage_sizes), 0
+    while f'stage{s}_block{n}' in params:
+      n += 1
+    stage_sizes.append(n)
+  if not stage_sizes:
+    raise ValueError('pleas: a ResNet needs stage{s}_block{b} modules.')
+  for s in range(1, len(stage_sizes)):
+    if 'shortcut_conv' not in params[f'stage{s}_block0']:
+      raise ValueError(f'pleas: stage{s}_block0 changes the stream without a '
+                       'shortcut_conv.')
+  return resnet_network(stage_sizes, norm=norm), 'resnet', tuple(stage_sizes)
+
+
+# --------------------------------------------------------------------------- #
 # Variables, the permutation spec, checks.
 # --------------------------------------------------------------------------- #
 def split_variables(tree):
@@ -343,7 +439,7 @@ def _interceptor(network, on_layer, on_norm):
   return nn.intercept_methods(interceptor)
 
 
-def _norm_kind(module, path):
+def _module_norm_kind(module, path):
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   name = '/'.join(path)
   if isinstance(module, nn.BatchNorm):
@@ -413,7 +509,7 @@ def describe(network: PleasNetwork, variables_: Any, x: Any):
     return out
 
   def on_norm(path, module):
-    kinds.add(_norm_kind(module, path))
+    kinds.add(_module_norm_kind(module, path))
 
   def run(v, x):
     with _interceptor(network, on_layer, on_norm):
