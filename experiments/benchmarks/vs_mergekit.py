@@ -87,7 +87,7 @@ def compare(out_a: str, out_b: str, random: bool) -> dict:
   b = common.load_hf_checkpoint(out_b)
   missing = sorted(set(b) ^ set(a))
   n, n_diff, n_big, max_ulps = 0, 0, 0, 0.0
-  num, den, nz_a, nz_b = 0.0, 0.0, 0, 0
+  num, den = 0.0, 0.0
   for name in sorted(set(a) & set(b)):
     x = a[name].astype(np.float32)
     y = b[name].astype(np.float32)

@@ -175,7 +175,6 @@ def _resolve_model(ref: Any, base_dir: str | None) -> tuple[str, str]:
   if '+' in ref:
     raise ValueError(f'Model {ref!r}: "model+lora" references are not '
                      'supported; merge the adapter into the model first.')
-  path = ref
   if '@' in ref and not os.path.exists(ref):
     raise ValueError(f'Model {ref!r}: revisions ("path@rev") need the Hugging '
                      'Face hub; download the revision and give its local path.')

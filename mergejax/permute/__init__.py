@@ -40,6 +40,11 @@ from mergejax.permute._evaluate import interpolation_barrier
 from mergejax.permute._evaluate import lerp_params
 from mergejax.permute._evaluate import repair
 from mergejax.permute._evaluate import reset_batch_stats
+from mergejax.permute._lock import lock_report
+from mergejax.permute._lock import LockReport
+from mergejax.permute._lock import merge_lock
+from mergejax.permute._lock import MergeLockResult
+from mergejax.permute._lock import unlock
 from mergejax.permute._pleas import pleas
 from mergejax.permute._pleas import PleasResult
 from mergejax.permute._pleas_networks import cnn_network
@@ -63,6 +68,7 @@ __all__ = (
     'cnn_network', 'cnn_spec',
     'compose', 'describe_difference', 'identity_permutations', 'infer_spec',
     'interpolation_barrier', 'inverse', 'LayerDims', 'lerp_params',
+    'lock_report', 'LockReport', 'merge_lock', 'MergeLockResult',
     'MatchingResult', 'merge_many', 'merged_size', 'mlp_network', 'mlp_spec',
     'models',
     'objective', 'permutation_matrices', 'PermutationSpec', 'permute_align',
@@ -70,7 +76,7 @@ __all__ = (
     'random_permutations', 'repair', 'reset_batch_stats', 'resnet_network',
     'resnet_spec', 'same_groups', 'sinkhorn',
     'sinkhorn_matching', 'SinkhornMatchingResult', 'soft_apply_permutation',
-    'solve_assignment', 'ste_matching', 'transformer_spec', 'weight_matching',
+    'solve_assignment', 'ste_matching', 'transformer_spec', 'unlock', 'weight_matching',
 )
 
 
