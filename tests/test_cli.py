@@ -1,7 +1,10 @@
 """`mergejax merge` CLI and the mergekit YAML reader."""
 
+import contextlib
+import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,6 +17,7 @@ import yaml
 
 from mergejax import cli
 from mergejax.cli import _mergekit_config as mc
+from mergejax.io import _atomic as atomic
 from mergejax.io import _safetensors as st
 from mergejax.io import _synthetic as synthetic
 
@@ -335,3 +339,127 @@ def test_bad_config_file_exits_with_a_message_naming_it(tmp_path, capsys):
   assert cli.main(['merge', str(cfg), str(tmp_path / 'out'), '--quiet']) == 2
   err = capsys.readouterr().err
   assert 'bad.yml is not valid YAML' in err and 'Traceback' not in err
+
+
+# --------------------------------------------------------------------------- #
+# Faults: checksums, NaN inputs, missing config.json, kill -9 and resume.
+# --------------------------------------------------------------------------- #
+def _ta_cfg(tiny):
+  return {'merge_method': 'task_arithmetic', 'base_model': tiny['base'],
+          'models': [{'model': tiny['ft1'], 'parameters': {'weight': 1.0}},
+                     {'model': tiny['ft2'], 'parameters': {'weight': 0.5}}]}
+
+
+def _flip_byte(path, offset=-3):
+  with open(path, 'r+b') as f:
+    f.seek(offset, os.SEEK_END)
+    b = f.read(1)
+    f.seek(offset, os.SEEK_END)
+    f.write(bytes([b[0] ^ 0xFF]))
+
+
+def test_outputs_record_checksums_and_corrupt_inputs_are_named(tiny, tmp_path,
+                                                               capsys):
+  out = tmp_path / 'out'
+  assert cli.main(['merge', _write_cfg(tmp_path, _ta_cfg(tiny)), str(out),
+                   '--quiet', '--out-shard-size', '30K']) == 0
+  meta = json.loads((out / atomic.MARKER_NAME).read_text())
+  shards = sorted(f for f in os.listdir(out) if f.endswith('.safetensors'))
+  assert len(shards) > 2 and set(shards) <= set(meta['sha256'])
+  assert meta['written_by'] == 'mergejax' and 'config.json' in meta['sha256']
+  assert st.verify_checkpoint(str(out))
+  assert not os.path.exists(out / atomic.PROGRESS_NAME)
+  # One flipped byte in a shard: loading it names the file.
+  _flip_byte(out / shards[1])
+  with pytest.raises(ValueError, match=shards[1] + ' changed since mergejax'):
+    st.load_checkpoint(str(out))
+  st.load_checkpoint(str(out), verify=False)  # explicitly unchecked
+  # The corrupt checkpoint as a merge input: refused, naming the file.
+  cfg = {'merge_method': 'linear', 'models': [
+      {'model': str(out), 'parameters': {'weight': 1.0}},
+      {'model': tiny['ft1'], 'parameters': {'weight': 1.0}}]}
+  path = _write_cfg(tmp_path, cfg)
+  assert cli.main(['merge', path, str(tmp_path / 'o2'), '--quiet']) == 2
+  assert shards[1] in capsys.readouterr().err
+  assert not (tmp_path / 'o2').exists()
+  assert cli.main(['merge', path, str(tmp_path / 'o2'), '--quiet',
+                   '--no-verify']) == 0
+
+
+def test_nan_in_a_shard_stops_the_merge_naming_it(tiny, tmp_path, capsys):
+  src = st.load_checkpoint(tiny['ft1'])
+  name = 'model.layers.2.mlp.up_proj.weight'
+  bad = np.array(src[name])
+  bad.reshape(-1)[5] = np.nan
+  src[name] = bad
+  nan_model = str(tmp_path / 'nan')
+  st.save_checkpoint(nan_model, src,
+                     config=st.CheckpointReader(tiny['ft1']).config())
+  cfg = _ta_cfg(tiny)
+  cfg['models'][0]['model'] = nan_model
+  path = _write_cfg(tmp_path, cfg)
+  assert cli.main(['merge', path, str(tmp_path / 'out'), '--quiet']) == 2
+  err = capsys.readouterr().err
+  assert f"'{name}' holds NaN/Inf" in err and nan_model in err
+  assert '1 NaN/Inf entries' in err
+  assert not (tmp_path / 'out').exists()
+  assert [e for e in os.listdir(tmp_path) if 'mergejax-tmp' in e] == []
+  assert cli.main(['merge', path, str(tmp_path / 'out'), '--quiet',
+                   '--allow-nonfinite']) == 0
+  assert np.isnan(st.load_checkpoint(str(tmp_path / 'out'))[name]).sum() == 1
+
+
+def test_model_without_config_json_warns(tiny, tmp_path):
+  bare = str(tmp_path / 'bare')
+  st.save_checkpoint(bare, st.load_checkpoint(tiny['ft1']))  # no config
+  cfg = _ta_cfg(tiny)
+  cfg['models'][0]['model'] = bare
+  with pytest.warns(UserWarning, match='bare has no config.json'):
+    assert cli.main(['merge', _write_cfg(tmp_path, cfg), str(tmp_path / 'out'),
+                     '--quiet']) == 0
+
+
+def _kill_trials(tiny, tmp_path, trials, seed):
+  """Kills CLI merges at random moments; checks what they leave; resumes."""
+  path = _write_cfg(tmp_path, _ta_cfg(tiny))
+  args = ['--quiet', '--out-shard-size', '30K']
+  ref = tmp_path / 'ref'
+  assert cli.main(['merge', path, str(ref), *args]) == 0
+  want = json.loads((ref / atomic.MARKER_NAME).read_text())['sha256']
+  env = {**os.environ, 'MERGEJAX_DEBUG_WRITE_DELAY': '0.03',
+         'JAX_PLATFORMS': 'cpu'}
+  rng = np.random.default_rng(seed)
+  out = tmp_path / 'out'
+  resumed = []
+  for _ in range(trials):
+    proc = subprocess.Popen(
+        [sys.executable, '-m', 'mergejax.cli', 'merge', path, str(out), *args],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(rng.uniform(0.5, 4.0))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    if out.exists():  # finished before the kill: complete and identical
+      assert json.loads((out / atomic.MARKER_NAME).read_text())['sha256'] == want
+    # Resume (the same merge): the same bytes as the uninterrupted run.
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+      assert cli.main(['merge', path, str(out), '--out-shard-size', '30K',
+                       '--overwrite']) == 0
+    stats = json.loads(stderr.getvalue().strip().splitlines()[-1])
+    resumed.append(stats['resumed_shards'])
+    assert json.loads((out / atomic.MARKER_NAME).read_text())['sha256'] == want
+    assert st.verify_checkpoint(str(out))
+    shutil.rmtree(out)
+    assert [e for e in os.listdir(tmp_path) if 'mergejax-tmp' in e] == []
+  return resumed
+
+
+def test_killed_merges_resume_to_identical_output(tiny, tmp_path):
+  resumed = _kill_trials(tiny, tmp_path, 4, seed=0)
+  assert max(resumed) > 0, resumed  # some trial kept finished shards
+
+
+@pytest.mark.slow
+def test_thirty_kill_trials_never_leave_a_wrong_output(tiny, tmp_path):
+  resumed = _kill_trials(tiny, tmp_path, 30, seed=1)
+  assert sum(r > 0 for r in resumed) >= 5, resumed

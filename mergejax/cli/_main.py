@@ -245,7 +245,8 @@ def run_merge(config: str | dict, out_dir: str, *, out_shard_size: int | str =
               seed: int | None = None, overwrite: bool = False,
               progress: bool = False, truncate_embeddings: bool = False,
               prefetch_bytes: int = 1 << 29, threads: int = 4,
-              copy_tokenizer: bool = False):
+              copy_tokenizer: bool = False, resume: bool = True,
+              allow_nonfinite: bool = False, verify: bool = True):
   """Runs a mergekit YAML config (path, YAML text or dict) into ``out_dir``.
 
   Args:
@@ -262,6 +263,11 @@ def run_merge(config: str | dict, out_dir: str, *, out_shard_size: int | str =
     prefetch_bytes: read-ahead budget in bytes.
     threads: reader threads.
     copy_tokenizer: copy tokenizer files from the base (else first) model.
+    resume: continue a killed run of the same merge (same config, options
+      and input files) from the output shards it finished.
+    allow_nonfinite: write outputs holding NaN/Inf instead of stopping.
+    verify: check inputs that mergejax wrote against their recorded
+      checksums before merging.
 
   Returns:
     The executor's `StreamStats`.
@@ -269,10 +275,19 @@ def run_merge(config: str | dict, out_dir: str, *, out_shard_size: int | str =
   from mergejax.cli import _mergekit_config as mc  # pylint: disable=g-import-not-at-top
   from mergejax.parallel import _stream as stream  # pylint: disable=g-import-not-at-top
   from mergejax.io import _atomic as atomic  # pylint: disable=g-import-not-at-top
+  from mergejax.io import _safetensors as st  # pylint: disable=g-import-not-at-top
   cfg = mc.load_config(config)
   # Before any work: a dangerous output path (empty, '.', a parent of an
   # input, ...) is refused rather than replaced.
   atomic.check_output_path(out_dir, inputs=cfg.referenced_models())
+  for m in cfg.referenced_models():
+    if verify and os.path.isdir(m):
+      st.verify_checkpoint(m)
+    if os.path.isdir(m) and not os.path.exists(os.path.join(m, st.CONFIG_NAME)):
+      warnings.warn(f'{m} has no {st.CONFIG_NAME}: its architecture cannot be '
+                    'checked against the other models, and the output has no '
+                    f'{st.CONFIG_NAME} unless another model provides one.',
+                    UserWarning)
   jobs, conf, hook, readers = build_jobs(
       cfg, out_dtype=dtype, compute_dtype=compute_dtype, seed=seed,
       truncate_embeddings=truncate_embeddings)
@@ -288,7 +303,11 @@ def run_merge(config: str | dict, out_dir: str, *, out_shard_size: int | str =
         progress=progress, global_trim=hook, inputs=cfg.referenced_models(),
         metadata={'mergejax_method': cfg.merge_method}, copy_files=copy,
         extra_files={'mergekit_config.yml': yaml.safe_dump(cfg.raw,
-                                                          sort_keys=False)})
+                                                          sort_keys=False)},
+        resume_key=json.dumps(dict(
+            config=cfg.raw, dtype=dtype, compute_dtype=compute_dtype, seed=seed,
+            truncate=truncate_embeddings), sort_keys=True, default=str)
+        if resume else None, allow_nonfinite=allow_nonfinite)
   finally:
     for r in readers.values():
       r.close()
@@ -364,6 +383,16 @@ def _parser() -> argparse.ArgumentParser:
                  help='directory of the persistent XLA compilation cache '
                  f'(default: ${COMPILE_CACHE_ENV} or ~/.cache/mergejax/xla; '
                  '"none" disables it)')
+  m.add_argument('--no-resume', dest='resume', action='store_false',
+                 help='start afresh even if a killed run of this same merge '
+                 'left finished output shards (by default they are kept, after '
+                 'checking their checksums)')
+  m.add_argument('--allow-nonfinite', action='store_true',
+                 help='write output tensors holding NaN/Inf (by default they '
+                 'stop the merge, naming the inputs that hold NaN/Inf)')
+  m.add_argument('--no-verify', dest='verify', action='store_false',
+                 help='skip checking mergejax-written inputs against their '
+                 'recorded checksums')
   m.add_argument('-v', '--verbose', action='count', default=0)
   return p
 
@@ -389,7 +418,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         progress=not args.quiet, prefetch_bytes=args.prefetch,
         threads=args.threads,
         truncate_embeddings=args.unsafe_truncate_embeddings,
-        copy_tokenizer=args.copy_tokenizer)
+        copy_tokenizer=args.copy_tokenizer, resume=args.resume,
+        allow_nonfinite=args.allow_nonfinite, verify=args.verify)
   except (ValueError, FileNotFoundError, FileExistsError,
           NotImplementedError) as e:
     print(f'mergejax: error: {e}', file=sys.stderr)
@@ -401,7 +431,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   if not args.quiet:
     print(json.dumps({
         'tensors': stats.tensors, 'shards': stats.shards,
-        'compiles': stats.compiles,
+        'resumed_shards': stats.resumed_shards, 'compiles': stats.compiles,
         'read_GB': round(stats.bytes_read / 1e9, 3),
         'written_GB': round(stats.bytes_written / 1e9, 3),
         'merge_s': round(stats.seconds, 2),

@@ -24,11 +24,12 @@ from mergejax.io._safetensors import parse_dtype
 from mergejax.io._safetensors import save_checkpoint
 from mergejax.io._safetensors import ShardedWriter
 from mergejax.io._safetensors import TensorSpec
+from mergejax.io._safetensors import verify_checkpoint
 
 __all__ = (
     'atomic_output_dir', 'CheckpointReader', 'DEFAULT_SHARD_SIZE',
     'flax_to_hf', 'GENERIC_RULES', 'hf_to_flax', 'LLAMA_RULES',
     'load_checkpoint', 'load_orbax', 'NameRule', 'parse_dtype',
     'remove_stale_tmp_dirs', 'save_checkpoint', 'save_orbax', 'ShardedWriter',
-    'TensorSpec',
+    'TensorSpec', 'verify_checkpoint',
 )

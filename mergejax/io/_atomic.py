@@ -75,6 +75,44 @@ def remove_stale_tmp_dirs(out_dir: str) -> list[str]:
 
 
 MARKER_NAME = '.mergejax-output'
+# In a temporary directory: which run it belongs to and the shards finished.
+PROGRESS_NAME = '.mergejax-progress.json'
+
+
+def read_progress(tmp: str) -> dict | None:
+  """The progress journal of a temporary output directory, or None."""
+  try:
+    with open(os.path.join(tmp, PROGRESS_NAME)) as f:
+      data = json.load(f)
+    return data if isinstance(data, dict) else None
+  except (OSError, ValueError):
+    return None
+
+
+def write_progress(tmp: str, data: dict) -> None:
+  """Replaces the journal atomically (a kill leaves the old or the new one)."""
+  path = os.path.join(tmp, PROGRESS_NAME)
+  with open(path + '.part', 'w') as f:
+    json.dump(data, f)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(path + '.part', path)
+
+
+def _resumable(out_dir: str, resume_key: str) -> str | None:
+  """A dead run's temporary directory for ``out_dir`` with the same key."""
+  parent, name = os.path.split(out_dir)
+  best, most = None, -1
+  for entry in sorted(os.listdir(parent)) if os.path.isdir(parent) else ():
+    m = _TMP_RE.match(entry)
+    if not m or m.group('name') != name or _pid_alive(int(m.group('pid'))):
+      continue
+    progress = read_progress(os.path.join(parent, entry))
+    if progress and progress.get('key') == resume_key:
+      done = len(progress.get('shards', {}))
+      if done > most:
+        best, most = os.path.join(parent, entry), done
+  return best
 
 
 def _is_nonempty_dir(path: str) -> bool:
@@ -134,7 +172,8 @@ def is_mergejax_output(path: str) -> bool:
 
 @contextlib.contextmanager
 def atomic_output_dir(out_dir: str, *, overwrite: bool = False,
-                      inputs: Iterable[str] = ()) -> Iterator[str]:
+                      inputs: Iterable[str] = (),
+                      resume_key: str | None = None) -> Iterator[str]:
   """Yields a temporary directory that becomes ``out_dir`` on success.
 
   Args:
@@ -143,6 +182,10 @@ def atomic_output_dir(out_dir: str, *, overwrite: bool = False,
       mergejax run wrote (it holds `MARKER_NAME`); without it an existing
       non-empty ``out_dir`` is an error (checked before any work).
     inputs: paths the run reads; ``out_dir`` may not hold any of them.
+    resume_key: identifies the run (its inputs and options). A killed run's
+      temporary directory whose journal (`PROGRESS_NAME`) has the same key is
+      taken over instead of deleted, so the caller can keep the shards it
+      finished; an interrupted run (Ctrl-C) keeps its directory for that.
 
   Yields:
     The temporary directory to write into. On a clean exit `MARKER_NAME` is
@@ -169,17 +212,36 @@ def atomic_output_dir(out_dir: str, *, overwrite: bool = False,
           'remove it yourself or choose a new path.')
   parent, name = os.path.split(out_dir)
   os.makedirs(parent, exist_ok=True)
-  remove_stale_tmp_dirs(out_dir)
   tmp = os.path.join(parent, f'.{name}.mergejax-tmp-{os.getpid()}')
-  shutil.rmtree(tmp, ignore_errors=True)
-  os.makedirs(tmp)
+  previous = _resumable(out_dir, resume_key) if resume_key else None
+  if previous is not None and previous != tmp:
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.rename(previous, tmp)
+  remove_stale_tmp_dirs(out_dir)
+  if previous is None:
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
   try:
     yield tmp
+  except KeyboardInterrupt:
+    if resume_key is None:
+      shutil.rmtree(tmp, ignore_errors=True)
+    raise
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
-  with open(os.path.join(tmp, MARKER_NAME), 'w') as f:
-    json.dump({'written_by': 'mergejax', 'format': 1}, f)
+  marker = os.path.join(tmp, MARKER_NAME)
+  try:  # the writer may have recorded checksums in it
+    with open(marker) as f:
+      meta = json.load(f)
+  except (OSError, ValueError):
+    meta = {}
+  meta = {**(meta if isinstance(meta, dict) else {}), 'written_by': 'mergejax',
+          'format': 1}
+  with open(marker, 'w') as f:
+    json.dump(meta, f, indent=1)
+  if os.path.exists(os.path.join(tmp, PROGRESS_NAME)):
+    os.remove(os.path.join(tmp, PROGRESS_NAME))
   for entry in os.listdir(tmp):
     p = os.path.join(tmp, entry)
     if os.path.isfile(p):

@@ -23,14 +23,17 @@ a few tensors, not a whole (5 GB) shard as when a shard is collected before
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import struct
 import threading
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import ml_dtypes  # noqa: F401  (registers bfloat16 with NumPy)
 import numpy as np
+
+from mergejax.io._atomic import MARKER_NAME
 
 INDEX_NAME = 'model.safetensors.index.json'
 SINGLE_NAME = 'model.safetensors'
@@ -318,8 +321,14 @@ class ShardedWriter:
 
   def __init__(self, out_dir: str, specs: Sequence[TensorSpec], *,
                max_shard_size: int = DEFAULT_SHARD_SIZE,
-               metadata: Mapping[str, str] | None = None):
+               metadata: Mapping[str, str] | None = None,
+               on_shard: Callable[[str, str], None] | None = None):
     self.out_dir = out_dir
+    # SHA-256 of every finished file, recorded in the output's marker so a
+    # reader can tell a complete checkpoint from a corrupted or changed one.
+    self.digests: dict[str, str] = {}
+    self._on_shard = on_shard
+    self._hash = None
     self.specs = list(specs)
     names = [s.name for s in self.specs]
     if len(set(names)) != len(names):
@@ -339,14 +348,44 @@ class ShardedWriter:
     if self._fh is not None:
       self._close()
     self._fh = open(os.path.join(self.out_dir, self.files[i]), 'wb')
-    self._fh.write(_header_bytes(self.shards[i], self.metadata))
+    self._hash = hashlib.sha256()
+    self._put(_header_bytes(self.shards[i], self.metadata))
     self._shard = i
+
+  def _put(self, data) -> None:
+    self._fh.write(data)
+    self._hash.update(data)
 
   def _close(self) -> None:
     self._fh.flush()
     os.fsync(self._fh.fileno())
     self._fh.close()
     self._fh = None
+    name = self.files[self._shard]
+    self.digests[name] = self._hash.hexdigest()
+    if self._on_shard is not None:
+      self._on_shard(name, self.digests[name])
+
+  def skip_shards(self, digests: Mapping[str, str]) -> int:
+    """Continues after shards already on disk (a resumed run).
+
+    Args:
+      digests: ``{file: sha256}`` of the first shards, complete and verified.
+
+    Returns:
+      The number of tensors those shards hold (to skip in the input).
+    """
+    if self._next:
+      raise ValueError('skip_shards() must be called before any write().')
+    n = 0
+    for i, name in enumerate(self.files):
+      if name not in digests:
+        break
+      self.digests[name] = digests[name]
+      self._shard = i
+      n += len(self.shards[i])
+    self._next = n
+    return n
 
   def write(self, name: str, array: np.ndarray) -> None:
     if self._next >= len(self._order):
@@ -359,9 +398,9 @@ class ShardedWriter:
     if array.shape != spec.shape or array.dtype != np.dtype(spec.dtype):
       raise ValueError(f'{name!r}: planned {spec.shape} {spec.dtype}, got '
                        f'{array.shape} {array.dtype}.')
-    if i != self._shard:
+    if i != self._shard or self._fh is None:
       self._open(i)
-    self._fh.write(memoryview(array.reshape(-1).view(np.uint8)))
+    self._put(memoryview(array.reshape(-1).view(np.uint8)))
     self._next += 1
 
   def finalize(self, config: Mapping[str, Any] | None = None) -> None:
@@ -374,15 +413,68 @@ class ShardedWriter:
     if not self.specs:  # An empty checkpoint still gets a valid file.
       self._open(0)
       self._close()
+    texts = {}
     if len(self.shards) > 1:
       index = {'metadata': {'total_size': sum(s.nbytes for s in self.specs)},
                'weight_map': {s.name: self.files[i]
                               for i, s in self._order}}
-      with open(os.path.join(self.out_dir, INDEX_NAME), 'w') as f:
-        json.dump(index, f, indent=2)
+      texts[INDEX_NAME] = json.dumps(index, indent=2)
     if config is not None:
-      with open(os.path.join(self.out_dir, CONFIG_NAME), 'w') as f:
-        json.dump(dict(config), f, indent=2, sort_keys=True)
+      texts[CONFIG_NAME] = json.dumps(dict(config), indent=2, sort_keys=True)
+    for name, text in texts.items():
+      data = text.encode()
+      with open(os.path.join(self.out_dir, name), 'wb') as f:
+        f.write(data)
+      self.digests[name] = hashlib.sha256(data).hexdigest()
+    # The marker `atomic_output_dir` completes (it adds who wrote it).
+    with open(os.path.join(self.out_dir, MARKER_NAME), 'w') as f:
+      json.dump({'sha256': dict(sorted(self.digests.items()))}, f, indent=1)
+
+
+def file_sha256(path: str, chunk: int = 1 << 24) -> str:
+  """SHA-256 of a file, read in chunks."""
+  h = hashlib.sha256()
+  with open(path, 'rb') as f:
+    while block := f.read(chunk):
+      h.update(block)
+  return h.hexdigest()
+
+
+def verify_checkpoint(path: str) -> bool:
+  """Checks a mergejax-written checkpoint against the checksums it recorded.
+
+  Args:
+    path: a checkpoint directory.
+
+  Returns:
+    True if it holds checksums and all match; False if it records none
+    (not written by mergejax, or by a version without checksums).
+
+  Raises:
+    ValueError: a recorded file is missing or its contents changed since it
+      was written, naming the file.
+  """
+  marker = os.path.join(path, MARKER_NAME)
+  if not os.path.isfile(marker):
+    return False
+  try:
+    with open(marker) as f:
+      digests = json.load(f).get('sha256')
+  except (OSError, ValueError, AttributeError) as e:
+    raise ValueError(f'{marker}: unreadable mergejax metadata ({e}).') from None
+  if not digests:
+    return False
+  for name, want in digests.items():
+    file = os.path.join(path, name)
+    if not os.path.isfile(file):
+      raise ValueError(f'{file} is missing: the checkpoint at {path} is '
+                       'incomplete (its metadata lists this file).')
+    got = file_sha256(file)
+    if got != want:
+      raise ValueError(f'{file} changed since mergejax wrote it (SHA-256 '
+                       f'{got[:12]}…, recorded {want[:12]}…): the file is '
+                       'corrupt or was modified; restore or re-create it.')
+  return True
 
 
 def save_checkpoint(out_dir: str, tensors: Mapping[str, Any], *,
@@ -417,11 +509,13 @@ def save_checkpoint(out_dir: str, tensors: Mapping[str, Any], *,
 
 
 def load_checkpoint(path: str, *, dtype: Any = None,
-                    shardings: Any = None) -> dict[str, Any]:
+                    shardings: Any = None, verify: bool = True) -> dict[str, Any]:
   """Reads a whole checkpoint as ``{name: array}``.
 
   Args:
     path: a checkpoint directory or a ``.safetensors`` file.
+    verify: check the files against the checksums a mergejax-written
+      checkpoint records (`verify_checkpoint`) before reading.
     dtype: cast to this dtype; None keeps the stored dtypes.
     shardings: None returns NumPy arrays. Otherwise each tensor is placed with
       ``jax.device_put`` right after it is read (so the host holds one tensor
@@ -429,6 +523,8 @@ def load_checkpoint(path: str, *, dtype: Any = None,
       ``(name, shape) -> Sharding``, or ``[(regex, Sharding), ...]`` rules
       (first match wins).
   """
+  if verify and os.path.isdir(path):
+    verify_checkpoint(path)
   out = {}
   with CheckpointReader(path) as r:
     for k in r.keys():

@@ -27,6 +27,8 @@ import collections
 import concurrent.futures as cf
 import dataclasses
 import functools
+import hashlib
+import json
 import os
 import shutil
 import threading
@@ -305,6 +307,7 @@ class StreamStats:
   compiles: int = 0
   seconds: float = 0.0
   shards: int = 0
+  resumed_shards: int = 0  # output shards kept from a killed run
 
 
 def run_jobs(jobs: Sequence[Job], out_dir: str, *,
@@ -316,7 +319,9 @@ def run_jobs(jobs: Sequence[Job], out_dir: str, *,
              metadata: dict[str, str] | None = None,
              inputs: Sequence[str] = (),
              copy_files: Sequence[str] = (),
-             extra_files: dict[str, str] | None = None) -> StreamStats:
+             extra_files: dict[str, str] | None = None,
+             resume_key: str | None = None,
+             allow_nonfinite: bool = False) -> StreamStats:
   """Runs ``jobs`` and writes the results as an HF checkpoint, atomically.
 
   Args:
@@ -336,25 +341,49 @@ def run_jobs(jobs: Sequence[Job], out_dir: str, *,
     extra_files: ``{file name: text}`` written into the output likewise
       (e.g. ``mergekit_config.yml``, as mergekit writes).
     inputs: the checkpoints read; ``out_dir`` may not hold any of them.
+    resume_key: a string identifying the run (inputs, method, options):
+      a killed run with the same key is resumed, keeping the output shards
+      it finished whose checksums still match, and the result is the same
+      as an uninterrupted run's. None starts afresh every time.
+    allow_nonfinite: write outputs holding NaN/Inf; by default such an
+      output is an error naming the tensor and the inputs that hold NaN/Inf.
 
   Returns:
     A `StreamStats`.
+
+  Raises:
+    ValueError: a non-finite output (without ``allow_nonfinite``), and the
+      input errors of the jobs.
   """
   t0 = time.perf_counter()
   compiles0 = compile_count()
   stats = StreamStats()
   specs = [j.spec() for j in jobs]
-  with atomic.atomic_output_dir(out_dir, overwrite=overwrite,
-                                inputs=inputs) as tmp, \
+  if resume_key is not None:
+    resume_key = _run_key(resume_key, jobs, specs, max_shard_size, metadata,
+                          config, copy_files, extra_files)
+  with atomic.atomic_output_dir(out_dir, overwrite=overwrite, inputs=inputs,
+                                resume_key=resume_key) as tmp, \
       cf.ThreadPoolExecutor(threads, thread_name_prefix='mergejax-read') as pool:
+    journal = {'key': resume_key, 'shards': {}}
+
+    def on_shard(name, digest):
+      if resume_key is not None:
+        journal['shards'][name] = digest
+        atomic.write_progress(tmp, journal)
+
+    writer = st.ShardedWriter(tmp, specs, max_shard_size=max_shard_size,
+                              metadata=metadata, on_shard=on_shard)
+    stats.shards = len(writer.files)
+    done = _finished_shards(tmp, writer.files, resume_key)
+    journal['shards'] = dict(done)
+    skip = writer.skip_shards(done)
+    stats.resumed_shards = len(done)
     if global_trim is not None:
       global_trim(pool)
     compile_pool = cf.ThreadPoolExecutor(2, thread_name_prefix='mergejax-jit')
-    _precompile(jobs, compile_pool)
+    _precompile(jobs[skip:], compile_pool)
     compile_pool.shutdown(wait=False)  # it finishes its queue in background
-    writer = st.ShardedWriter(tmp, specs, max_shard_size=max_shard_size,
-                              metadata=metadata)
-    stats.shards = len(writer.files)
     # One writer thread; the queue holds at most two results, so device
     # arrays waiting to be written stay bounded.
     q: collections.deque = collections.deque()
@@ -372,9 +401,11 @@ def run_jobs(jobs: Sequence[Job], out_dir: str, *,
             item = q[0]
           if item is None:
             return
-          name, arr = item
+          job, arr = item
           host = np.asarray(arr)  # blocks until the computation is done
-          writer.write(name, host)
+          if not allow_nonfinite:
+            _check_finite(job, host)
+          writer.write(job.out_name, host)
           if delay:
             time.sleep(delay)
           with cv:
@@ -394,7 +425,7 @@ def run_jobs(jobs: Sequence[Job], out_dir: str, *,
       # embedding) runs alone: its intermediates dominate peak memory.
       big_bytes = max(prefetch_bytes // 4, 1 << 26)
       prev_big = False
-      for job, arrays in _prefetch(jobs, pool, max_bytes=prefetch_bytes,
+      for job, arrays in _prefetch(jobs[skip:], pool, max_bytes=prefetch_bytes,
                                    progress=progress):
         big = job.nbytes_in() > big_bytes
         ahead = 0 if (big or prev_big) else 1
@@ -410,7 +441,7 @@ def run_jobs(jobs: Sequence[Job], out_dir: str, *,
         stats.bytes_read += job.nbytes_in()
         stats.bytes_written += job.spec().nbytes
         with cv:
-          q.append((job.out_name, out))
+          q.append((job, out))
           cv.notify_all()
     finally:
       with cv:
@@ -430,6 +461,65 @@ def run_jobs(jobs: Sequence[Job], out_dir: str, *,
   return stats
 
 
+def _run_key(user_key, jobs, specs, max_shard_size, metadata, config,
+             copy_files, extra_files) -> str:
+  """The caller's key bound to everything else that decides the output bytes.
+
+  The output plan, the written metadata and every input file's size and
+  modification time: a run resumes only on exactly the inputs it started on.
+  """
+  files = sorted({f for j in jobs for r, _ in j.inputs
+                  for f in st.checkpoint_files(r.path)} | set(copy_files))
+  stat = [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]
+  blob = json.dumps(dict(
+      key=user_key, shard=max_shard_size, metadata=metadata, config=config,
+      extra=extra_files, files=stat,
+      specs=[(s.name, list(s.shape), str(np.dtype(s.dtype))) for s in specs]),
+                    sort_keys=True, default=str)
+  return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _finished_shards(tmp: str, files: Sequence[str],
+                     resume_key: str | None) -> dict[str, str]:
+  """The leading output shards a resumed run keeps: journaled and unchanged.
+
+  Everything else a killed run left (a partly written shard, shards after a
+  changed one) is deleted, so the writer continues from a clean state.
+  """
+  progress = atomic.read_progress(tmp) if resume_key is not None else None
+  recorded = (progress or {}).get('shards', {})
+  done = {}
+  for name in files:
+    path = os.path.join(tmp, name)
+    if name not in recorded or not os.path.isfile(path):
+      break
+    if st.file_sha256(path) != recorded[name]:
+      break
+    done[name] = recorded[name]
+  for name in files:
+    if name not in done and os.path.exists(os.path.join(tmp, name)):
+      os.remove(os.path.join(tmp, name))
+  return done
+
+
+def _check_finite(job: Job, out: np.ndarray) -> None:
+  """A NaN/Inf output is an error naming the tensor and the inputs that hold one."""
+  if not st.is_float(out.dtype) or np.isfinite(out).all():
+    return
+  bad = []
+  for r, name in job.inputs:
+    x = r.read(name)
+    if st.is_float(x.dtype) and not np.isfinite(x).all():
+      bad.append(f'{name!r} in {r.path} ({int(np.sum(~np.isfinite(x)))} '
+                 'NaN/Inf entries)')
+  where = ('; inputs with NaN/Inf: ' + ', '.join(bad)) if bad else (
+      '; the inputs are finite, so the merge itself overflowed (check the '
+      'weights and the output dtype)')
+  raise ValueError(f'Output tensor {job.out_name!r} holds NaN/Inf{where}. '
+                   'Nothing was written; fix or replace the input, or pass '
+                   '--allow-nonfinite (allow_nonfinite=True) to write it anyway.')
+
+
 # ------------------------------------------------------------ Python API ----
 
 def stream_merge(transformation: base_lib.MergeTransformation,
@@ -438,8 +528,9 @@ def stream_merge(transformation: base_lib.MergeTransformation,
                  names: Sequence[str] | None = None,
                  max_shard_size: int = st.DEFAULT_SHARD_SIZE,
                  prefetch_bytes: int = 1 << 29, threads: int = 4,
-                 overwrite: bool = False, progress: bool = False
-                 ) -> StreamStats:
+                 overwrite: bool = False, progress: bool = False,
+                 resume_key: str | None = None,
+                 allow_nonfinite: bool = False) -> StreamStats:
   """Merges HF safetensors checkpoints tensor by tensor into ``out_dir``.
 
   Equivalent to ``mergejax.merge(transformation, base, models)`` on the
@@ -460,6 +551,10 @@ def stream_merge(transformation: base_lib.MergeTransformation,
     threads: reader threads.
     overwrite: replace an existing ``out_dir``.
     progress: show a progress bar.
+    resume_key: a string naming this merge (the transformation and its
+      hyperparameters, which the executor cannot fingerprint itself): a killed
+      run with the same key and the same inputs is resumed (`run_jobs`).
+    allow_nonfinite: write NaN/Inf outputs instead of raising.
 
   Returns:
     A `StreamStats`.
@@ -488,7 +583,9 @@ def stream_merge(transformation: base_lib.MergeTransformation,
   try:
     return run_jobs(jobs, out_dir, config=conf, max_shard_size=max_shard_size,
                     prefetch_bytes=prefetch_bytes, threads=threads,
-                    overwrite=overwrite, progress=progress)
+                    overwrite=overwrite, progress=progress,
+                    inputs=[base, *models] if base is not None else list(models),
+                    resume_key=resume_key, allow_nonfinite=allow_nonfinite)
   finally:
     for r in readers:
       r.close()
