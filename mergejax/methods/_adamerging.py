@@ -41,6 +41,10 @@ def adamerging(coefficients: Any) -> base.MergeTransformation:
 
 def prediction_entropy(logits: jax.Array) -> jax.Array:
   """Mean Shannon entropy of ``softmax(logits)`` over the leading axes."""
+  shape = jnp.shape(logits)
+  if not shape or 0 in shape:
+    raise ValueError(f'prediction_entropy needs [..., classes] logits with at '
+                     f'least one example and one class, got shape {shape}.')
   logp = jax.nn.log_softmax(jnp.asarray(logits, jnp.float32), axis=-1)
   return -jnp.mean(jnp.sum(jnp.exp(logp) * logp, axis=-1))
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 import jax
 import jax.numpy as jnp
+import numpy as np
 from mergejax._src import base
 from mergejax.transforms import _reduce as reduce
 
@@ -37,6 +38,11 @@ def reconstruct(state: Any, base_params: Any, i: int | jax.Array) -> Any:
         'ReversibleState or TwinState. Pass the state returned by '
         'merge(tx, base, models, return_state=True) for emr, tall_masks, '
         'consensus, reversible or twin.')
+  if not isinstance(i, jax.core.Tracer):
+    k = s.num_tasks
+    if not (np.ndim(i) == 0 and float(i) == int(i) and 0 <= int(i) < k):
+      raise ValueError(f'reconstruct: task index {i!r} is not one of the '
+                       f'{k} merged models (0 … {k - 1}).')
   delta = s.task_delta(base_params, i)
   return jax.tree.map(lambda b, d: (b.astype(jnp.float32) + d).astype(b.dtype),
                       base_params, delta)

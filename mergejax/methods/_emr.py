@@ -16,6 +16,10 @@ class EMRState(NamedTuple):
   masks: Any = None  # [K, ...] bool
   rescalers: jax.Array | None = None  # [K]
 
+  @property
+  def num_tasks(self) -> int:
+    return self.rescalers.shape[0]
+
   def task_delta(self, base_params, i):
     del base_params
     r = jnp.take(self.rescalers, i)

@@ -19,6 +19,10 @@ class ReversibleState(NamedTuple):
   mean: Any = None  # per leaf mean task vector (zeros unless centred)
   singular_values: Any = None  # per leaf (or global) all K singular values
 
+  @property
+  def num_tasks(self) -> int:
+    return jax.tree.leaves(self.coeffs)[0].shape[-1]
+
   def task_delta(self, base_params, i):
     del base_params
     if isinstance(self.coeffs, jax.Array):

@@ -18,6 +18,10 @@ class TallMaskState(NamedTuple):
   masks: Any = None  # [K, ...] bool, after update
   mtl: Any = None  # the multi-task vector tau_MTL
 
+  @property
+  def num_tasks(self) -> int:
+    return jax.tree.leaves(self.masks)[0].shape[0]
+
   def task_delta(self, base_params, i):
     del base_params
     return jax.tree.map(lambda m, t: jnp.where(jnp.take(m, i, axis=0), t, 0.0), self.masks,

@@ -26,6 +26,10 @@ class TwinState(NamedTuple):
   shared_model: Any = None  # theta*, float32
   twins: Any = None  # per leaf: SVDBasis or [K, ...]
 
+  @property
+  def num_tasks(self) -> int:
+    return jax.tree.leaves(self.twins)[0].shape[0]
+
   def task_delta(self, base_params, i):
     return jax.tree.map(lambda s, v, b: s + twin_dense_leaf(v, s.shape, i) - b,
                         self.shared_model, self.twins,
@@ -146,7 +150,7 @@ def twin_mix(state: Any, weights: jax.Array) -> Any:
   if not isinstance(s, TwinState):
     raise ValueError('twin_mix needs the state of a twin(...) merge.')
   weights = jnp.asarray(weights, jnp.float32)
-  k = twin_count(s)
+  k = s.num_tasks
   if weights.ndim not in (1, 2) or weights.shape[-1] != k:
     raise ValueError(f'twin_mix: weights must have shape [{k}] or [B, {k}] '
                      f'(one weight per task), got {weights.shape}.')
@@ -157,5 +161,3 @@ def twin_mix(state: Any, weights: jax.Array) -> Any:
   return one(weights) if weights.ndim == 1 else jax.vmap(one)(weights)
 
 
-def twin_count(s: TwinState) -> int:
-  return jax.tree.leaves(s.twins)[0].shape[0]

@@ -193,7 +193,7 @@ def twin_apply(apply_fn: Callable[[Any, jax.Array], jax.Array], state: Any,
   """
   s = _twin_state(state)
   weights = jnp.asarray(weights, jnp.float32)
-  k = twin_lib.twin_count(s)
+  k = s.num_tasks
   b = jax.tree.leaves(inputs)[0].shape[0]
   if weights.shape != (b, k):
     raise ValueError(f'twin_apply: weights must have shape ({b}, {k}) (one '

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from mergejax._src import base
+from mergejax._src import checks
 from mergejax._src import modelaxis
 from mergejax._src import paths
 
@@ -33,8 +34,12 @@ def coefficient_sum(coefficients: Any) -> base.MergeTransformation:
     >>> T.coefficient_sum(c).update(u, T.coefficient_sum(c).init(None))[0]
     {'a': Array([1.], dtype=float32), 'b': Array([10.], dtype=float32)}
   """
-  coefficients = jax.tree.map(lambda c: jnp.asarray(c, jnp.float32),
-                              coefficients)
+  def convert(path, c):
+    if isinstance(c, jax.core.Tracer):  # AdaMerging's training: checked there
+      return jnp.asarray(c, jnp.float32)
+    return checks.hparam(c, 'coefficients' + (f'[{path!r}]' if path else ''))
+
+  coefficients = paths.tree_map_with_path(convert, coefficients)
   return base.MergeTransformation(lambda params: CoefficientSumState(
       coefficients), base.static_fn.of(_coefficient_update))
 

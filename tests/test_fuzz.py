@@ -1,0 +1,487 @@
+"""Property-based fuzzing of the public merge methods and permutation entry points.
+
+Random trees (scalars, zero-size and length-1 leaves, fp32/bf16/fp16, one to
+four models, identical or distinct), random in-range hyperparameters and
+invalid ones (NaN, out of range) go into every public method of
+`mergejax.methods`, the permutation entry points and the CLI config parser.
+Every call must either return a result with the base's structure, shapes and
+dtype and no NaN/Inf (the inputs are finite), or raise a clean `ValueError`
+/ `TypeError` naming the problem: never a crash inside NumPy or XLA, a silent
+NaN, or an accepted invalid hyperparameter, eagerly or traced under jit.
+
+`test_every_public_name_is_fuzzed` fails when a public name has neither a
+fuzz case here nor an exemption with its reason. The suite is derandomised
+(reproducible in CI); ``-m slow`` runs many more examples.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from typing import Any, Callable
+
+import hypothesis
+from hypothesis import strategies as st
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import mergejax as mj
+from mergejax import permute
+
+SHAPES = ((), (1,), (0, 4), (3,), (4, 5), (1, 6), (5, 1), (2, 3, 4))
+MATRIX_SHAPES = ((4, 5), (1, 6), (5, 1), (6, 6), (0, 3), (3,), ())
+DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+CLEAN = (ValueError, TypeError)
+FAST = hypothesis.settings(max_examples=5, deadline=None, derandomize=True,
+                           database=None,
+                           suppress_health_check=list(hypothesis.HealthCheck))
+LONG = hypothesis.settings(FAST, max_examples=60)
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  """How to call one public method.
+
+  Attributes:
+    make: ``(hparams, k) -> MergeTransformation``.
+    valid: per hyperparameter, values that must be accepted.
+    invalid: per hyperparameter, values that must raise (eagerly).
+    traced: hyperparameters that may be traced under jit (checked with NaN).
+    k: the numbers of fine-tuned models it takes.
+    base: whether it takes a base model.
+    shapes: leaf shapes to draw from.
+  """
+  make: Callable[[dict, int], Any]
+  valid: dict = dataclasses.field(default_factory=dict)
+  invalid: dict = dataclasses.field(default_factory=dict)
+  traced: tuple = ()
+  k: tuple = (1, 2, 3, 4)
+  base: bool = True
+  shapes: tuple = SHAPES
+
+
+def _m(name, **fixed):
+  return lambda h, k: getattr(mj.methods, name)(**fixed, **h)
+
+
+NAN = float('nan')
+LAM = dict(lambda_=[0.3, 1.0, 2.0])
+BAD_LAM = dict(lambda_=[NAN, float('inf')])
+DENSITY = dict(density=[0.1, 0.5, 1.0])
+BAD_DENSITY = dict(density=[NAN, -0.5, 1.5])
+
+CASES: dict[str, Case] = {
+    'average': Case(_m('average'), base=False),
+    'linear': Case(lambda h, k: mj.methods.linear(h.get('weight', [1.0] * k)),
+                   invalid=dict(weight=['zeros', 'nan']), base=False),
+    'task_arithmetic': Case(_m('task_arithmetic'), LAM, BAD_LAM, ('lambda_',)),
+    'arcee_fusion': Case(_m('arcee_fusion'), k=(1,)),
+    'karcher': Case(_m('karcher'), dict(max_iter=[1, 10]), base=False),
+    'model_stock': Case(_m('model_stock'), dict(filter_wise=[False, True]),
+                        k=(2, 3)),
+    'multislerp': Case(_m('multislerp'), invalid=dict(eps=[NAN])),
+    'nearswap': Case(lambda h, k: mj.methods.nearswap(h.get('t', 0.5)),
+                     dict(t=[0.01, 0.5]), dict(t=[NAN, -1.0]), ('t',), k=(1,)),
+    'nuslerp': Case(lambda h, k: mj.methods.nuslerp(h.get('weight', [1.0, 0.5])),
+                    invalid=dict(weight=['nan']), k=(2,), base=False),
+    'slerp': Case(lambda h, k: mj.methods.slerp(h.get('t', 0.5)),
+                  dict(t=[0.0, 0.3, 1.0]), dict(t=[NAN]), ('t',), k=(1,)),
+    'breadcrumbs': Case(_m('breadcrumbs'), {**DENSITY, 'gamma': [0.0, 0.1]},
+                        {**BAD_DENSITY, 'gamma': [NAN]}, ('density', 'gamma')),
+    'breadcrumbs_ties': Case(_m('breadcrumbs_ties'), DENSITY, BAD_DENSITY,
+                             ('density',)),
+    'dare_linear': Case(_m('dare_linear'), DENSITY, BAD_DENSITY, ('density',)),
+    'dare_ties': Case(_m('dare_ties'), DENSITY, BAD_DENSITY, ('density',)),
+    'della': Case(_m('della', axis=None), {**DENSITY, 'epsilon': [0.0, 0.05]},
+                  {**BAD_DENSITY, 'epsilon': [NAN]}, ('density',)),
+    'della_linear': Case(_m('della_linear', axis=None), DENSITY, BAD_DENSITY,
+                         ('density',)),
+    'magmax': Case(_m('magmax'), LAM, BAD_LAM, ('lambda_',)),
+    'ram': Case(_m('ram'), invalid=dict(epsilon=[NAN])),
+    'ramplus_tl': Case(_m('ramplus_tl'), dict(r=[0.1, 0.5]), dict(r=[NAN])),
+    'sce': Case(_m('sce'), dict(select_topk=[0.1, 1.0, 1.5]),  # >= 1 keeps all
+                dict(select_topk=[NAN, -0.5]), ('select_topk',)),
+    'ties': Case(_m('ties'), {**DENSITY, 'scope': ['tensor', 'global']},
+                 {**BAD_DENSITY, **BAD_LAM}, ('density', 'lambda_')),
+    'consensus': Case(_m('consensus'), dict(k=[1, 2]), dict(lambda_=[NAN]),
+                      k=(2, 3)),
+    'emr': Case(_m('emr')),
+    'iso_c': Case(_m('iso_c'), dict(alpha=[0.5, 1.0]), dict(alpha=[NAN]),
+                  shapes=MATRIX_SHAPES),
+    'iso_cts': Case(_m('iso_cts'), invalid=dict(alpha=[NAN]), k=(2, 3),
+                    shapes=MATRIX_SHAPES),
+    'knots': Case(_m('knots'), invalid=dict(lambda_=[NAN]), shapes=MATRIX_SHAPES),
+    'lines': Case(lambda h, k: mj.methods.lines(mj.methods.task_arithmetic(), **h),
+                  dict(beta=[0.0, 0.5]), dict(beta=[NAN])),
+    'pcb': Case(_m('pcb'), dict(pcb_ratio=[0.1, 0.5]), dict(pcb_ratio=[NAN, 1.5]),
+                ('pcb_ratio',), k=(2, 3)),
+    'reversible': Case(lambda h, k: mj.methods.reversible(h.get('budget', 2)),
+                       dict(budget=[1, 3]), dict(budget=[0, -1])),
+    'rtsvm': Case(_m('rtsvm'), invalid=dict(alpha=[NAN]), shapes=MATRIX_SHAPES),
+    'tall_masks': Case(_m('tall_masks'), dict(tall_lambda=[0.4, 1.0]),
+                       dict(tall_lambda=[NAN])),
+    'tsv': Case(_m('tsv'), invalid=dict(alpha=[NAN]), shapes=MATRIX_SHAPES),
+    'widen': Case(_m('widen'), invalid=dict(t=[NAN]), shapes=MATRIX_SHAPES),
+    'twin': Case(_m('twin'), dict(density=[0.1, 0.5]), dict(density=[NAN, 1.5]),
+                 shapes=MATRIX_SHAPES),
+    'opcm': Case(_m('opcm'), dict(alpha=[0.1, 0.5]), dict(alpha=[NAN]),
+                 ('alpha',), shapes=MATRIX_SHAPES),
+}
+
+# Public names of mergejax.methods and mergejax.permute that are not entry
+# points taking arbitrary trees, with where they are exercised instead.
+EXEMPT = {
+    'AdaMergingResult': 'a NamedTuple of results',
+    'reconstruct': 'reads the state `reversible` returns: fuzzed with it',
+    'twin_mix': 'reads the state `twin` returns: fuzzed with it',
+    'twin_apply': 'runs a user model on twin_mix weights (tests/test_twin.py)',
+    'twin_dense': 'one Dense layer of twin_apply (tests/test_twin.py)',
+    'twin_route': 'a router forward pass (tests/test_twin.py)',
+    'twin_train_router': 'trains a router on features (tests/test_twin.py)',
+    'regmean_plusplus': 'runs a user model layer by layer '
+                        '(tests/test_data_informed.py)',
+    'fit_adamerging': 'trains coefficients through a user loss '
+                      '(tests/test_data_informed.py)',
+}
+DATA_CASES = ('fisher_merging', 'regmean', 'adamerging', 'prediction_entropy',
+              'lora_svd', 'lora_lego')
+PERMUTE_CASES = ('weight_matching', 'permute_align', 'sinkhorn_matching',
+                 'ste_matching', 'activation_matching', 'apply_permutation',
+                 'soft_apply_permutation', 'merge_many', 'solve_assignment',
+                 'merge_lock', 'unlock')
+
+
+# --------------------------------------------------------------------------- #
+# Strategies.
+# --------------------------------------------------------------------------- #
+@st.composite
+def model_sets(draw, ks=(1, 2, 3, 4), shapes=SHAPES):
+  """``(base, [models])``: finite random trees of one architecture."""
+  n = draw(st.integers(1, 3))
+  leaf_shapes = [draw(st.sampled_from(shapes)) for _ in range(n)]
+  dtype = draw(st.sampled_from(DTYPES))
+  k = draw(st.sampled_from(ks))
+  spread = draw(st.sampled_from((0.0, 1e-3, 1.0)))
+  rng = np.random.default_rng(draw(st.integers(0, 2 ** 16)))
+  base = {f'layers_{i}': {'kernel' if len(s) > 1 else 'bias':
+                          rng.normal(size=s)} for i, s in enumerate(leaf_shapes)}
+  models = [jax.tree.map(lambda x: x + spread * rng.normal(size=np.shape(x)),
+                         base) for _ in range(k)]
+  cast = lambda t: jax.tree.map(lambda x: jnp.asarray(x, dtype), t)
+  return cast(base), [cast(m) for m in models]
+
+
+def _check_result(out, base):
+  assert jax.tree.structure(out) == jax.tree.structure(base)
+  for o, b in zip(jax.tree.leaves(out), jax.tree.leaves(base)):
+    assert o.shape == b.shape, (o.shape, b.shape)
+    assert o.dtype == b.dtype, (o.dtype, b.dtype)
+    assert bool(jnp.all(jnp.isfinite(o))), 'NaN/Inf from finite inputs'
+
+
+def _weights(spec, k):
+  if spec == 'zeros':
+    return [0.0] * k
+  if spec == 'nan':
+    return [NAN] + [1.0] * (k - 1)
+  return spec
+
+
+def _call(case, h, base, models):
+  tx = case.make(h, len(models))
+  return mj.merge(tx, base if case.base else None, models,
+                  key=jax.random.key(0))
+
+
+def _run_case(name, data):
+  case = CASES[name]
+  base, models = data.draw(model_sets(case.k, case.shapes))
+  h = {p: data.draw(st.sampled_from(v)) for p, v in case.valid.items()
+       if data.draw(st.booleans())}
+  bad = None
+  if case.invalid and data.draw(st.booleans()):
+    bad = data.draw(st.sampled_from(sorted(case.invalid)))
+    h[bad] = _weights(data.draw(st.sampled_from(case.invalid[bad])), len(models))
+  try:
+    out = _call(case, h, base, models)
+  except CLEAN as e:
+    assert str(e), 'an error without a message'
+    return
+  assert bad is None, f'{name}: invalid {bad}={h[bad]!r} was accepted'
+  _check_result(out, base)
+
+
+def _fuzz(name, settings):
+  def run(data):
+    _run_case(name, data)
+  run.__name__ = f'fuzz_{name}'
+  hypothesis.given(data=st.data())(settings(run))()
+
+
+@pytest.mark.parametrize('name', sorted(CASES))
+def test_methods_return_clean_results_or_clean_errors(name):
+  _fuzz(name, FAST)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('name', sorted(CASES))
+def test_methods_long_fuzz(name):
+  _fuzz(name, LONG)
+
+
+@pytest.mark.parametrize('name', sorted(n for n in CASES if CASES[n].traced))
+def test_traced_invalid_hyperparameters_raise_under_jit(name):
+  case = CASES[name]
+  base = {'w': jnp.linspace(-1.0, 1.0, 6).reshape(2, 3)}
+  models = [jax.tree.map(lambda x, i=i: x + 0.1 * (i + 1), base)
+            for i in range(max(case.k))]
+  for p in case.traced:
+    fn = jax.jit(lambda v, p=p: _call(case, {p: v}, base, models))
+    # The range check runs with the computation: its ValueError text arrives
+    # in a JaxRuntimeError.
+    with pytest.raises(Exception, match='traced value'):
+      jax.block_until_ready(fn(jnp.float32(NAN)))
+
+
+# --------------------------------------------------------------------------- #
+# Methods that take statistics or factors rather than bare trees.
+# --------------------------------------------------------------------------- #
+@FAST
+@hypothesis.given(model_sets(ks=(1, 2, 3)), st.sampled_from(
+    ('ok', 'zeros', 'nan', 'negative')))
+def test_fisher_merging(data, fisher):
+  _, models = data
+  rng = np.random.default_rng(0)
+  make = {'ok': lambda x: jnp.abs(jnp.asarray(rng.normal(size=x.shape))),
+          'zeros': jnp.zeros_like,
+          'nan': lambda x: jnp.full(x.shape, NAN),
+          'negative': lambda x: -jnp.ones(x.shape)}[fisher]
+  fishers = [jax.tree.map(lambda x: make(x).astype(jnp.float32), m)
+             for m in models]
+  try:
+    out = mj.merge(mj.methods.fisher_merging(fishers), None, models)
+  except CLEAN:
+    return
+  assert fisher in ('ok', 'zeros') or all(
+      x.size == 0 for x in jax.tree.leaves(models[0])), fisher
+  _check_result(out, models[0])
+
+
+@FAST
+@hypothesis.given(model_sets(ks=(1, 2, 3), shapes=MATRIX_SHAPES),
+                  st.sampled_from(('ok', 'zeros', 'nan')))
+def test_regmean(data, gram):
+  _, models = data
+  rng = np.random.default_rng(1)
+
+  def g(x):
+    if x.ndim != 2:
+      return None
+    a = rng.normal(size=(x.shape[0] + 2, x.shape[0]))
+    m = {'ok': a.T @ a, 'zeros': np.zeros((x.shape[0],) * 2),
+         'nan': np.full((x.shape[0],) * 2, NAN)}[gram]
+    return jnp.asarray(m, jnp.float32)
+
+  grams = [{k: {'kernel': g(v['kernel'])} for k, v in m.items()
+            if 'kernel' in v} for m in models]
+  try:
+    out = mj.merge(mj.methods.regmean(grams), None, models)
+  except CLEAN:
+    return
+  assert gram != 'nan' or not any(grams[0].values())
+  _check_result(out, models[0])
+
+
+@FAST
+@hypothesis.given(model_sets(ks=(1, 2, 3)), st.sampled_from(
+    ('task', 'nan', 'wrong_length')))
+def test_adamerging(data, coef):
+  base, models = data
+  k = len(models)
+  c = {'task': jnp.full((k,), 0.3), 'nan': jnp.full((k,), NAN),
+       'wrong_length': jnp.full((k + 1,), 0.3)}[coef]
+  try:
+    out = mj.merge(mj.methods.adamerging(c), base, models)
+  except CLEAN:
+    return
+  assert coef == 'task', coef
+  _check_result(out, base)
+
+
+@FAST
+@hypothesis.given(st.sampled_from(((0, 4), (3, 1), (2, 5))),
+                  st.sampled_from((0.0, 1.0, 80.0)))
+def test_prediction_entropy(shape, scale):
+  logits = scale * jax.random.normal(jax.random.key(0), shape)
+  if 0 in shape:
+    with pytest.raises(ValueError, match='at least one example'):
+      mj.methods.prediction_entropy(logits)
+    return
+  h = mj.methods.prediction_entropy(logits)
+  assert bool(jnp.all(jnp.isfinite(h))) and bool(jnp.all(h >= -1e-6))
+
+
+@FAST
+@hypothesis.given(st.integers(1, 3), st.integers(0, 3), st.sampled_from(
+    ('svd', 'lego')), st.sampled_from((None, 1, 2)))
+def test_lora_methods(k, rank_in, which, rank):
+  rng = np.random.default_rng(k + 7 * rank_in)
+  r = max(rank_in, 1)
+  f = lambda *s: jnp.asarray(rng.normal(size=s), jnp.float32)
+  ads = [{'q': mj.transforms.LoRA(f(5, r), f(r, 4)), 'bias': f(4)}
+         for _ in range(k)]
+  tx = (mj.methods.lora_svd(rank=rank) if which == 'svd'
+        else mj.methods.lora_lego(rank=rank))
+  try:
+    out = mj.merge(tx, None, ads)
+  except CLEAN:
+    return
+  assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(out))
+
+
+@FAST
+@hypothesis.given(model_sets(ks=(1, 2, 3), shapes=MATRIX_SHAPES),
+                  st.integers(1, 3))
+def test_state_readers_reconstruct_and_twin_mix(data, budget):
+  base, models = data
+  k = len(models)
+  try:
+    _, state = mj.merge(mj.methods.reversible(min(budget, k)), base, models,
+                        return_state=True)
+  except CLEAN:  # e.g. a zero-size leaf: a clean refusal
+    return
+  for i in range(k):
+    _check_result(mj.methods.reconstruct(state, base, i), base)
+  for bad in (k, -1, 0.5):
+    with pytest.raises(ValueError, match='task index'):
+      mj.methods.reconstruct(state, base, bad)
+  _, tw = mj.merge(mj.methods.twin(density=0.5), base, models, return_state=True)
+  mixed = mj.methods.twin_mix(tw, jnp.full((k,), 1.0 / k))  # float32, documented
+  _check_result(mixed, jax.tree.map(lambda b: b.astype(jnp.float32), base))
+
+
+# --------------------------------------------------------------------------- #
+# Permutation entry points: random MLPs and specs that do or do not fit.
+# --------------------------------------------------------------------------- #
+@st.composite
+def mlp_pairs(draw):
+  widths = tuple(draw(st.lists(st.integers(1, 6), min_size=1, max_size=3)))
+  d_in, d_out = draw(st.integers(1, 4)), draw(st.integers(1, 3))
+  m = permute.models.MLP(widths, num_outputs=d_out)
+  x = jnp.ones((1, d_in))
+  a = m.init(jax.random.key(draw(st.integers(0, 99))), x)['params']
+  b = m.init(jax.random.key(draw(st.integers(100, 199))), x)['params']
+  spec_depth = draw(st.sampled_from((len(widths), len(widths),
+                                     len(widths) + 1, max(len(widths) - 1, 0))))
+  return a, b, widths, spec_depth
+
+
+def _hidden(p, x, depth):
+  # Features of every group of mlp_spec(depth) (a spec that does not fit the
+  # params asks for a layer that is missing: a clean KeyError-free error).
+  out, h = {}, x
+  for l in range(depth):
+    if f'Dense_{l}' not in p:
+      raise ValueError(f'no layer Dense_{l}')
+    h = jax.nn.relu(h @ p[f'Dense_{l}']['kernel'] + p[f'Dense_{l}']['bias'][None])
+    out[f'P_{l}'] = h
+  return out
+
+
+@FAST
+@hypothesis.given(mlp_pairs(), st.sampled_from(PERMUTE_CASES))
+def test_permutation_entry_points(pair, name):
+  a, b, widths, depth = pair
+  d_in = a['Dense_0']['kernel'].shape[0]
+  spec = permute.mlp_spec(depth)
+  # activation_matching takes features, not a spec: any depth the features
+  # function can compute is a valid request.
+  fits = depth == len(widths) or (name == 'activation_matching' and
+                                  depth < len(widths))
+  key = jax.random.key(0)
+  calls = {
+      'weight_matching': lambda: permute.weight_matching(spec, a, b),
+      'permute_align': lambda: mj.merge(mj.chain(
+          permute.permute_align(spec, reference='first'), mj.transforms.mean()),
+                                        None, [a, b]),
+      'sinkhorn_matching': lambda: permute.sinkhorn_matching(
+          spec, a, b, lambda p: jnp.float32(0.0), [None], steps=2),
+      'ste_matching': lambda: permute.ste_matching(
+          spec, a, b, lambda p: jnp.float32(0.0), [None], steps=1),
+      'activation_matching': lambda: permute.activation_matching(
+          lambda p, x: _hidden(p, x, len(widths)), a, b, [jnp.ones((3, d_in))]),
+      'apply_permutation': lambda: permute.apply_permutation(
+          spec, permute.random_permutations(spec, b, key), b),
+      'soft_apply_permutation': lambda: permute.soft_apply_permutation(
+          spec, permute.permutation_matrices(
+              permute.random_permutations(spec, b, key)), b),
+      'merge_many': lambda: permute.merge_many(spec, [a, b], max_iter=2),
+      'solve_assignment': lambda: permute.solve_assignment(
+          jnp.ones((widths[0], widths[0] + (0 if fits else 1)))),
+      'merge_lock': lambda: permute.merge_lock(key, a, spec, scaled=spec.groups),
+      'unlock': lambda: permute.unlock(b, a, spec),
+  }
+  try:
+    out = calls[name]()
+  except CLEAN as e:
+    assert not fits or name == 'solve_assignment' and widths[0] > 0, (name, e)
+    return
+  assert fits, f'{name} accepted a spec for {depth} hidden layers on {widths}'
+  assert all(bool(jnp.all(jnp.isfinite(jnp.asarray(x, jnp.float32))))
+             for x in jax.tree.leaves(out) if jnp.issubdtype(
+                 jnp.asarray(x).dtype, jnp.floating))
+
+
+# --------------------------------------------------------------------------- #
+# The CLI's mergekit-config parser.
+# --------------------------------------------------------------------------- #
+_VALUES = st.one_of(st.none(), st.booleans(), st.integers(-3, 3),
+                    st.floats(allow_nan=True, allow_infinity=True),
+                    st.text(max_size=4), st.lists(st.floats(-2, 2), max_size=3),
+                    st.dictionaries(st.text(max_size=3), st.integers(), max_size=2))
+
+
+@FAST
+@hypothesis.given(st.fixed_dictionaries({
+    'merge_method': st.sampled_from(('linear', 'ties', 'task_arithmetic',
+                                     'slerp', 'dare_ties', 'nope', None)),
+    'models': st.one_of(_VALUES, st.lists(st.fixed_dictionaries({
+        'model': st.sampled_from(('a', 'b', '')),
+        'parameters': st.dictionaries(st.sampled_from(
+            ('weight', 'density', 'lambda', 't', 'foo')), _VALUES, max_size=3)}),
+                                          max_size=3)),
+    'parameters': st.dictionaries(st.sampled_from(
+        ('weight', 'density', 'normalize', 't', 'epsilon')), _VALUES,
+                                  max_size=3),
+    'base_model': st.sampled_from((None, 'a', 3)),
+    'dtype': st.sampled_from((None, 'bfloat16', 'float8', 7)),
+}))
+def test_cli_config_parser(raw):
+  from mergejax.cli import _mergekit_config as mc  # pylint: disable=g-import-not-at-top
+  raw = {k: v for k, v in raw.items() if v is not None}
+  try:
+    with warnings.catch_warnings():
+      warnings.simplefilter('ignore')  # unused parameters only warn
+      cfg = mc.load_config(raw)
+  except (*CLEAN, FileNotFoundError) as e:  # the CLI reports both cleanly
+    assert str(e)
+    return
+  assert cfg.merge_method in mc.METHODS
+
+
+# --------------------------------------------------------------------------- #
+# Coverage.
+# --------------------------------------------------------------------------- #
+def test_every_public_name_is_fuzzed():
+  covered = set(CASES) | set(EXEMPT) | set(DATA_CASES)
+  missing = sorted(set(mj.methods.__all__) - covered)
+  assert not missing, (f'mergejax.methods {missing} have no fuzz case: add one '
+                       'to CASES (or, for non-entry points, EXEMPT with why).')
+  entry_points = {n for n in permute.__all__ if callable(getattr(permute, n))
+                  and n[0].islower() and n.endswith(('matching', 'align',
+                                                     'permutation', 'many',
+                                                     'assignment', 'lock'))}
+  assert entry_points <= set(PERMUTE_CASES), sorted(entry_points -
+                                                     set(PERMUTE_CASES))
