@@ -96,7 +96,8 @@ def test_iso_c_and_iso_cts_parity():
   tv = iso_utils.iso_c(tvs, accelerator='cpu')
   _assert_sd_close(mj.merge(M.iso_c(alpha=1.5), jb, jm), _add(base, tv, 1.5))
   tv = iso_utils.iso_cts(tvs, common_space_fraction=0.8, accelerator='cpu')
-  # Flax kernels are (in, out): layout='in_out' maps FusionBench's output side.
+  # Flax kernels are (in, out): the default layout ('auto') reads `kernel`
+  # leaves that way, which maps FusionBench's output side.
   _assert_sd_close(mj.merge(M.iso_cts(alpha=1.5), jb, jm), _add(base, tv, 1.5))
 
 

@@ -429,3 +429,27 @@ def test_emr_stays_finite_when_a_task_disagrees_with_every_elected_sign():
   assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(out))
   rec = M.reconstruct(st, base, 2)
   assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(rec))
+
+
+def test_auto_layout_follows_the_leaf_names_that_travel_with_the_tensors():
+  # The same task vectors as a Flax tree (``kernel``, (in, out)) and as a
+  # Hugging Face tree (``…weight``, (out, in), what mergejax.io loads): the
+  # default layout gives the transposed result, where one fixed layout would
+  # silently use the wrong axis for one of them.
+  rng = np.random.default_rng(0)
+  base = rng.normal(size=(6, 4)).astype(np.float32)
+  fts = [base + rng.normal(size=(6, 4)).astype(np.float32) for _ in range(3)]
+  flax = lambda w: {'layer': {'kernel': jnp.asarray(w)}}
+  hf = lambda w: {'model.layers.0.mlp.up_proj.weight': jnp.asarray(w.T)}
+  name = 'model.layers.0.mlp.up_proj.weight'
+  flax_out = {}
+  for method, make in (
+      ('iso_cts', lambda **kw: mj.methods.iso_cts(common_space_fraction=0.5, **kw)),
+      ('knots', mj.methods.knots), ('widen', mj.methods.widen)):
+    a = mj.merge(make(), flax(base), [flax(w) for w in fts])['layer']['kernel']
+    b = mj.merge(make(), hf(base), [hf(w) for w in fts])[name]
+    np.testing.assert_allclose(a, b.T, atol=1e-5, err_msg=method)
+    flax_out[method] = a
+  wrong = mj.merge(mj.methods.iso_cts(common_space_fraction=0.5, layout='in_out'),
+                   hf(base), [hf(w) for w in fts])[name]
+  assert np.abs(np.asarray(wrong).T - np.asarray(flax_out['iso_cts'])).max() > 1e-3

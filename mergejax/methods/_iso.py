@@ -57,7 +57,7 @@ def _iso_c(updates, params, *, key, exclude, conv, other):
 
 
 def iso_cts(alpha: float | jax.Array = 1.0, *,
-            common_space_fraction: float = 0.8, layout: str = 'in_out',
+            common_space_fraction: float = 0.8, layout: str = 'auto',
             exclude: Any = None, conv: str = 'none',
             other: str = 'mean') -> base.MergeTransformation:
   """Iso-CTS: common and task-specific subspaces with a flat spectrum.
@@ -70,13 +70,16 @@ def iso_cts(alpha: float | jax.Array = 1.0, *,
   ``k_c = r - round((r - int(r f)) / K) K`` (round half to even, as Python).
 
   Not transpose-equivariant: ``layout`` says which axis of a leaf is the
-  output. Flax kernels are ``(in, out)`` (``'in_out'``, default); PyTorch
-  weights ``(out, in)`` (``'out_in'``).
+  output. Flax kernels are ``(in, out)`` (``'in_out'``); PyTorch weights
+  ``(out, in)`` (``'out_in'``); ``'auto'`` (default) tells them apart by
+  the leaf's name.
 
   Args:
     alpha: scale (traced).
     common_space_fraction: ``f``, static (it sets ranks); FusionBench 0.8.
-    layout: ``'in_out'`` or ``'out_in'``.
+    layout: ``'auto'`` (default: each leaf's orientation from its name,
+      ``…weight`` ``(out, in)`` as in PyTorch / Hugging Face checkpoints,
+      else ``(in, out)`` as Flax kernels), ``'in_out'`` or ``'out_in'``.
     exclude: path mask of 2-D leaves not to treat as matrices.
     conv: ``'none'`` or ``'reshape'`` (reshaped kernels are ``in_out``).
     other: rule for non-matrix leaves.
@@ -97,7 +100,7 @@ def iso_cts(alpha: float | jax.Array = 1.0, *,
   if not 0.0 < float(common_space_fraction) <= 1.0:
     raise ValueError('common_space_fraction must lie in (0, 1], got '
                      f'{common_space_fraction}.')
-  subspace.to_out_in(jnp.zeros((1, 1)), layout)  # validates layout
+  subspace.check_layout(layout)
   step = base.stateless(_iso_cts, fraction=float(common_space_fraction),
                         layout=layout, exclude=matrix.static_mask(exclude), conv=conv,
                         other=matrix.check_other(other))
@@ -136,8 +139,9 @@ def _iso_cts(updates, params, *, key, fraction, layout, exclude, conv, other):
   del params, key
 
   def fn(p, x):
-    y = iso_cts_matrix(subspace.to_out_in(x, layout), fraction, p)
-    return subspace.from_out_in(y, layout)
+    lay = subspace.leaf_layout(p, layout)
+    y = iso_cts_matrix(subspace.to_out_in(x, lay), fraction, p)
+    return subspace.from_out_in(y, lay)
 
   return matrix.per_matrix(updates, fn=fn, exclude=exclude, conv=conv, other=other,
                      what='iso_cts')

@@ -20,7 +20,7 @@ class KnotsState(NamedTuple):
 
 def knots(inner: base.MergeTransformation | None = None, *,
           lambda_: float | jax.Array = 1.0, eps: float = 1e-4,
-          layout: str = 'in_out', exclude: Any = None, conv: str = 'none',
+          layout: str = 'auto', exclude: Any = None, conv: str = 'none',
           other: str = 'mean') -> base.MergeTransformation:
   """KnOTS (Stoica et al. 2025): merge task updates in a shared SVD basis.
 
@@ -37,7 +37,9 @@ def knots(inner: base.MergeTransformation | None = None, *,
       TIES chain without ``task_vectors``/``apply_to_base``.
     lambda_: scale (traced).
     eps: singular-value cut-off (static).
-    layout: ``'in_out'`` (Flax) or ``'out_in'`` (PyTorch).
+    layout: ``'auto'`` (default: each leaf's orientation from its name,
+      ``…weight`` ``(out, in)`` as in PyTorch / Hugging Face checkpoints,
+      else ``(in, out)`` as Flax kernels), ``'in_out'`` or ``'out_in'``.
     exclude: path mask of 2-D leaves not to treat as matrices.
     conv: ``'none'`` or ``'reshape'``.
     other: rule for non-matrix leaves (applied to task vectors).
@@ -55,7 +57,7 @@ def knots(inner: base.MergeTransformation | None = None, *,
       https://arxiv.org/abs/2410.19735
   """
   inner = reduce.weighted_sum() if inner is None else inner
-  subspace.to_out_in(jnp.zeros((1, 1)), layout)
+  subspace.check_layout(layout)
   step = base.MergeTransformation(
       lambda params: KnotsState(inner.init(None)),
       base.static_fn.of(_knots_update, inner=inner.update, eps=float(eps),
@@ -71,19 +73,24 @@ def _knots_update(updates, state, params=None, *, key=None, inner, eps, layout,
   mats = subspace.matrix_paths(flat, exclude=exclude, conv=conv, what='knots')
   blocks, factors = {}, {}
   for p in mats:
-    w = subspace.to_out_in(subspace.to_matrix(flat[p], conv), layout)
+    w = subspace.to_out_in(subspace.to_matrix(flat[p], conv),
+                           subspace.leaf_layout(p, layout))
     k, m, n = w.shape
     cat = jnp.transpose(w, (1, 0, 2)).reshape(m, k * n)  # [tau_1 | ... | tau_K]
     u, s, vh = subspace.svd(cat)
     s = jnp.where(s > eps, s, 0.0)
     factors[p] = (u, s)
     blocks[p] = jnp.transpose(vh.reshape(-1, k, n), (1, 0, 2))  # [K, r, in]
-  merged, inner_state = inner(blocks, state.inner, None, key=key)
+  if blocks:
+    merged, inner_state = inner(blocks, state.inner, None, key=key)
+  else:  # no matrix leaf: nothing for the inner merge (only `other` leaves)
+    merged, inner_state = {}, state.inner
   out = {}
   for p, x in flat.items():
     if p in factors:
       u, s = factors[p]
-      y = subspace.from_out_in((u * s[None]) @ merged[p], layout)
+      y = subspace.from_out_in((u * s[None]) @ merged[p],
+                               subspace.leaf_layout(p, layout))
       out[p] = y.reshape(x.shape[1:])
     else:
       out[p] = matrix.reduce_other(x, other)

@@ -20,7 +20,7 @@ class WidenState(NamedTuple):
 
 
 def widen(t: float | jax.Array = 1.0, s: float | jax.Array = 1.0, *,
-          layout: str = 'in_out', exclude: Any = None,
+          layout: str = 'auto', exclude: Any = None,
           other: str = 'mean') -> base.MergeTransformation:
   """WIDEN (Yu et al. 2024): magnitude/direction disentanglement, adaptive fusion.
 
@@ -37,7 +37,9 @@ def widen(t: float | jax.Array = 1.0, s: float | jax.Array = 1.0, *,
   Args:
     t: above-average ratio (traced), 1.0.
     s: score calibration value (traced), 1.0.
-    layout: ``'in_out'`` (Flax) or ``'out_in'`` (PyTorch).
+    layout: ``'auto'`` (default: each leaf's orientation from its name,
+      ``…weight`` ``(out, in)`` as in PyTorch / Hugging Face checkpoints,
+      else ``(in, out)`` as Flax kernels), ``'in_out'`` or ``'out_in'``.
     exclude: path mask of leaves not merged by WIDEN.
     other: rule for leaves WIDEN does not merge (on task vectors).
 
@@ -46,7 +48,7 @@ def widen(t: float | jax.Array = 1.0, s: float | jax.Array = 1.0, *,
       Language Models via Weight Disentanglement", 2024.
       https://arxiv.org/abs/2408.03092
   """
-  subspace.to_out_in(jnp.zeros((1, 1)), layout)
+  subspace.check_layout(layout)
   tt = checks.hparam(t, 't')
   ss = checks.hparam(s, 's')
   step = base.MergeTransformation(
@@ -92,8 +94,9 @@ def _widen_update(updates, state, params=None, *, key=None, layout, exclude,
       out[p] = jnp.sum(sc * delta, axis=0)
       continue
     # Units j along the input axis: rows in (in, out) layout.
-    w = x if layout == 'in_out' else jnp.swapaxes(x, -1, -2)
-    w0 = b if layout == 'in_out' else b.T
+    in_out = subspace.leaf_layout(p, layout) == 'in_out'
+    w = x if in_out else jnp.swapaxes(x, -1, -2)
+    w0 = b if in_out else b.T
     mu = jnp.linalg.norm(w, axis=-1)  # [K, in]
     mu0 = jnp.linalg.norm(w0, axis=-1)  # [in]
     dirs = w / jnp.maximum(mu, 1e-30)[..., None]
@@ -104,5 +107,5 @@ def _widen_update(updates, state, params=None, *, key=None, layout, exclude,
                    + _widen_scores(_rank_sig(d_dir), state.t, state.s))
     dw = w - w0[None]
     merged = jnp.sum(omega[..., None] * dw, axis=0)
-    out[p] = merged if layout == 'in_out' else merged.T
+    out[p] = merged if in_out else merged.T
   return paths.unflatten_like(params, out), state

@@ -13,10 +13,14 @@ Leaves outside the set are handled by the caller's ``non_matrix`` rule:
 ``'error'`` (the default for primitives), ``'keep'`` (pass through unchanged)
 or, in the merge methods, ``other='mean' | 'sum' | 'zero'``.
 
-Orientation. A Flax kernel is ``(in, out)`` (layout ``'in_out'``, the default);
-PyTorch stores linear weights ``(out, in)`` (``'out_in'``). SVD truncation,
-polar factors and Iso-C are transpose-equivariant; steps that act on one side
-(``project(side=...)``) take the layout explicitly.
+Orientation. A Flax kernel is ``(in, out)`` (layout ``'in_out'``); PyTorch
+and Hugging Face store linear weights ``(out, in)`` (``'out_in'``). SVD
+truncation, polar factors and Iso-C are transpose-equivariant; steps that act
+on one side (``project(side=...)``, Iso-CTS, KnOTS, WIDEN) take a layout,
+``'auto'`` by default: each leaf's orientation comes from its name, which
+travels with the tensor — ``…weight`` (PyTorch, Hugging Face checkpoints as
+`mergejax.io` loads them) is ``(out, in)``, any other name (Flax ``kernel``)
+``(in, out)``.
 
 All SVDs run in float32, batched over the model axis.
 """
@@ -32,7 +36,7 @@ from mergejax._src import base
 from mergejax._src import paths
 
 CONV_MODES = ('none', 'reshape')
-LAYOUTS = ('in_out', 'out_in')
+LAYOUTS = ('auto', 'in_out', 'out_in')
 
 
 class SVDBasis(NamedTuple):
@@ -221,10 +225,36 @@ def swap_layout(x: jax.Array) -> jax.Array:
   return jnp.swapaxes(x, -1, -2)
 
 
-def to_out_in(x: jax.Array, layout: str) -> jax.Array:
-  """Views a matrix in PyTorch orientation ``(out, in)``."""
+def check_layout(layout: str) -> str:
   if layout not in LAYOUTS:
     raise ValueError(f'layout must be one of {LAYOUTS}, got {layout!r}.')
+  return layout
+
+
+def leaf_layout(path: str, layout: str) -> str:
+  """The orientation of the leaf at ``path``: ``layout``, or from its name.
+
+  With ``'auto'``, a leaf whose name ends in ``weight`` (PyTorch /
+  Hugging Face: ``model.layers.0.mlp.up_proj.weight``) is ``'out_in'``;
+  every other leaf (Flax ``…/kernel``) is ``'in_out'``.
+
+  Example:
+    >>> leaf_layout('model.layers.0.mlp.up_proj.weight', 'auto')
+    'out_in'
+    >>> leaf_layout('Dense_0/kernel', 'auto'), leaf_layout('w', 'out_in')
+    ('in_out', 'out_in')
+  """
+  if check_layout(layout) != 'auto':
+    return layout
+  name = path.rsplit('/', 1)[-1].rsplit('.', 1)[-1]
+  return 'out_in' if name == 'weight' else 'in_out'
+
+
+def to_out_in(x: jax.Array, layout: str) -> jax.Array:
+  """Views a matrix in PyTorch orientation ``(out, in)`` (a resolved layout)."""
+  if layout not in ('in_out', 'out_in'):
+    raise ValueError(f"to_out_in needs 'in_out' or 'out_in' (resolve 'auto' "
+                     f'with leaf_layout), got {layout!r}.')
   return swap_layout(x) if layout == 'in_out' else x
 
 
@@ -343,7 +373,7 @@ def _from_basis(updates, params, *, key, conv):
 
 
 def project(rank: int | float, *, side: str = 'output', mode: str = 'orthogonal',
-            source: str = 'sum', layout: str = 'in_out', include: Any = None,
+            source: str = 'sum', layout: str = 'auto', include: Any = None,
             exclude: Any = None, conv: str = 'none',
             non_matrix: str = 'error') -> base.MergeTransformation:
   """Projects every model's matrix onto / orthogonally to a shared subspace.
@@ -358,7 +388,8 @@ def project(rank: int | float, *, side: str = 'output', mode: str = 'orthogonal'
     side: ``'output'`` or ``'input'``: which space the subspace lives in.
     mode: ``'onto'`` or ``'orthogonal'``.
     source: ``'sum'`` (sum over models) — the only source for now.
-    layout: ``'in_out'`` (Flax kernels, default) or ``'out_in'`` (PyTorch).
+    layout: ``'auto'`` (default: from each leaf's name, `leaf_layout`),
+      ``'in_out'`` (Flax kernels) or ``'out_in'`` (PyTorch).
     include: path mask of leaves to project (None: every matrix).
     exclude: path mask of leaves to leave out.
     conv: ``'none'`` or ``'reshape'``.
@@ -376,8 +407,7 @@ def project(rank: int | float, *, side: str = 'output', mode: str = 'orthogonal'
     raise ValueError(f"side must be 'output' or 'input', got {side!r}.")
   if source != 'sum':
     raise ValueError(f"source must be 'sum', got {source!r}.")
-  if layout not in LAYOUTS:
-    raise ValueError(f'layout must be one of {LAYOUTS}, got {layout!r}.')
+  check_layout(layout)
   if mode not in ('onto', 'orthogonal'):
     raise ValueError(f"mode must be 'onto' or 'orthogonal', got {mode!r}.")
   return base.stateless(_project, rank=rank, side=side, mode=mode,
@@ -392,11 +422,11 @@ def _project(updates, params, *, key, rank, side, mode, layout, include,
   mats = set(matrix_paths(flat, include=include, exclude=exclude, conv=conv,
                           what='project'))
   # In (in, out) layout the output space is the row space (right side).
-  mat_side = {('output', 'in_out'): 'right', ('input', 'in_out'): 'left',
-              ('output', 'out_in'): 'left', ('input', 'out_in'): 'right'}[
-                  (side, layout)]
+  sides = {('output', 'in_out'): 'right', ('input', 'in_out'): 'left',
+           ('output', 'out_in'): 'left', ('input', 'out_in'): 'right'}
   out = {}
   for p, x in flat.items():
+    mat_side = sides[(side, leaf_layout(p, layout))]
     if p not in mats:
       if non_matrix == 'error':
         raise ValueError(
