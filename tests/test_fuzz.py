@@ -9,14 +9,17 @@ dtype and no NaN/Inf (the inputs are finite), or raise a clean `ValueError`
 / `TypeError` naming the problem: never a crash inside NumPy or XLA, a silent
 NaN, or an accepted invalid hyperparameter, eagerly or traced under jit.
 
-`test_every_public_name_is_fuzzed` fails when a public name has neither a
-fuzz case here nor an exemption with its reason. The suite is derandomised
+`test_every_public_name_is_fuzzed` and `test_every_building_block_is_fuzzed`
+fail when a public method or building block has neither a fuzz case here nor
+an exemption with its reason. The suite is derandomised
 (reproducible in CI); ``-m slow`` runs many more examples.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 import warnings
 from typing import Any, Callable
 
@@ -34,7 +37,7 @@ SHAPES = ((), (1,), (0, 4), (3,), (4, 5), (1, 6), (5, 1), (2, 3, 4))
 MATRIX_SHAPES = ((4, 5), (1, 6), (5, 1), (6, 6), (0, 3), (3,), ())
 DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 CLEAN = (ValueError, TypeError)
-FAST = hypothesis.settings(max_examples=5, deadline=None, derandomize=True,
+FAST = hypothesis.settings(max_examples=4, deadline=None, derandomize=True,
                            database=None,
                            suppress_health_check=list(hypothesis.HealthCheck))
 LONG = hypothesis.settings(FAST, max_examples=60)
@@ -284,13 +287,15 @@ def test_regmean(data, gram):
          'nan': np.full((x.shape[0],) * 2, NAN)}[gram]
     return jnp.asarray(m, jnp.float32)
 
-  grams = [{k: {'kernel': g(v['kernel'])} for k, v in m.items()
-            if 'kernel' in v} for m in models]
+  grams = [{f'{k}/kernel': g(v['kernel']) for k, v in m.items()
+            if 'kernel' in v and v['kernel'].ndim == 2} for m in models]
+  empty = any(x.size == 0 for x in jax.tree.leaves(models[0]))
   try:
     out = mj.merge(mj.methods.regmean(grams), None, models)
   except CLEAN:
+    assert gram != 'ok' or empty, 'valid Grams were refused'
     return
-  assert gram != 'nan' or not any(grams[0].values())
+  assert gram != 'nan' or not grams[0], 'NaN Grams were accepted'
   _check_result(out, models[0])
 
 
@@ -485,3 +490,269 @@ def test_every_public_name_is_fuzzed():
                                                      'assignment', 'lock'))}
   assert entry_points <= set(PERMUTE_CASES), sorted(entry_points -
                                                      set(PERMUTE_CASES))
+
+
+# --------------------------------------------------------------------------- #
+# Building blocks: each factory inside the chain that makes it a whole merge.
+# --------------------------------------------------------------------------- #
+T = mj.transforms
+
+
+def _grams_like(models):
+  """Identity input Grams for every matrix leaf (RegMean is then the average)."""
+  return [{name: {'kernel': jnp.eye(layer['kernel'].shape[0])}
+           for name, layer in m.items() if 'kernel' in layer and
+           layer['kernel'].ndim == 2} for m in models]
+
+
+def _fishers_like(models):
+  return [jax.tree.map(lambda x: jnp.ones(x.shape, jnp.float32), m)
+          for m in models]
+
+
+def _t(name, *args, **fixed):
+  return lambda h, k: getattr(T, name)(*args, **fixed, **h)
+
+
+def _coefficients(h, k):
+  return T.coefficient_sum(jnp.full((k,), 0.5))
+
+
+# The templates a building block can sit in, tried in order on a benign input
+# (a per-model step, a reducer of task vectors, a reducer of the models, a
+# step after the reduction).
+TEMPLATES = {
+    'per_model': lambda x: mj.chain(T.task_vectors(), x, T.weighted_sum(),
+                                    T.apply_to_base()),
+    'reduce_tvs': lambda x: mj.chain(T.task_vectors(), x, T.apply_to_base()),
+    'reduce_models': lambda x: x,
+    'after_reduce': lambda x: mj.chain(T.task_vectors(), T.weighted_sum(), x,
+                                       T.apply_to_base()),
+    'before_disjoint': lambda x: mj.chain(T.task_vectors(), x, T.disjoint_merge(),
+                                          T.apply_to_base()),
+}
+
+BLOCKS: dict[str, Case] = {
+    'task_vectors': Case(lambda h, k: T.task_vectors()),
+    'weighted_sum': Case(_t('weighted_sum'), invalid=dict(weights=['nan'])),
+    'mean': Case(_t('mean')),
+    'scale': Case(lambda h, k: T.scale(h.get('factor', 0.5)),
+                  dict(factor=[0.0, 2.0]), dict(factor=[NAN])),
+    'apply_to_base': Case(lambda h, k: T.apply_to_base()),
+    'coefficient_sum': Case(_coefficients),
+    'trim': Case(lambda h, k: T.trim(h.pop('density', 0.5), **h),
+                 dict(scope=['tensor', 'global']), BAD_DENSITY),
+    'dare': Case(lambda h, k: T.dare(h.pop('density', 0.5), **h),
+                 invalid=BAD_DENSITY),
+    'breadcrumbs_prune': Case(lambda h, k: T.breadcrumbs_prune(
+        h.pop('density', 0.5), **h), invalid=BAD_DENSITY),
+    'della_prune': Case(lambda h, k: T.della_prune(
+        h.pop('density', 0.5), axis=None, **h), invalid=BAD_DENSITY),
+    'elect_sign': Case(_t('elect_sign'), dict(method=['sum', 'count'])),
+    'disjoint_merge': Case(_t('disjoint_merge')),
+    'sce_select': Case(_t('sce_select'), invalid=dict(select_topk=[NAN])),
+    'sce_merge': Case(_t('sce_merge')),
+    'ram_merge': Case(_t('ram_merge'), invalid=dict(epsilon=[NAN])),
+    'lerp_reduce': Case(lambda h, k: T.lerp_reduce(h.get('t', 0.5)),
+                        invalid=dict(t=[NAN]), k=(1,)),
+    'slerp_reduce': Case(lambda h, k: T.slerp_reduce(h.get('t', 0.5)),
+                         invalid=dict(t=[NAN]), k=(1,)),
+    'nuslerp_reduce': Case(lambda h, k: T.nuslerp_reduce([1.0, 0.5]), k=(2,),
+                           base=False),
+    'multislerp_reduce': Case(_t('multislerp_reduce')),
+    'karcher_reduce': Case(_t('karcher_reduce'), base=False),
+    'model_stock_reduce': Case(_t('model_stock_reduce'), k=(2, 3)),
+    'nearswap_reduce': Case(lambda h, k: T.nearswap_reduce(h.get('t', 0.5)),
+                            invalid=dict(t=[NAN]), k=(1,)),
+    'arcee_fusion_reduce': Case(_t('arcee_fusion_reduce'), k=(1,)),
+    'svd_basis': Case(lambda h, k: mj.chain(T.svd_basis(2, non_matrix='keep'),
+                                            T.from_basis()),
+                      shapes=MATRIX_SHAPES),
+    'from_basis': Case(lambda h, k: mj.chain(T.svd_basis(None, non_matrix='keep'),
+                                             T.from_basis()),
+                       shapes=MATRIX_SHAPES),
+    'project': Case(lambda h, k: T.project(1, non_matrix='keep'),
+                    shapes=MATRIX_SHAPES),
+    'layer_scale': Case(_t('layer_scale'), invalid=dict(beta=[NAN])),
+    'outlier_reweight': Case(_t('outlier_reweight'),
+                             invalid=dict(quantile=[NAN, 1.5])),
+    'tsv_reduce': Case(_t('tsv_reduce'), shapes=MATRIX_SHAPES),
+    'fisher_weighted_sum': Case(lambda h, k: None),  # inputs drawn per case
+    'regmean_reduce': Case(lambda h, k: None, shapes=MATRIX_SHAPES),
+}
+BLOCK_FUNCTIONS = ('kth_largest_magnitude', 'topk_mask', 'topk_masks',
+                   'batched_topk_masks', 'della_probs', 'keep_count',
+                   'rescale_l1', 'apply_mask', 'sign_agreement',
+                   'model_stock_ratio', 'magnitude_mask', 'consensus_mask',
+                   'compute_tall_masks', 'lora_delta', 'lora_from_delta',
+                   'check_lora', 'merge_lora', 'opcm_init', 'opcm_update',
+                   'opcm_params', 'project_new_task')
+BLOCK_EXEMPT = {'LoRA': 'a NamedTuple of factors', 'SVDBasis': 'a NamedTuple'}
+
+
+def _block_tx(name, h, models):
+  case = BLOCKS[name]
+  if name == 'fisher_weighted_sum':
+    return T.fisher_weighted_sum(_fishers_like(models))
+  if name == 'regmean_reduce':
+    return T.regmean_reduce(_grams_like(models))
+  return case.make(dict(h), len(models))
+
+
+@functools.lru_cache(maxsize=None)
+def _template(name):
+  """The first template in which the block makes a working merge."""
+  case = BLOCKS[name]
+  base = {'layers_0': {'kernel': jnp.linspace(-1, 1, 20).reshape(4, 5)},
+          'layers_1': {'bias': jnp.linspace(0.5, 1.0, 5)}}
+  k = max(case.k)
+  models = [jax.tree.map(lambda x, i=i: x + 0.1 * (i + 1) * jnp.sin(x * (i + 2)),
+                         base) for i in range(k)]
+  for t, wrap in TEMPLATES.items():
+    try:
+      out = mj.merge(wrap(_block_tx(name, {}, models)),
+                     base if case.base else None, models, key=jax.random.key(0))
+      _check_result(out, base)
+      return t
+    except Exception:  # pylint: disable=broad-except
+      continue
+  raise AssertionError(f'transforms.{name}: no template makes it a merge; '
+                       'give it a case of its own.')
+
+
+def _run_block(name, data):
+  case = BLOCKS[name]
+  wrap = TEMPLATES[_template(name)]
+  base, models = data.draw(model_sets(case.k, case.shapes))
+  h = {p: data.draw(st.sampled_from(v)) for p, v in case.valid.items()
+       if data.draw(st.booleans())}
+  bad = None
+  if case.invalid and data.draw(st.booleans()):
+    bad = data.draw(st.sampled_from(sorted(case.invalid)))
+    h[bad] = _weights(data.draw(st.sampled_from(case.invalid[bad])), len(models))
+  try:
+    out = mj.merge(wrap(_block_tx(name, h, models)), base if case.base else None,
+                   models, key=jax.random.key(0))
+  except CLEAN as e:
+    assert str(e), 'an error without a message'
+    return
+  assert bad is None, f'{name}: invalid {bad}={h[bad]!r} was accepted'
+  _check_result(out, base)
+
+
+@pytest.mark.parametrize('name', sorted(BLOCKS))
+def test_building_blocks_in_their_chain(name):
+  def run(data):
+    _run_block(name, data)
+  run.__name__ = f'fuzz_block_{name}'
+  hypothesis.given(data=st.data())(FAST(run))()
+
+
+# Public helpers that the building blocks above call on every fuzzed input.
+BLOCK_REACHED = {
+    'batched_topk_masks': 'trim(scope="global") and the TIES family',
+    'della_probs': 'della_prune', 'rescale_l1': 'dare, della_prune',
+    'apply_mask': 'dare, della_prune', 'sign_agreement': 'elect_sign',
+    'model_stock_ratio': 'model_stock_reduce', 'compute_tall_masks': 'tall_masks',
+    'project_new_task': 'opcm_update', 'opcm_params': 'opcm_update below',
+    'opcm_init': 'opcm_update below',
+}
+
+
+@FAST
+@hypothesis.given(st.sampled_from(((0,), (1,), (7,), (3, 4))),
+                  st.integers(-1, 13), st.booleans(), st.integers(0, 99))
+def test_selection_functions(shape, k, exact, seed):
+  x = jnp.asarray(np.random.default_rng(seed).normal(size=shape), jnp.float32)
+  n = x.size
+  try:
+    mask = T.topk_mask(x, k, exact=exact)
+  except CLEAN:
+    assert not 1 <= k <= n or n == 0, (shape, k)
+    return
+  assert mask.shape == x.shape and mask.dtype == jnp.bool_
+  if exact and 0 <= k <= n:
+    assert int(mask.sum()) == k
+  masks = T.topk_masks([x, 2 * x], min(max(k, 0), 2 * n), exact=exact)
+  assert [m.shape for m in masks] == [x.shape] * 2
+  if 1 <= k <= n:
+    ref = np.sort(np.abs(np.asarray(x)).ravel())[::-1][k - 1]
+    np.testing.assert_allclose(T.kth_largest_magnitude(x, k), ref, rtol=1e-6)
+  for rho in (0.0, 0.3, 1.0):
+    c = int(T.keep_count(jnp.float32(rho), n))
+    assert 0 <= c <= n
+
+
+@hypothesis.settings(FAST, max_examples=3)  # each tree shape compiles the masks
+@hypothesis.given(model_sets(ks=(1, 2, 3)), st.sampled_from((0.0, 0.3, 1.0, NAN)),
+                  st.integers(0, 5))
+def test_mask_functions(data, density, k):
+  _, models = data
+  tvs = jax.tree.map(lambda *xs: jnp.stack(xs), *models)
+  try:
+    masks = T.magnitude_mask(tvs, density)
+  except CLEAN:
+    assert math.isnan(density), density
+    return
+  assert not math.isnan(density), 'a NaN density was accepted'
+  assert jax.tree.structure(masks) == jax.tree.structure(tvs)
+  agree = T.consensus_mask(masks, k)  # k > K keeps nothing: a valid request
+  assert all(a.dtype == jnp.bool_ for a in jax.tree.leaves(agree))
+  with pytest.raises(ValueError, match='k must'):
+    T.consensus_mask(masks, NAN)
+
+
+@FAST
+@hypothesis.given(st.integers(1, 3), st.sampled_from(((4, 3), (1, 5), (0, 2))),
+                  st.sampled_from((None, 1, 2, 9)))
+def test_lora_functions(k, shape, rank):
+  rng = np.random.default_rng(k)
+  tau = {'w': jnp.asarray(rng.normal(size=shape), jnp.float32),
+         'b': jnp.ones((shape[1],), jnp.float32)}
+  try:
+    ad = T.lora_from_delta(tau, rank)
+  except CLEAN:
+    return
+  T.check_lora([ad] * k)
+  dense = T.lora_delta(ad)
+  assert dense['w'].shape == shape and bool(jnp.all(jnp.isfinite(dense['w'])))
+  if rank is None or rank >= min(shape):
+    np.testing.assert_allclose(dense['w'], tau['w'], atol=1e-4)
+  try:
+    out = T.merge_lora(mj.methods.lora_svd(), [ad] * k)
+  except CLEAN:
+    assert 0 in shape, shape
+    return
+  assert bool(jnp.all(jnp.isfinite(T.lora_delta(out)['w'])))
+  with pytest.raises(CLEAN):
+    T.check_lora([ad, {'w': T.LoRA(jnp.ones((shape[0], 2)), jnp.ones((3, shape[1]))),
+                       'b': tau['b']}])
+
+
+@FAST
+@hypothesis.given(model_sets(ks=(1, 2, 3), shapes=MATRIX_SHAPES),
+                  st.sampled_from((0.1, 0.5, NAN)))
+def test_opcm_functions(data, alpha):
+  base, models = data
+  try:
+    state = T.opcm_init(base, alpha)
+    for m in models:
+      state = T.opcm_update(state, base, m)
+  except CLEAN:
+    assert math.isnan(alpha) or any(x.size == 0 for x in jax.tree.leaves(base))
+    return
+  assert not math.isnan(alpha), 'a NaN alpha was accepted'
+  _check_result(T.opcm_params(state, base), base)
+
+
+def test_every_building_block_is_fuzzed():
+  direct = ('kth_largest_magnitude', 'topk_mask', 'topk_masks', 'keep_count',
+            'magnitude_mask', 'consensus_mask', 'lora_delta', 'lora_from_delta',
+            'check_lora', 'merge_lora', 'opcm_update')
+  covered = (set(BLOCKS) | set(direct) | set(BLOCK_REACHED) |
+             set(BLOCK_EXEMPT))
+  public = {n for n in T.__all__ if not n.endswith('State')}
+  missing = sorted(public - covered)
+  assert not missing, (f'mergejax.transforms {missing} have no fuzz case: add '
+                       'one to BLOCKS or a test of their own.')
+  assert set(BLOCK_FUNCTIONS) <= set(direct) | set(BLOCK_REACHED)

@@ -657,7 +657,8 @@ def nearswap_reduce(t: float | jax.Array) -> base.MergeTransformation:
     >>> mj.merge(mj.transforms.nearswap_reduce(0.5), base, [ft])['w']
     Array([0.1, 0.5], dtype=float32)
   """
-  t = checks.hparam(t, 't')
+  # A negative distance selects nothing (w = 0 everywhere): a typo, not a merge.
+  t = checks.hparam(t, 't', low=0.0)
   return base.MergeTransformation(lambda params: NearswapState(t),
                                   base.static_fn.of(_nearswap_update))
 

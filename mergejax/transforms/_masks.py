@@ -12,6 +12,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from mergejax._src import checks
 from mergejax._src import modelaxis
 from mergejax.transforms import _select as select
 
@@ -35,7 +36,7 @@ def magnitude_mask(tvs: Any, density: jax.Array, *, scope: str = 'leaf') -> Any:
     >>> magnitude_mask({'w': jnp.array([[1., -3., 2.]])}, 0.34)['w']
     Array([[False,  True, False]], dtype=bool)
   """
-  density = jnp.asarray(density, jnp.float32)
+  density = checks.hparam(density, 'density', low=0.0, high=1.0)
   if scope == 'leaf':
     def per_leaf(x):
       n = x[0].size
@@ -102,6 +103,6 @@ def consensus_mask(masks: Any, k: jax.Array) -> Any:
     >>> consensus_mask({'w': jnp.array([[1, 1, 0], [1, 0, 0]], bool)}, 2)['w']
     Array([ True, False, False], dtype=bool)
   """
-  k = jnp.asarray(k, jnp.float32)
+  k = checks.hparam(k, 'k', low=0.0)
   return jax.tree.map(
       lambda m: modelaxis.model_count(m, jnp.float32) >= k, masks)

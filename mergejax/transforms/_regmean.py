@@ -34,7 +34,8 @@ def regmean_reduce(grams: Any, *, alpha: float | jax.Array = 0.95,
 
   Args:
     grams: per-model Grams, a list of K ``{kernel_path: G}`` dicts
-      (`mergejax.stats.input_grams`) or one dict of ``[K, d_in, d_in]``.
+      (`mergejax.stats.input_grams`; a tree shaped like the params works
+      too) or one dict of ``[K, d_in, d_in]``.
     alpha: off-diagonal scale (traced; FusionBench ``reduce_non_diagonal_ratio``,
       0.95 for CLIP, 0.6 for GPT-2).
     ridge: relative ridge for singular Grams (traced; FusionBench has none).
@@ -58,6 +59,8 @@ def regmean_reduce(grams: Any, *, alpha: float | jax.Array = 0.95,
   if isinstance(grams, (list, tuple)):
     if not grams:
       raise ValueError('grams is empty: pass one {kernel_path: G} per model.')
+    # A flat {path: G} dict or a tree shaped like the params (same paths).
+    grams = [paths.flatten_to_dict(g) for g in grams]
     keys = set(grams[0])
     for i, g in enumerate(grams):
       if set(g) != keys:
@@ -66,7 +69,12 @@ def regmean_reduce(grams: Any, *, alpha: float | jax.Array = 0.95,
     grams = {p: jnp.stack([jnp.asarray(g[p], jnp.float32) for g in grams])
              for p in sorted(keys)}
   else:
-    grams = {p: jnp.asarray(g, jnp.float32) for p, g in dict(grams).items()}
+    grams = {p: jnp.asarray(g, jnp.float32)
+             for p, g in paths.flatten_to_dict(grams).items()}
+  for p, g in grams.items():
+    if not isinstance(g, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(g))):
+      raise ValueError(f'grams[{p!r}] holds NaN/Inf; recompute the Gram '
+                       'statistics (e.g. stats.input_grams) from finite inputs.')
   a = checks.hparam(alpha, 'alpha', low=0.0, high=1.0)
   r = checks.hparam(ridge, 'ridge', low=0.0)
 
@@ -93,6 +101,14 @@ def _check_grams(grams: Mapping[str, jax.Array], params: Any) -> None:
                        'kernel.')
 
 
+def _pinv_psd(a: jax.Array) -> jax.Array:
+  """Pseudo-inverse of a symmetric PSD matrix (eigenvalues below rcond dropped)."""
+  vals, vecs = jnp.linalg.eigh(a)
+  cut = jnp.max(jnp.abs(vals)) * a.shape[-1] * jnp.finfo(jnp.float32).eps
+  inv = jnp.where(vals > cut, 1.0 / jnp.where(vals > cut, vals, 1.0), 0.0)
+  return (vecs * inv[None]) @ vecs.T
+
+
 def _regmean_update(updates, state, params=None, *, key=None):
   del params, key
 
@@ -107,7 +123,14 @@ def _regmean_update(updates, state, params=None, *, key=None):
     gs = state.alpha * g + (1.0 - state.alpha) * g * eye[None]  # shrink off-diag
     total = jnp.sum(gs, axis=0)
     total = total + state.ridge * jnp.mean(jnp.diagonal(total)) * eye
-    rhs = jnp.einsum('kij,kjo->io', gs, x.astype(jnp.float32))
-    return jnp.linalg.solve(total, rhs)
+    # Centred on the plain mean: input directions no model's data reaches
+    # (a zero or singular Gram) leave the weights unconstrained there, and
+    # they keep the mean instead of becoming NaN.
+    xs = x.astype(jnp.float32)
+    avg = jnp.mean(xs, axis=0)
+    rhs = jnp.einsum('kij,kjo->io', gs, xs - avg[None])
+    w = jnp.linalg.solve(total, rhs)
+    return avg + jax.lax.cond(jnp.all(jnp.isfinite(w)), lambda: w,
+                              lambda: _pinv_psd(total) @ rhs)
 
   return paths.tree_map_with_path(merge, updates), state

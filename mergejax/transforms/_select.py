@@ -223,6 +223,8 @@ def _topk_row(xs: Sequence[jax.Array], k: jax.Array, *, exact: bool
     raise ValueError(f'topk_masks: {n} entries in one selection; at most '
                      f'{_MAX_ENTRIES - 1} are supported (split the selection, '
                      'e.g. trim per tensor instead of globally).')
+  if n == 0:  # nothing to select (zero-size leaves): empty masks
+    return [jnp.zeros(x.shape, bool) for x in xs]
   k = jnp.clip(jnp.asarray(k, jnp.int32), 0, n)
   flats = [x.reshape(-1) for x in xs]
   t, need, n_at = _threshold(flats, jnp.maximum(k, 1), magnitude_bits)
