@@ -198,8 +198,8 @@ def _call(case, h, base, models):
                   key=jax.random.key(0))
 
 
-def _run_case(name, data):
-  case = CASES[name]
+def _fuzz_one(name, case, data, call):
+  """Draws models and hyperparameters for ``case``; checks ``call``'s outcome."""
   base, models = data.draw(model_sets(case.k, case.shapes))
   h = {p: data.draw(st.sampled_from(v)) for p, v in case.valid.items()
        if data.draw(st.booleans())}
@@ -208,12 +208,17 @@ def _run_case(name, data):
     bad = data.draw(st.sampled_from(sorted(case.invalid)))
     h[bad] = _weights(data.draw(st.sampled_from(case.invalid[bad])), len(models))
   try:
-    out = _call(case, h, base, models)
+    out = call(h, base, models)
   except CLEAN as e:
     assert str(e), 'an error without a message'
     return
   assert bad is None, f'{name}: invalid {bad}={h[bad]!r} was accepted'
   _check_result(out, base)
+
+
+def _run_case(name, data):
+  case = CASES[name]
+  _fuzz_one(name, case, data, functools.partial(_call, case))
 
 
 def _fuzz(name, settings):
@@ -623,21 +628,9 @@ def _template(name):
 def _run_block(name, data):
   case = BLOCKS[name]
   wrap = TEMPLATES[_template(name)]
-  base, models = data.draw(model_sets(case.k, case.shapes))
-  h = {p: data.draw(st.sampled_from(v)) for p, v in case.valid.items()
-       if data.draw(st.booleans())}
-  bad = None
-  if case.invalid and data.draw(st.booleans()):
-    bad = data.draw(st.sampled_from(sorted(case.invalid)))
-    h[bad] = _weights(data.draw(st.sampled_from(case.invalid[bad])), len(models))
-  try:
-    out = mj.merge(wrap(_block_tx(name, h, models)), base if case.base else None,
-                   models, key=jax.random.key(0))
-  except CLEAN as e:
-    assert str(e), 'an error without a message'
-    return
-  assert bad is None, f'{name}: invalid {bad}={h[bad]!r} was accepted'
-  _check_result(out, base)
+  _fuzz_one(name, case, data, lambda h, base, models: mj.merge(
+      wrap(_block_tx(name, h, models)), base if case.base else None, models,
+      key=jax.random.key(0)))
 
 
 @pytest.mark.parametrize('name', sorted(BLOCKS))
