@@ -12,7 +12,9 @@ import mergejax as mj
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HELPERS = {'reconstruct', 'twin_mix', 'twin_apply', 'twin_dense', 'twin_route',
            'twin_train_router', 'fit_adamerging', 'prediction_entropy',
-           'AdaMergingResult'}  # documented in the API reference only
+           'AdaMergingResult', 'concrete_mask', 'fit_concrete',
+           'ConcreteResult', 'DamResult',  # documented in the API reference only
+           'fit_dam'}  # its page is methods/dam.md
 
 
 def test_every_method_has_a_page_in_the_nav():

@@ -147,9 +147,15 @@ EXEMPT = {
                         '(tests/test_data_informed.py)',
     'fit_adamerging': 'trains coefficients through a user loss '
                       '(tests/test_data_informed.py)',
+    'fit_concrete': 'trains a mask through a user loss '
+                    '(tests/test_concrete_dam.py)',
+    'fit_dam': 'trains a mask and perturbations through a user model '
+               '(tests/test_concrete_dam.py)',
+    'ConcreteResult': 'a NamedTuple of results',
+    'DamResult': 'a NamedTuple of results',
 }
 DATA_CASES = ('fisher_merging', 'regmean', 'adamerging', 'prediction_entropy',
-              'lora_svd', 'lora_lego')
+              'lora_svd', 'lora_lego', 'concrete', 'concrete_mask')
 PERMUTE_CASES = ('weight_matching', 'permute_align', 'sinkhorn_matching',
                  'ste_matching', 'activation_matching', 'apply_permutation',
                  'soft_apply_permutation', 'merge_many', 'solve_assignment',
@@ -318,6 +324,48 @@ def test_adamerging(data, coef):
     return
   assert coef == 'task', coef
   _check_result(out, base)
+
+
+@FAST
+@hypothesis.given(model_sets(), st.sampled_from(
+    ('ones', 'random', 'nan', 'wrong_shape', 'missing_leaf')))
+def test_concrete(data, mask):
+  base, models = data
+  rng = np.random.default_rng(0)
+  m = {'ones': jax.tree.map(jnp.ones_like, base),
+       'random': jax.tree.map(lambda x: jnp.asarray(
+           rng.uniform(size=x.shape), jnp.float32), base),
+       'nan': jax.tree.map(lambda x: jnp.full(x.shape, NAN), base),
+       'wrong_shape': jax.tree.map(lambda x: jnp.ones(x.shape + (2,)), base),
+       'missing_leaf': dict(list(base.items())[1:])}[mask]
+  try:
+    out = mj.merge(mj.methods.concrete(m, 0.5), base, models)
+  except CLEAN:
+    empty = any(x.size == 0 for x in jax.tree.leaves(base))
+    assert mask not in ('ones', 'random') or empty, f'a valid {mask} mask was refused'
+    return
+  assert mask in ('ones', 'random'), f'a {mask} mask was accepted'
+  _check_result(out, base)
+
+
+@FAST
+@hypothesis.given(model_sets(ks=(1,)), st.sampled_from((-30.0, 0.0, 30.0, NAN)),
+                  st.booleans(), st.sampled_from((0.5, 0.0, NAN)))
+def test_concrete_mask(data, logit, keyed, temperature):
+  base, _ = data
+  s = jax.tree.map(lambda x: jnp.full(x.shape, logit), base)
+  key = jax.random.key(0) if keyed else None
+  empty = all(x.size == 0 for x in jax.tree.leaves(base))
+  except_nan = math.isnan(logit) and not empty
+  try:
+    m = mj.methods.concrete_mask(s, key, temperature=temperature)
+  except CLEAN:
+    assert except_nan or not temperature > 0, 'valid logits were refused'
+    return
+  assert temperature > 0 and not except_nan, 'bad input accepted'
+  for leaf, b in zip(jax.tree.leaves(m), jax.tree.leaves(base)):
+    assert leaf.shape == b.shape and bool(jnp.all(jnp.isfinite(leaf)))
+    assert bool(jnp.all(leaf >= 0))
 
 
 @FAST
@@ -545,6 +593,7 @@ BLOCKS: dict[str, Case] = {
                   dict(factor=[0.0, 2.0]), dict(factor=[NAN])),
     'apply_to_base': Case(lambda h, k: T.apply_to_base()),
     'coefficient_sum': Case(_coefficients),
+    'shared_mask': Case(lambda h, k: None),  # made by _block_tx (params' tree)
     'trim': Case(lambda h, k: T.trim(h.pop('density', 0.5), **h),
                  dict(scope=['tensor', 'global']), BAD_DENSITY),
     'dare': Case(lambda h, k: T.dare(h.pop('density', 0.5), **h),
@@ -597,6 +646,9 @@ BLOCK_EXEMPT = {'LoRA': 'a NamedTuple of factors', 'SVDBasis': 'a NamedTuple'}
 
 def _block_tx(name, h, models):
   case = BLOCKS[name]
+  if name == 'shared_mask':
+    return T.shared_mask(jax.tree.map(lambda x: jnp.full(x.shape, 0.5),
+                                      models[0]))
   if name == 'fisher_weighted_sum':
     return T.fisher_weighted_sum(_fishers_like(models))
   if name == 'regmean_reduce':

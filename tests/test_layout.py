@@ -38,8 +38,10 @@ ALLOWED = {
 }
 
 # Inside `methods`, modules share `_common` (the task-arithmetic frame and
-# task rebuilds); the Twin router extends the Twin merge (one family).
-SAME_FAMILY = {('mergejax.methods._twin_router', 'mergejax.methods._twin')}
+# task rebuilds); the Twin router extends the Twin merge and DAM the Concrete
+# mask (FusionBench's Safe Concrete): one family each.
+SAME_FAMILY = {('mergejax.methods._twin_router', 'mergejax.methods._twin'),
+               ('mergejax.methods._dam', 'mergejax.methods._concrete')}
 
 
 def _layer(module: str) -> str:

@@ -40,6 +40,9 @@ KWARGS = {
     'lines': dict(method=mj.methods.task_arithmetic(), beta=0.5),
     'reversible': dict(budget=2),
     'adamerging': dict(coefficients=jnp.array([0.3, 0.6])),
+    'concrete': lambda base, models: dict(mask=jax.tree.map(
+        lambda x: np.linspace(0., 2., x.size, dtype=np.float32).reshape(x.shape),
+        base), lambda_=0.5),
     'regmean_plusplus': lambda base, models: dict(
         inputs_fn=lambda p, x: {'model.layers.0.mlp.up_proj.weight': x},
         models=models, batches=[[np.ones((4, 24), np.float32) * (i + 1)]
@@ -58,7 +61,8 @@ KWARGS = {
 # transformation.
 NOT_FACTORIES = {'reconstruct', 'twin_mix', 'twin_apply', 'twin_dense',
                  'twin_route', 'twin_train_router', 'fit_adamerging',
-                 'prediction_entropy'}
+                 'prediction_entropy', 'fit_concrete', 'concrete_mask',
+                 'fit_dam'}
 
 
 def _method_names():

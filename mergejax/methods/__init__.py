@@ -62,7 +62,13 @@ from mergejax.methods._twin_router import twin_train_router
 from mergejax.methods._adamerging import adamerging
 from mergejax.methods._adamerging import AdaMergingResult
 from mergejax.methods._adamerging import fit_adamerging
-from mergejax.methods._adamerging import prediction_entropy
+from mergejax.methods._common import prediction_entropy
+from mergejax.methods._concrete import concrete
+from mergejax.methods._concrete import concrete_mask
+from mergejax.methods._concrete import ConcreteResult
+from mergejax.methods._concrete import fit_concrete
+from mergejax.methods._dam import DamResult
+from mergejax.methods._dam import fit_dam
 from mergejax.methods._data import fisher_merging
 from mergejax.methods._data import regmean
 from mergejax.methods._data import regmean_plusplus
@@ -84,5 +90,7 @@ __all__ = (
     'twin_route', 'twin_train_router',
     'fisher_merging', 'regmean', 'regmean_plusplus',
     'adamerging', 'fit_adamerging', 'AdaMergingResult', 'prediction_entropy',
+    'concrete', 'concrete_mask', 'fit_concrete', 'ConcreteResult',
+    'fit_dam', 'DamResult',
     'lora_lego', 'lora_svd', 'opcm',
 )

@@ -39,16 +39,6 @@ def adamerging(coefficients: Any) -> base.MergeTransformation:
                     reduce.apply_to_base())
 
 
-def prediction_entropy(logits: jax.Array) -> jax.Array:
-  """Mean Shannon entropy of ``softmax(logits)`` over the leading axes."""
-  shape = jnp.shape(logits)
-  if not shape or 0 in shape:
-    raise ValueError(f'prediction_entropy needs [..., classes] logits with at '
-                     f'least one example and one class, got shape {shape}.')
-  logp = jax.nn.log_softmax(jnp.asarray(logits, jnp.float32), axis=-1)
-  return -jnp.mean(jnp.sum(jnp.exp(logp) * logp, axis=-1))
-
-
 class AdaMergingResult(NamedTuple):
   """Learned ``coefficients`` and the ``losses`` per step."""
   coefficients: Any

@@ -1,4 +1,5 @@
-"""Helpers shared by the named methods: the task-vector frame, task rebuilds.
+"""Helpers shared by the named methods: the task-vector frame, task rebuilds,
+the unsupervised loss of the data-informed merges.
 """
 
 from __future__ import annotations
@@ -71,3 +72,13 @@ def find_state(state):
 def take(tree, i):
   """Model ``i`` of a stacked tree (``i`` may be traced)."""
   return jax.tree.map(lambda x: jnp.take(x, i, axis=0), tree)
+
+
+def prediction_entropy(logits: jax.Array) -> jax.Array:
+  """Mean Shannon entropy of ``softmax(logits)`` over the leading axes."""
+  shape = jnp.shape(logits)
+  if not shape or 0 in shape:
+    raise ValueError(f'prediction_entropy needs [..., classes] logits with at '
+                     f'least one example and one class, got shape {shape}.')
+  logp = jax.nn.log_softmax(jnp.asarray(logits, jnp.float32), axis=-1)
+  return -jnp.mean(jnp.sum(jnp.exp(logp) * logp, axis=-1))

@@ -19,6 +19,8 @@ Array([ 0.,  0.,  3., -4.], dtype=float32)
 # pylint: disable=g-importing-member
 from mergejax.transforms._coefficients import coefficient_sum
 from mergejax.transforms._coefficients import CoefficientSumState
+from mergejax.transforms._coefficients import shared_mask
+from mergejax.transforms._coefficients import SharedMaskState
 from mergejax.transforms._consensus import disjoint_merge
 from mergejax.transforms._consensus import DisjointMergeState
 from mergejax.transforms._consensus import elect_sign
@@ -100,6 +102,7 @@ __all__ = (
     # task vectors and reductions
     'task_vectors', 'weighted_sum', 'WeightedSumState', 'mean', 'scale',
     'ScaleState', 'apply_to_base', 'coefficient_sum', 'CoefficientSumState',
+    'shared_mask', 'SharedMaskState',
     # exact top-k selection
     'kth_largest_magnitude', 'topk_mask', 'topk_masks', 'batched_topk_masks',
     # sparsification

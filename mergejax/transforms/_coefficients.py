@@ -54,3 +54,57 @@ def _coefficient_update(updates, state, params=None, *, key=None):
   paths.require_same_paths(flat_c, flat_u, 'layer-wise coefficients')
   out = {p: modelaxis.model_sum(u, flat_c[p]) for p, u in flat_u.items()}
   return paths.unflatten_like(updates, out), state
+
+
+class SharedMaskState(NamedTuple):
+  mask: Any  # a tree like the params: one entry per parameter, shared by models
+
+
+def shared_mask(mask: Any) -> base.MergeTransformation:
+  """Multiplies every model's task vector by one mask: ``tau_i -> m * tau_i``.
+
+  Per-model (``[K, ...] -> [K, ...]``). ``mask`` is a pytree like the params
+  (an array per leaf, of the leaf's shape), shared by the K models, as the
+  Concrete subspace masks and DAM's safety mask are. It lives in the state,
+  so ``jax.grad`` flows into it (`mergejax.methods.fit_concrete` trains the
+  logits behind it); it need not be binary.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from mergejax import transforms as T
+    >>> m = {'w': jnp.array([1., 0.])}
+    >>> u = {'w': jnp.array([[1., 2.], [3., 4.]])}
+    >>> T.shared_mask(m).update(u, T.shared_mask(m).init(None))[0]['w']
+    Array([[1., 0.],
+           [3., 0.]], dtype=float32)
+  """
+  def convert(path, m):
+    if isinstance(m, jax.core.Tracer):  # being trained: checked by the caller
+      return m
+    m = jnp.asarray(m)
+    if not jnp.issubdtype(m.dtype, jnp.floating) and m.dtype != jnp.bool_:
+      raise TypeError(f'shared_mask: mask[{path!r}] must be float or bool, got '
+                      f'{m.dtype}.')
+    if m.dtype != jnp.bool_ and not bool(jnp.all(jnp.isfinite(m))):
+      raise ValueError(f'shared_mask: mask[{path!r}] has non-finite entries.')
+    return m
+
+  mask = paths.tree_map_with_path(convert, mask)
+  return base.MergeTransformation(lambda params: SharedMaskState(mask),
+                                  base.static_fn.of(_shared_mask_update))
+
+
+def _shared_mask_update(updates, state, params=None, *, key=None):
+  del params, key
+  flat_m = paths.flatten_to_dict(state.mask)
+  flat_u = paths.flatten_to_dict(updates)
+  paths.require_same_paths(flat_m, flat_u, 'shared_mask')
+  out = {}
+  for p, u in flat_u.items():
+    m = flat_m[p]
+    if jnp.shape(m) != u.shape[1:]:
+      raise ValueError(f'shared_mask: mask[{p!r}] has shape {jnp.shape(m)}, the '
+                       f'task vectors {u.shape[1:]} (per model); give one mask '
+                       'entry per parameter.')
+    out[p] = u * jnp.asarray(m, u.dtype)[None]
+  return paths.unflatten_like(updates, out), state
