@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import yaml
 
+import mergejax as mj
 from mergejax import cli
 from mergejax.cli import _mergekit_config as mc
 from mergejax.io import _atomic as atomic
@@ -409,6 +410,24 @@ def test_nan_in_a_shard_stops_the_merge_naming_it(tiny, tmp_path, capsys):
   assert np.isnan(st.load_checkpoint(str(tmp_path / 'out'))[name]).sum() == 1
 
 
+def test_nan_input_hidden_by_the_merge_still_stops_it(tmp_path):
+  # TIES trims a NaN task-vector entry away (it never wins the top-k), so the
+  # output alone is finite: the inputs' own finiteness must stop the merge.
+  ckpts = {}
+  for name, w in [('base', [1.0, 1.0, 1.0, 1.0]), ('a', [np.nan, 1.0, 1.0, 5.0]),
+                  ('b', [1.0, 1.0, 1.0, 4.0])]:
+    ckpts[name] = str(tmp_path / name)
+    st.save_checkpoint(ckpts[name], {'w': np.asarray(w, np.float32)})
+  tx = mj.methods.ties(density=0.25)
+  out = str(tmp_path / 'out')
+  with pytest.raises(ValueError, match=r"'w' is finite but its inputs are not"):
+    mj.parallel.stream_merge(tx, ckpts['base'], [ckpts['a'], ckpts['b']], out)
+  assert not os.path.exists(out)
+  mj.parallel.stream_merge(tx, ckpts['base'], [ckpts['a'], ckpts['b']], out,
+                           allow_nonfinite=True)
+  assert np.isfinite(st.load_checkpoint(out)['w']).all()
+
+
 def test_model_without_config_json_warns(tiny, tmp_path):
   bare = str(tmp_path / 'bare')
   st.save_checkpoint(bare, st.load_checkpoint(tiny['ft1']))  # no config
@@ -463,3 +482,15 @@ def test_killed_merges_resume_to_identical_output(tiny, tmp_path):
 def test_thirty_kill_trials_never_leave_a_wrong_output(tiny, tmp_path):
   resumed = _kill_trials(tiny, tmp_path, 30, seed=1)
   assert sum(r > 0 for r in resumed) >= 5, resumed
+
+
+@pytest.mark.parametrize('text', ['-1', -3, '1e400G', '', 'x', '.', 'eB'])
+def test_parse_size_rejects_bad_sizes_as_value_errors(text):
+  with pytest.raises(ValueError, match='Bad size'):
+    cli.parse_size(text)
+
+
+def test_parse_size_units():
+  assert cli.parse_size('5B') == 5 * 10 ** 9
+  assert cli.parse_size('512MiB') == 512 * 2 ** 20
+  assert cli.parse_size('1e3') == 1000 and cli.parse_size(7) == 7

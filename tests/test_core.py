@@ -137,3 +137,20 @@ def test_unreduced_chain_is_an_error():
   base, models = _zoo()
   with pytest.raises(ValueError, match='remove the model axis'):
     mj.merge(mj.transforms.task_vectors(), base, models)
+
+
+@pytest.mark.parametrize('value', [None, 'high', [1.0, [2.0]]])
+def test_check_hparam_rejects_non_numbers_naming_them(value):
+  with pytest.raises(TypeError, match="density must be a number"):
+    mj.check_hparam(value, 'density', low=0.0, high=1.0)
+
+
+def test_partition_label_that_selects_nothing_is_skipped():
+  base = {'a': {'kernel': jnp.zeros((2, 2))}, 'b': {'bias': jnp.zeros(2)}}
+  models = [jax.tree.map(lambda x, i=i: x + i + 1.0, base) for i in range(2)]
+  # Every leaf is labelled 'avg': the 'ta' transformation has no leaves and
+  # must not be initialised or run on an empty tree.
+  tx = mj.partition({'ta': mj.methods.task_arithmetic(), 'avg': mj.methods.average()},
+                    [(r'.*', 'avg')])
+  testing.assert_trees_close(mj.merge(tx, base, models),
+                             mj.merge(mj.methods.average(), None, models))

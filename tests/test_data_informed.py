@@ -244,3 +244,22 @@ def test_fit_adamerging_lowers_the_entropy_in_one_compile(granularity):
   # The merge it reports is the one the coefficients give.
   merged = mj.merge(M.adamerging(res.coefficients), base, models)
   assert float(loss(merged, x[:12])) <= float(res.losses[0]) + 1e-6
+
+
+def test_statistics_skip_empty_batches_and_reject_nan_inputs():
+  w = {'w': jnp.asarray([[1.0, -1.0], [0.5, 2.0]])}
+  logits = lambda p, x: x @ p['w']
+  x = jnp.asarray([[1.0, 2.0], [0.0, 1.0]])
+  empty = jnp.zeros((0, 2))
+  # An empty batch first (a ragged split) is skipped, not the end of the data.
+  testing.assert_trees_close(
+      stats.fisher_diagonal(logits, w, [empty, x]),
+      stats.fisher_diagonal(logits, w, [x]))
+  inputs = lambda p, x: {'w': x}
+  testing.assert_trees_close(stats.input_grams(inputs, w, [empty, x]),
+                             stats.input_grams(inputs, w, [x]))
+  bad = x.at[0, 0].set(jnp.nan)
+  with pytest.raises(ValueError, match=r"Fisher diagonal at 'w'.*NaN/Inf"):
+    stats.fisher_diagonal(logits, w, [bad])
+  with pytest.raises(ValueError, match=r"Gram matrix at 'w'.*NaN/Inf"):
+    stats.input_grams(inputs, w, [bad])

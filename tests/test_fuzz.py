@@ -11,8 +11,10 @@ NaN, or an accepted invalid hyperparameter, eagerly or traced under jit.
 
 `test_every_public_name_is_fuzzed` and `test_every_building_block_is_fuzzed`
 fail when a public method or building block has neither a fuzz case here nor
-an exemption with its reason. The suite is derandomised
-(reproducible in CI); ``-m slow`` runs many more examples.
+an exemption with its reason; `tests/test_fuzz_runtime.py` covers the other
+namespaces (core, stats, io, parallel, cli, testing, the rest of permute).
+The suite is derandomised (reproducible in CI); ``-m slow`` runs many more
+examples.
 """
 
 from __future__ import annotations

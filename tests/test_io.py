@@ -249,3 +249,11 @@ def test_orbax_roundtrip_onto_sharding(tmp_path):
   back = mio.flax_to_hf(mio.load_orbax(str(tmp_path / 'o2')))
   np.testing.assert_array_equal(np.asarray(back['model.layers.0.mlp.up_proj.weight']),
                                 hf['model.layers.0.mlp.up_proj.weight'])
+
+
+def test_hf_names_that_nest_inside_each_other_are_refused():
+  # 'a' is a tensor and a module holding 'a.b': no Flax tree holds both.
+  for names in (['a', 'a.b'], ['a.b', 'a']):
+    tensors = {n: np.zeros(2, np.float32) for n in names}
+    with pytest.raises(ValueError, match="'a'.*rename one with a NameRule"):
+      mio.hf_to_flax(tensors)

@@ -210,6 +210,19 @@ def test_every_public_namespace_declares_all_and_exports_exist(namespace):
   assert not missing
 
 
+def test_every_public_module_declares_all():
+  """Every importable module outside ``_``-private ones says what it exports."""
+  import pkgutil  # pylint: disable=g-import-not-at-top
+  import mergejax  # pylint: disable=g-import-not-at-top
+  missing = []
+  for info in pkgutil.walk_packages(mergejax.__path__, 'mergejax.'):
+    if any(part.startswith('_') for part in info.name.split('.')):
+      continue
+    if not hasattr(importlib.import_module(info.name), '__all__'):
+      missing.append(info.name)
+  assert not missing, f'modules without __all__: {missing}'
+
+
 def test_no_name_means_two_things():
   """A name exported by two namespaces must be the very same object."""
   seen = {}

@@ -303,3 +303,22 @@ def test_weight_matching_rejects_a_non_permutation_start():
   with pytest.raises(ValueError, match='repeated indices'):
     permute.weight_matching(spec, a, a, init_permutations={
         'P_0': np.array([0, 1, 1, 2, 3, 4])})
+
+
+@pytest.mark.parametrize('build, match', [
+    (lambda: permute.mlp_spec(-1), 'num_hidden'),
+    (lambda: permute.cnn_spec(-1), 'num_convs'),
+    (lambda: permute.cnn_spec(2, num_dense=0), 'num_dense'),
+    (lambda: permute.cnn_spec(2, norm='layernorm'), 'norm must be one of'),
+    (lambda: permute.resnet_spec(()), 'stage_sizes is empty'),
+    (lambda: permute.resnet_spec((2, 0)), 'stage size'),
+    (lambda: permute.transformer_spec(-2), 'num_layers'),
+    (lambda: permute.mlp_network(-1), 'num_hidden'),
+    (lambda: permute.cnn_network(1, 0), 'num_dense'),
+    (lambda: permute.resnet_network((1, -1)), 'stage size'),
+])
+def test_spec_builders_reject_invalid_sizes(build, match):
+  # Before, negative counts built an empty spec: merges then silently
+  # permuted nothing.
+  with pytest.raises(ValueError, match=match):
+    build()

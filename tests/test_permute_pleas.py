@@ -678,3 +678,18 @@ def test_custom_network_errors_are_clear():
       layers=(permute.PleasLayer(('inp',), None, 'h', ('ln',)),) + layers[1:])
   with pytest.raises(ValueError, match="'ln' is a LayerNorm"):
     permute.pleas(la, lb, [XM], size=1.5, network=ln_net)
+
+
+def test_choose_ratios_rejects_unreachable_sizes_and_bad_steps():
+  dims = [(4, 8), (8, 2)]
+  sims = [np.linspace(0.0, 1.0, 8)]
+  floor = permute.merged_size(dims, [0.0])
+  assert floor > 1.0  # the heads stay separate
+  assert permute.choose_ratios(sims, dims, floor) == (0.0,)
+  assert permute.choose_ratios(sims, dims, 1.0) == (0.0,)  # merged body
+  with pytest.raises(ValueError, match='at least 1.0'):
+    permute.choose_ratios(sims, dims, 0.99)
+  with pytest.raises(ValueError, match='at least 1.0'):
+    permute.choose_ratios(sims, dims, float('nan'))
+  with pytest.raises(ValueError, match='step must be a positive int'):
+    permute.choose_ratios(sims, dims, 1.5, step=-1)

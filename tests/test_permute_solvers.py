@@ -175,3 +175,19 @@ def test_incremental_term_layouts(shape, axis, other):
 def test_solvers_reject_nan_and_non_square_scores(cost, match):
   with pytest.raises(ValueError, match=match):
     permute.solve_assignment(cost, 'scipy')
+
+
+@pytest.mark.parametrize('kwargs, match', [
+    (dict(tau=0.0), 'tau must be positive'), (dict(tau=float('nan')), 'tau'),
+    (dict(tau=-1.0), 'tau'), (dict(n_iter=0), 'n_iter'),
+    (dict(n_iter=2.5), 'n_iter')])
+def test_sinkhorn_rejects_invalid_settings(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    permute.sinkhorn(jnp.eye(3), **kwargs)
+
+
+def test_sinkhorn_rejects_nan_cost_but_runs_traced():
+  with pytest.raises(ValueError, match='NaN/Inf'):
+    permute.sinkhorn(jnp.eye(3).at[0, 1].set(jnp.nan))
+  p = jax.jit(lambda c, t: permute.sinkhorn(c, tau=t))(jnp.eye(3) * 5.0, 0.1)
+  np.testing.assert_allclose(np.asarray(p).sum(0), 1.0, atol=1e-5)

@@ -43,6 +43,7 @@ def hparam(value: Any, name: str, *, low: float | None = None,
   Raises:
     ValueError: if a concrete value is empty, NaN, infinite or outside the
       range.
+    TypeError: if ``value`` is not numeric (None, a string, a ragged list).
 
   Example:
     >>> hparam(0.2, 'density', low=0.0, high=1.0)
@@ -52,7 +53,14 @@ def hparam(value: Any, name: str, *, low: float | None = None,
     ...
     ValueError: density must lie in [0.0, 1.0], got 1.5.
   """
-  arr = jnp.asarray(value, dtype=jnp.float32)
+  if isinstance(value, (str, bytes)) or value is None:
+    raise TypeError(f'{name} must be a number or an array of numbers, got '
+                    f'{value!r}.')
+  try:
+    arr = jnp.asarray(value, dtype=jnp.float32)
+  except (TypeError, ValueError) as e:
+    raise TypeError(f'{name} must be a number or an array of numbers, got '
+                    f'{value!r} ({e}).') from None
   check = functools.partial(_check_range, name=name, low=low, high=high,
                             low_inclusive=low_inclusive,
                             high_inclusive=high_inclusive)
@@ -224,3 +232,20 @@ def _count_nonfinite(x: jax.Array) -> int:
   # compile-time evaluation keeps the count a Python int there.
   with jax.ensure_compile_time_eval():
     return int(_nonfinite(x))
+
+
+def check_finite_tree(tree: Any, what: str, fix: str) -> None:
+  """Raises if a leaf of ``tree`` holds NaN/Inf, naming the leaf and ``fix``.
+
+  Args:
+    tree: a pytree of concrete arrays (e.g. accumulated statistics).
+    what: what the tree is, for the message (``'the Fisher diagonal'``).
+    fix: what to do about it.
+
+  Raises:
+    ValueError: naming the first leaf path with a NaN/Inf value.
+  """
+  for path, x in paths.flatten_to_dict(tree).items():
+    if is_concrete(x) and (n_bad := _count_nonfinite(x)):
+      raise ValueError(f'{what} at {path!r} (shape {tuple(x.shape)}) has '
+                       f'{n_bad} NaN/Inf value(s): {fix}')

@@ -88,7 +88,10 @@ def partition(
   def init_fn(params):
     flat = paths.flatten_to_dict(params)
     g = groups(flat)
-    return {n: transforms[n].init(_subset(flat, g[n])) for n in names}
+    # A label that selects no leaf (e.g. a rule for layers this model lacks)
+    # is left out: its transformation never sees an empty tree.
+    return {n: transforms[n].init(_subset(flat, g[n])) if g[n]
+            else base.EmptyState() for n in names}
 
   updates = tuple(transforms[n].update for n in names)
   return base.MergeTransformation(
@@ -121,6 +124,9 @@ def _partition_update(updates, state, params=None, *, key=None, names, fns,
   keys = base.split_key(key, len(names))
   new_state = {}
   for i, (n, fn) in enumerate(zip(names, fns)):
+    if not g[n]:
+      new_state[n] = state[n]
+      continue
     sub_params = None if flat_params is None else _subset(flat_params, g[n])
     new, new_state[n] = fn(_subset(flat, g[n]), state[n], sub_params, key=keys[i])
     flat.update(new)

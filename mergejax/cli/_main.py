@@ -17,6 +17,8 @@ import argparse
 import inspect
 import json
 import logging
+import math
+import numbers
 import os
 import re
 import sys
@@ -40,19 +42,37 @@ _VOCAB_RE = re.compile(r'embed_tokens|lm_head|wte|embed_in|embed_out|'
 _KWARG = {'lambda': 'lambda_'}
 
 
+class _SizeError(argparse.ArgumentTypeError, ValueError):
+  """A size that `parse_size` cannot read (argparse reports it as it is)."""
+
+
 def parse_size(text: str | int) -> int:
-  """``'5B'``/``'2G'``/``'500M'``/``'1e9'``/``1000`` -> bytes (B, G: 10^9)."""
-  if isinstance(text, int):
-    return text
-  m = re.fullmatch(r'\s*([0-9.eE+]+)\s*([kKmMgGbBtT]?)(i?[bB]?)\s*', text)
-  if not m:
-    raise argparse.ArgumentTypeError(f'Bad size {text!r}; e.g. 5G, 500M.')
-  num = float(m.group(1))
+  """``'5B'``/``'2G'``/``'500M'``/``'1e9'``/``1000`` -> bytes (B, G: 10^9).
+
+  ``KiB``/``MiB``/``GiB`` are powers of 1024.
+
+  Raises:
+    ValueError: for a negative, non-finite or unreadable size.
+  """
+  if isinstance(text, numbers.Integral) and not isinstance(text, bool):
+    if text < 0:
+      raise _SizeError(f'Bad size {text!r}: sizes are not negative.')
+    return int(text)
+  m = re.fullmatch(r'\s*([0-9.eE+]+)\s*([kKmMgGbBtT]?)(i?[bB]?)\s*',
+                   text if isinstance(text, str) else '')
+  try:
+    num = float(m.group(1)) if m else math.nan
+  except ValueError:
+    num = math.nan
+  if not math.isfinite(num):
+    raise _SizeError(f'Bad size {text!r}; e.g. 5G, 500M, 512MiB, 1e9.')
   unit = m.group(2).upper()
   binary = m.group(3).lower().startswith('i')
   base = 1024 if binary else 1000
   mult = {'': 1, 'K': base, 'M': base**2, 'G': base**3, 'B': base**3,
           'T': base**4}[unit]
+  if not math.isfinite(num * mult):
+    raise _SizeError(f'Bad size {text!r}: too large.')
   return int(num * mult)
 
 
@@ -121,7 +141,13 @@ def _resolve_input(reader, name, out_name, model_label):
 
 def build_jobs(cfg, *, out_dtype=None, compute_dtype=None, seed=None,
                truncate_embeddings=False):
-  """Plans a parsed config into stream `Job`s plus the output config.json."""
+  """Plans a parsed config into the streaming merge's work.
+
+  Returns:
+    ``(jobs, config, hook, readers)``: one stream `Job` per output tensor, the
+    output ``config.json`` (a dict, or None), the hook that runs before the
+    merge pass (global statistics; or None) and the open input readers.
+  """
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from mergejax.cli import _mergekit_config as mc  # pylint: disable=g-import-not-at-top
@@ -265,7 +291,8 @@ def run_merge(config: str | dict, out_dir: str, *, out_shard_size: int | str =
     copy_tokenizer: copy tokenizer files from the base (else first) model.
     resume: continue a killed run of the same merge (same config, options
       and input files) from the output shards it finished.
-    allow_nonfinite: write outputs holding NaN/Inf instead of stopping.
+    allow_nonfinite: merge inputs and write outputs holding NaN/Inf instead
+      of stopping.
     verify: check inputs that mergejax wrote against their recorded
       checksums before merging.
 
@@ -317,7 +344,8 @@ COMPILE_CACHE_ENV = 'MERGEJAX_COMPILE_CACHE'
 
 
 def default_compile_cache() -> str | None:
-  """``$MERGEJAX_COMPILE_CACHE`` (``none`` disables), else ~/.cache/mergejax/xla."""
+  """``$MERGEJAX_COMPILE_CACHE`` (empty, ``none`` or ``off`` disables), else
+  ``$XDG_CACHE_HOME/mergejax/xla`` (default ``~/.cache/mergejax/xla``)."""
   env = os.environ.get(COMPILE_CACHE_ENV)
   if env is not None:
     return None if env.lower() in ('', 'none', 'off') else env
@@ -388,8 +416,9 @@ def _parser() -> argparse.ArgumentParser:
                  'left finished output shards (by default they are kept, after '
                  'checking their checksums)')
   m.add_argument('--allow-nonfinite', action='store_true',
-                 help='write output tensors holding NaN/Inf (by default they '
-                 'stop the merge, naming the inputs that hold NaN/Inf)')
+                 help='merge input and write output tensors holding NaN/Inf '
+                 '(by default they stop the merge, naming the inputs that '
+                 'hold NaN/Inf)')
   m.add_argument('--no-verify', dest='verify', action='store_false',
                  help='skip checking mergejax-written inputs against their '
                  'recorded checksums')

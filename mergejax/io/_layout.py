@@ -122,10 +122,16 @@ def hf_to_flax(tensors: Mapping[str, Any],
       x = x.transpose(perm)
     node = nested
     *parents, leaf = path.split('/')
-    for p in parents:
+    for i, p in enumerate(parents):
       node = node.setdefault(p, {})
+      if not isinstance(node, dict):
+        raise ValueError(
+            f'HF tensor {name!r} maps to Flax path {path!r}, below '
+            f'{"/".join(parents[:i + 1])!r}, which another tensor maps to: a '
+            'Flax tree cannot hold both; rename one with a NameRule.')
     if leaf in node:
-      raise ValueError(f'Two HF tensors map to Flax path {path!r}.')
+      raise ValueError(f'Two HF tensors map to Flax path {path!r} (the second '
+                       f'is {name!r}); rename one with a NameRule.')
     node[leaf] = x
   return nested
 

@@ -105,7 +105,12 @@ def _merge_leaf(update, models, state, base, key, *, out_dtype,
   if out.shape != models[0].shape:
     raise ValueError(f'The merge returned shape {out.shape} for an input of '
                      f'shape {models[0].shape}: it must reduce the model axis.')
-  return out.astype(out_dtype)
+  # Whether every input is finite, fused into the same read of the inputs: a
+  # merge can hide a NaN input (TIES' trim may drop it), and a NaN in a
+  # checkpoint means the checkpoint is broken whatever the output says.
+  finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in
+                              models + (() if base is None else (base,))]))
+  return out.astype(out_dtype), finite
 
 
 # Compiled per-tensor merges by signature (static config + argument types),
@@ -345,14 +350,16 @@ def run_jobs(jobs: Sequence[Job], out_dir: str, *,
       a killed run with the same key is resumed, keeping the output shards
       it finished whose checksums still match, and the result is the same
       as an uninterrupted run's. None starts afresh every time.
-    allow_nonfinite: write outputs holding NaN/Inf; by default such an
-      output is an error naming the tensor and the inputs that hold NaN/Inf.
+    allow_nonfinite: merge inputs and write outputs holding NaN/Inf; by
+      default either is an error naming the tensor and the inputs that hold
+      NaN/Inf (a merge such as TIES can hide a NaN input in a finite output).
 
   Returns:
     A `StreamStats`.
 
   Raises:
-    ValueError: a non-finite output (without ``allow_nonfinite``), and the
+    ValueError: a non-finite input or output (without ``allow_nonfinite``),
+      and the
       input errors of the jobs.
   """
   t0 = time.perf_counter()
@@ -401,10 +408,10 @@ def run_jobs(jobs: Sequence[Job], out_dir: str, *,
             item = q[0]
           if item is None:
             return
-          job, arr = item
+          job, (arr, inputs_finite) = item
           host = np.asarray(arr)  # blocks until the computation is done
           if not allow_nonfinite:
-            _check_finite(job, host)
+            _check_finite(job, host, bool(inputs_finite))
           writer.write(job.out_name, host)
           if delay:
             time.sleep(delay)
@@ -502,9 +509,10 @@ def _finished_shards(tmp: str, files: Sequence[str],
   return done
 
 
-def _check_finite(job: Job, out: np.ndarray) -> None:
-  """A NaN/Inf output is an error naming the tensor and the inputs that hold one."""
-  if not st.is_float(out.dtype) or np.isfinite(out).all():
+def _check_finite(job: Job, out: np.ndarray, inputs_finite: bool) -> None:
+  """A NaN/Inf input or output is an error naming the tensor and the inputs."""
+  out_finite = not st.is_float(out.dtype) or bool(np.isfinite(out).all())
+  if inputs_finite and out_finite:
     return
   bad = []
   for r, name in job.inputs:
@@ -515,7 +523,8 @@ def _check_finite(job: Job, out: np.ndarray) -> None:
   where = ('; inputs with NaN/Inf: ' + ', '.join(bad)) if bad else (
       '; the inputs are finite, so the merge itself overflowed (check the '
       'weights and the output dtype)')
-  raise ValueError(f'Output tensor {job.out_name!r} holds NaN/Inf{where}. '
+  what = 'holds NaN/Inf' if not out_finite else 'is finite but its inputs are not'
+  raise ValueError(f'Output tensor {job.out_name!r} {what}{where}. '
                    'Nothing was written; fix or replace the input, or pass '
                    '--allow-nonfinite (allow_nonfinite=True) to write it anyway.')
 
@@ -554,7 +563,8 @@ def stream_merge(transformation: base_lib.MergeTransformation,
     resume_key: a string naming this merge (the transformation and its
       hyperparameters, which the executor cannot fingerprint itself): a killed
       run with the same key and the same inputs is resumed (`run_jobs`).
-    allow_nonfinite: write NaN/Inf outputs instead of raising.
+    allow_nonfinite: merge NaN/Inf inputs and write NaN/Inf outputs instead
+      of raising.
 
   Returns:
     A `StreamStats`.

@@ -10,7 +10,35 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
+
 from mergejax.permute._spec import PermutationSpec
+
+
+NORMS = ('layer', 'group', 'batch', 'none')
+
+
+def check_count(value, name: str, minimum: int) -> int:
+  """``value`` as an int ``>= minimum`` (a layer or block count), or raises."""
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or (
+      value < minimum):
+    raise ValueError(f'{name} must be an int >= {minimum}, got {value!r}.')
+  return int(value)
+
+
+def check_stages(stage_sizes: Sequence[int]) -> tuple[int, ...]:
+  """ResNet blocks per stage: at least one stage, each of at least one block."""
+  sizes = tuple(stage_sizes)
+  if not sizes:
+    raise ValueError('stage_sizes is empty: give the blocks per stage, e.g. '
+                     '(3, 3, 3) for ResNet20.')
+  return tuple(check_count(n, 'every stage size', 1) for n in sizes)
+
+
+def check_norm(norm: str, allowed: Sequence[str] = NORMS) -> str:
+  if norm not in allowed:
+    raise ValueError(f'norm must be one of {tuple(allowed)}, got {norm!r}.')
+  return norm
 
 
 def _dense(axes, name, p_in, p_out, bias=True):
@@ -52,6 +80,7 @@ def mlp_spec(num_hidden: int, *, name: str = 'Dense_{}',
     >>> permute.mlp_spec(2).axes['Dense_1/kernel']
     ('P_0', 'P_1')
   """
+  num_hidden = check_count(num_hidden, 'num_hidden', 0)
   axes = {}
   for i in range(num_hidden + 1):
     p_in = group.format(i - 1) if i > 0 else None
@@ -73,6 +102,9 @@ def cnn_spec(num_convs: int, num_dense: int = 1, *, norm: str = 'layer',
     norm: ``'layer' | 'group' | 'batch' | 'none'`` after each conv.
     conv_bias: whether the convs have biases.
   """
+  num_convs = check_count(num_convs, 'num_convs', 0)
+  num_dense = check_count(num_dense, 'num_dense', 1)
+  check_norm(norm)
   axes = {}
   prev = None
   for i in range(num_convs):
@@ -104,6 +136,8 @@ def resnet_spec(stage_sizes: Sequence[int], *, norm: str = 'layer',
     stem_width_equals_first: the stem outputs the first stage's width (no
       shortcut in ``stage0_block0``).
   """
+  stage_sizes = check_stages(stage_sizes)
+  check_norm(norm)
   axes = {}
   stream = 'P_stage0'
   _conv(axes, 'conv_init', None, stream)
@@ -146,6 +180,7 @@ def transformer_spec(num_layers: int, *, per_head: bool = True,
     per_head: nested per-head inner permutations.
     block: format string of the block names.
   """
+  num_layers = check_count(num_layers, 'num_layers', 0)
   axes = {}
   nested = {}
   r = 'P_res'

@@ -42,6 +42,7 @@ import jax
 import numpy as np
 
 from mergejax._src import paths
+from mergejax.permute import _builders as builders
 from mergejax.permute import models as models_lib
 from mergejax.permute._spec import PermutationSpec
 
@@ -121,6 +122,7 @@ def mlp_network(num_hidden: int) -> PleasNetwork:
     >>> permute.mlp_network(2).groups
     ('P_0', 'P_1')
   """
+  num_hidden = builders.check_count(num_hidden, 'num_hidden', 0)
   groups = tuple(f'P_{k}' for k in range(num_hidden))
   layers = tuple(PleasLayer((f'Dense_{l}',), groups[l - 1] if l else None,
                             groups[l] if l < num_hidden else None)
@@ -151,6 +153,9 @@ def cnn_network(num_convs: int, num_dense: int = 1, *,
     >>> permute.cnn_network(2, 2).groups
     ('P_Conv_0', 'P_Conv_1', 'P_Dense_0')
   """
+  num_convs = builders.check_count(num_convs, 'num_convs', 0)
+  num_dense = builders.check_count(num_dense, 'num_dense', 1)
+  builders.check_norm(norm)
   groups = (tuple(f'P_Conv_{i}' for i in range(num_convs)) +
             tuple(f'P_Dense_{j}' for j in range(num_dense - 1)))
   names = ([f'Conv_{i}' for i in range(num_convs)] +
@@ -188,7 +193,8 @@ def resnet_network(stage_sizes: Sequence[int], *, norm: str = 'none') -> PleasNe
     >>> net.groups, net.ratio_of
     (('P_stage0', 'P_stage1', 'P_stage0_block0', 'P_stage1_block0'), (0, 1, 0, 1))
   """
-  stage_sizes = tuple(int(n) for n in stage_sizes)
+  stage_sizes = builders.check_stages(stage_sizes)
+  builders.check_norm(norm)
   nm = lambda *p: p if norm != 'none' else None
   stream = [f'P_stage{s}' for s in range(len(stage_sizes))]
   groups, ratio_of = list(stream), list(range(len(stage_sizes)))

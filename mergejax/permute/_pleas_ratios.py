@@ -114,12 +114,17 @@ def choose_ratios(similarities: Sequence[np.ndarray], dims: Sequence[tuple[int, 
       merge (the matched correlation, or ``1 - cost / max cost``); the gain of
       separating a unit is ``1 - score``.
     dims: per layer ``(n_in, n_out)`` or `LayerDims` (one more than groups).
-    size: target size relative to one model (>= the all-merged size).
+    size: target size relative to one model, at least 1; up to the
+      all-merged size (heads stay separate) every unit is merged.
     step: units per move (default ``max(1, n // 16)``).
     measure: ``'params'`` or ``'flops'`` (`merged_size`).
 
   Returns:
     The ratios ``r_k`` (fraction of units kept separate) per hidden group.
+
+  Raises:
+    ValueError: if ``size`` is below 1 or NaN, ``step`` is not a positive
+      int, or ``measure`` is unknown.
   """
   return greedy_ratios(similarities, functools.partial(merged_size, dims,
                                                        measure=measure), size, step)
@@ -136,6 +141,14 @@ def greedy_ratios(similarities: Sequence[np.ndarray],
   sims = [np.sort(np.asarray(s, np.float64)) for s in similarities]  # worst first
   widths = [len(s) for s in sims]
   kept = [0] * len(sims)
+  if step is not None and (not isinstance(step, (int, np.integer)) or step < 1):
+    raise ValueError(f'step must be a positive int (units per move), got '
+                     f'{step!r}.')
+  # Sizes from 1 (one model) up to the all-merged size (above 1: the heads
+  # stay separate) ask for a fully merged body: every ratio 0.
+  if not np.isfinite(size) or size < 1.0:
+    raise ValueError(f'size must be at least 1.0 (one model; 2.0 keeps both '
+                     f'whole), got {size!r}.')
   while True:
     best, best_gain = None, -np.inf
     for k, n in enumerate(widths):

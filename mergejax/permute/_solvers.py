@@ -120,7 +120,22 @@ def sinkhorn(cost: jax.Array, *, tau: float | jax.Array = 1.0,
     Array([[1., 0., 0.],
            [0., 1., 0.],
            [0., 0., 1.]], dtype=float32)
+
+  Raises:
+    ValueError: for ``n_iter < 1``, a concrete ``tau`` that is not positive
+      and finite, or a concrete ``cost`` holding NaN/Inf (traced values, in a
+      training loop, are not checked).
   """
+  if not isinstance(n_iter, (int, np.integer)) or n_iter < 1:
+    raise ValueError(f'sinkhorn: n_iter must be a positive int (the number of '
+                     f'normalisations), got {n_iter!r}.')
+  if not isinstance(tau, jax.core.Tracer) and not (
+      np.all(np.isfinite(tau)) and np.all(np.asarray(tau) > 0)):
+    raise ValueError(f'sinkhorn: tau must be positive and finite, got {tau!r}.')
+  if (not isinstance(cost, jax.core.Tracer) and
+      not bool(np.all(np.isfinite(np.asarray(cost, np.float32))))):
+    raise ValueError(f'sinkhorn: cost {tuple(np.shape(cost))} holds NaN/Inf; '
+                     'check the weights or features it was computed from.')
   logits = jnp.asarray(cost, jnp.float32) / tau
 
   def body(_, la):

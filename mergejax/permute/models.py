@@ -13,6 +13,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+__all__ = ('MLP', 'CNN', 'Block', 'ResNet', 'TransformerBlock', 'Transformer',
+           'init')
 
 class MLP(nn.Module):
   """``Dense_0 … Dense_L`` with ReLU between; ``features`` = hidden widths."""

@@ -8,6 +8,8 @@ from typing import Any, Callable, Iterable
 import jax
 import jax.numpy as jnp
 
+from mergejax._src import checks
+
 FISHER_KINDS = ('exact', 'sampled', 'empirical', 'batch_sqrt')
 
 
@@ -47,7 +49,7 @@ def fisher_diagonal(logits_fn: Callable[[Any, jax.Array], jax.Array],
 
   Raises:
     ValueError: for an unknown ``kind``, ``sampled`` without a key,
-      ``empirical`` without labels, or no examples.
+      ``empirical`` without labels, no examples, or a NaN/Inf result.
 
   References:
     Matena and Raffel, "Merging Models with Fisher-Weighted Averaging",
@@ -67,8 +69,8 @@ def fisher_diagonal(logits_fn: Callable[[Any, jax.Array], jax.Array],
       x = x[:num_examples - seen]
       y = None if y is None else y[:num_examples - seen]
     n = int(x.shape[0])
-    if n == 0:
-      break
+    if n == 0:  # an empty batch (e.g. a ragged last split)
+      continue
     bkey = None if key is None else jax.random.fold_in(key, b)
     total = _step(logits_fn, kind)(total, params, x, y, bkey)
     seen += n
@@ -76,7 +78,12 @@ def fisher_diagonal(logits_fn: Callable[[Any, jax.Array], jax.Array],
       break
   if seen == 0:
     raise ValueError('fisher_diagonal: the batches hold no examples.')
-  return jax.tree.map(lambda t: t / seen, total)
+  fisher = jax.tree.map(lambda t: t / seen, total)
+  checks.check_finite_tree(
+      fisher, 'fisher_diagonal: the Fisher diagonal',
+      'the batches or the model produce NaN/Inf log-probabilities; check the '
+      'inputs and the logits_fn.')
+  return fisher
 
 
 @functools.lru_cache(maxsize=None)

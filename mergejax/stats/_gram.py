@@ -8,6 +8,8 @@ from typing import Any, Callable, Iterable, Mapping
 import jax
 import jax.numpy as jnp
 
+from mergejax._src import checks
+
 
 def input_grams(inputs_fn: Callable[[Any, Any], Mapping[str, jax.Array]],
                 params: Any, batches: Iterable[Any], *,
@@ -29,6 +31,9 @@ def input_grams(inputs_fn: Callable[[Any, Any], Mapping[str, jax.Array]],
     ``{kernel_path: G}``, ``G`` float32 ``[d_in, d_in]`` (rows of all batches
     averaged, as FusionBench's running average).
 
+  Raises:
+    ValueError: if no layer or no example was seen, or a Gram holds NaN/Inf.
+
   References:
     Jin et al., "Dataless Knowledge Fusion by Merging Weights of Language
       Models" (RegMean), ICLR 2023. https://arxiv.org/abs/2212.09849
@@ -41,8 +46,8 @@ def input_grams(inputs_fn: Callable[[Any, Any], Mapping[str, jax.Array]],
     x = batch[0] if isinstance(batch, (tuple, list)) else batch
     if num_examples is not None:
       x = x[:num_examples - seen]
-    if x.shape[0] == 0:
-      break
+    if x.shape[0] == 0:  # an empty batch (e.g. a ragged last split)
+      continue
     grams, counts = step(params, x)
     for p, g in grams.items():
       sums[p] = g if p not in sums else sums[p] + g
@@ -53,7 +58,11 @@ def input_grams(inputs_fn: Callable[[Any, Any], Mapping[str, jax.Array]],
   if not sums:
     raise ValueError('input_grams: inputs_fn returned no layers, or the '
                      'batches hold no examples.')
-  return {p: g / rows[p] for p, g in sums.items()}
+  grams = {p: g / rows[p] for p, g in sums.items()}
+  checks.check_finite_tree(grams, 'input_grams: the Gram matrix',
+                           'the batches or the layers before it produce '
+                           'NaN/Inf inputs; check the data and the inputs_fn.')
+  return grams
 
 
 @functools.lru_cache(maxsize=None)
