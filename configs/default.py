@@ -55,13 +55,17 @@ maps one numeric hyperparameter to its grid (vmapped, chosen on validation);
   fine-tunes ``theta_0 + a_i b_i`` (``lora_ta``: task arithmetic on them, the
   reference that shows what the truncation alone costs).
 * ``data``: data-informed merges (``fisher_merging``, ``regmean``,
-  ``regmean_plusplus``, ``adamerging``) of the
+  ``regmean_plusplus``, ``adamerging``, ``concrete``) of the
   fine-tunes, with statistics of each fine-tune on the first
   ``data.examples`` training inputs of its own task
   (``experiments.default.data_statistics``): diagonal Fishers of the
   classifier with the task's head (``data.fisher_kind``), the input Grams
   of the backbone's Dense layers (through the merged layers for
-  RegMean++), or AdaMerging's coefficients fitted on unlabeled validation
+  RegMean++), or AdaMerging's coefficients and the Concrete mask fitted on
+  unlabeled validation inputs.
+* ``surgery``: representation surgery (``fit_surgery``) on the merge of
+  the method named by ``inner.name`` at its selected setting (run earlier):
+  per-task adapters on the backbone features, fitted on unlabeled validation
   inputs.
 * ``not_applicable``: listed but not run.
 
@@ -83,11 +87,14 @@ METHODS = (
     'karcher', 'nearswap', 'arcee_fusion',
     # Subspace, mask and continual methods.
     'tsv', 'rtsvm', 'iso_c', 'iso_cts', 'knots', 'consensus', 'pcb', 'lines',
-    'widen', 'opcm', 'tall_masks', 'emr', 'twin', 'reversible',
+    'widen', 'wudi', 'wudi_closed_form', 'opcm', 'tall_masks', 'emr', 'twin',
+    'reversible',
     # LoRA merges on the rank-r LoRA zoo derived from the fine-tunes.
     'lora_lego', 'lora_svd', 'lora_ta',
     # Data-informed merges (statistics on each task's training inputs).
-    'fisher_merging', 'regmean', 'regmean_plusplus', 'adamerging',
+    'fisher_merging', 'regmean', 'regmean_plusplus', 'adamerging', 'concrete',
+    # Representation surgery on two of the merges above.
+    'surgery_ta', 'surgery_adamerging',
 )
 
 TASKS = ('rot90', 'rot180', 'rot270', 'hflip', 'vflip', 'transpose', 'invert',
@@ -196,6 +203,10 @@ def get_config(arg=None):
       lines=entry(sweep=dict(beta=m.get_ref('lambdas')),
                   inner=dict(arg='method', name='task_arithmetic', kwargs={})),
       widen=entry(),
+      # WUDI as FusionBench runs it (Adam from the sum of task vectors, 400
+      # steps at 1e-5, no scale), and the minimiser of the same loss.
+      wudi=entry(),
+      wudi_closed_form=entry(dict(solver='closed_form'), factory='wudi'),
       opcm=entry(),
       # Methods that store per-task information and rebuild one model per
       # task (`mergejax.methods.reconstruct`).
@@ -221,6 +232,15 @@ def get_config(arg=None):
       regmean=entry(dict(alpha=0.95), protocol='data'),
       regmean_plusplus=entry(dict(alpha=0.95), protocol='data'),
       adamerging=entry(protocol='data'),
+      # Concrete task arithmetic with FusionBench's settings (lambda 0.3,
+      # logits from 0, temperature 0.5, Adam 1e-3, 2000 steps).
+      concrete=entry(dict(lambda_=0.3), protocol='data'),
+      surgery_ta=entry(
+          protocol='surgery', factory='fit_surgery',
+          inner=dict(arg='merge', name='task_arithmetic', kwargs={})),
+      surgery_adamerging=entry(
+          protocol='surgery', factory='fit_surgery',
+          inner=dict(arg='merge', name='adamerging', kwargs={})),
   )
   methods['fisher_merging'].data = dict(stats='fisher', examples=256,
                                         batch_size=32, fisher_kind='exact')
@@ -233,6 +253,15 @@ def get_config(arg=None):
   methods['adamerging'].data = dict(stats='unlabeled', examples=128,
                                     batch_size=32, granularity='layer',
                                     init=0.3, steps=500, learning_rate=1e-3)
+  methods['concrete'].data = dict(stats='concrete', examples=128,
+                                  batch_size=32, steps=20 if smoke else 2000,
+                                  learning_rate=1e-3, seed=0)
+  # Representation surgery with FusionBench's settings (hidden width 16,
+  # Adam 1e-3, 1000 steps) on unlabeled validation inputs (FusionBench uses
+  # the unlabeled test inputs).
+  for name in ('surgery_ta', 'surgery_adamerging'):
+    methods[name].data = dict(examples=128, batch_size=32, hidden=16,
+                              steps=20 if smoke else 1000, learning_rate=1e-3)
   methods['twin'].router = dict(per_task=128, hidden=(), steps=300,
                                 learning_rate=1e-2)
   for name in METHODS:
@@ -241,5 +270,7 @@ def get_config(arg=None):
   # Comma-separated methods to run, in this order ('' runs every entry).
   # The smoke subset covers every protocol with methods that compile fast.
   config.methods_to_run = ('linear,task_arithmetic,slerp,nuslerp,emr,lora_lego,'
-                           'lora_svd,lora_ta' if smoke else ','.join(METHODS))
+                           'lora_svd,lora_ta,wudi,concrete,'
+                           'surgery_ta' if smoke else
+                           ','.join(METHODS))
   return config

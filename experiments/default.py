@@ -32,7 +32,7 @@ from experiments.tools import results as results_lib
 # so that stale caches are not reused.
 ZOO_VERSION = 1
 PROTOCOLS = ('models', 'no_base', 'sum_endpoint', 'fold', 'per_task',
-             'routed', 'lora', 'data', 'not_applicable')
+             'routed', 'lora', 'data', 'surgery', 'not_applicable')
 
 
 def zoo_hash(config) -> str:
@@ -120,10 +120,12 @@ def data_statistics(entry, model, sub: str, base, fts: list, heads,
   (`mergejax.stats.input_grams` of the backbone's Dense layers), and
   ``stats='sequential'`` what `mergejax.methods.regmean_plusplus` computes
   its Grams from (the Dense-input function, the models, each one's batches),
-  and ``stats='unlabeled'`` AdaMerging's ``coefficients``, fitted
+  ``stats='unlabeled'`` AdaMerging's ``coefficients``, fitted
   (`mergejax.methods.fit_adamerging`) to minimise the prediction entropy of
   every task's head on the first ``examples`` *validation* inputs of its task,
-  labels unused.
+  labels unused, and ``stats='concrete'`` the Concrete task-arithmetic
+  ``mask`` (`mergejax.methods.fit_concrete`) fitted the same way at the
+  entry's ``lambda_``.
   """
   if sub != 'backbone':
     raise ValueError(f"the data protocol merges backbones; config.merge.params "
@@ -132,6 +134,9 @@ def data_statistics(entry, model, sub: str, base, fts: list, heads,
   if d.stats == 'unlabeled':
     return dict(coefficients=_fit_adamerging(d, model, base, fts, heads,
                                              tasks))
+  if d.stats == 'concrete':
+    return dict(mask=_fit_concrete(d, entry.kwargs.lambda_, model, base, fts,
+                                   heads, tasks))
   logits_fn = _classifier_logits(model)
   inputs_fn = _backbone_inputs(model)
   out, per_model = [], []
@@ -158,7 +163,8 @@ def data_statistics(entry, model, sub: str, base, fts: list, heads,
   return {'fishers' if d.stats == 'fisher' else 'grams': out}
 
 
-def _fit_adamerging(d, model, base, fts, heads, tasks):
+def _unlabeled_entropy(d, model, heads, tasks):
+  """The entropy loss of every task's head, and its unlabeled val batches."""
   xs = jnp.stack([jnp.asarray(t.val.x[:d.examples], jnp.float32)
                   for t in tasks])  # [K, n, 64]: each task through its head
 
@@ -169,10 +175,57 @@ def _fit_adamerging(d, model, base, fts, heads, tasks):
 
   batches = [xs[:, j:j + d.batch_size]
              for j in range(0, xs.shape[1] - d.batch_size + 1, d.batch_size)]
+  return loss, batches
+
+
+def _fit_concrete(d, lambda_, model, base, fts, heads, tasks):
+  loss, batches = _unlabeled_entropy(d, model, heads, tasks)
+  res = mj.methods.fit_concrete(loss, base, fts, batches,
+                                key=jax.random.key(d.seed), lambda_=lambda_,
+                                steps=d.steps, learning_rate=d.learning_rate)
+  return res.mask()
+
+
+def _fit_adamerging(d, model, base, fts, heads, tasks):
+  loss, batches = _unlabeled_entropy(d, model, heads, tasks)
   res = mj.methods.fit_adamerging(loss, base, fts, batches,
                                   granularity=d.granularity, init=d.init,
                                   steps=d.steps, learning_rate=d.learning_rate)
   return res.coefficients
+
+
+def _surgery(entry, chosen, model, fts, tasks, ev, key):
+  """The ``surgery`` protocol: adapters fitted on an earlier row's merge.
+
+  `mergejax.methods.fit_surgery` pulls the backbone features of the merge
+  named by ``entry.inner.name`` (at its selected setting) towards each
+  fine-tune's own features on the first ``entry.data.examples`` unlabeled
+  validation inputs of each task; every task then reads its features
+  through its adapter. Returns ``(val, test, notes)`` as one setting.
+  """
+  inner, d = entry.inner.name, entry.data
+  if inner not in chosen:
+    raise ValueError(f'surgery on {inner!r} needs that method to run first '
+                     '(earlier in methods_to_run, without errors).')
+  bb = chosen[inner]
+  xs = jnp.stack([jnp.asarray(t.val.x[:d.examples], jnp.float32)
+                  for t in tasks])
+  batches = [xs[:, j:j + d.batch_size]
+             for j in range(0, xs.shape[1] - d.batch_size + 1, d.batch_size)]
+  res = mj.methods.fit_surgery(_backbone_features(model), bb, list(fts),
+                               batches, key=key, hidden=d.hidden,
+                               steps=d.steps, learning_rate=d.learning_rate)
+  val = ev.surgery_accuracies(bb, res.down, res.up, 'val')
+  test = ev.surgery_accuracies(bb, res.down, res.up, 'test')
+  notes = [f'adapters on {inner} (its selected setting); L1 feature gap '
+           f'{res.losses[0]:.3f} -> {res.losses[-1]:.3f}']
+  return np.asarray([val.mean()]), test[None], notes
+
+
+@functools.lru_cache(maxsize=None)
+def _backbone_features(model):
+  backbone = zoo.Backbone(model.width, model.depth)
+  return lambda p, x: backbone.apply({'params': p}, x)
 
 
 @functools.lru_cache(maxsize=None)
@@ -457,6 +510,7 @@ def _main(config, workdir: str) -> dict[str, Any]:
             + ', '.join(f'{p} {e:.3f}' for p, e in rel.items()), flush=True)
     return loras[rank][0]
 
+  chosen = {}  # each merge's backbone at its selected setting
   for name in order:
     entry = config.methods[name]
     fname = entry.get('factory', name)
@@ -476,7 +530,7 @@ def _main(config, workdir: str) -> dict[str, Any]:
     oracle = None
     try:
       key = jax.random.fold_in(merge_key, zlib.crc32(name.encode()))
-      if entry.protocol != 'routed':
+      if entry.protocol not in ('routed', 'surgery'):
         ads = (get_lora_zoo(entry.lora_rank) if entry.protocol == 'lora'
                else None)
         data = (data_statistics(entry, model, sub, base_bb, ft_bbs, heads,
@@ -484,7 +538,11 @@ def _main(config, workdir: str) -> dict[str, Any]:
                 if entry.protocol == 'data' else None)
         bbs, sweep, notes = merge_method(name, entry, base_bb, ft_bbs, key,
                                          adapters=ads, data=data)
-      if entry.protocol == 'routed':  # Twin-Merging with a trained router
+      if entry.protocol == 'surgery':  # adapters on an earlier row's merge
+        val, test, notes = _surgery(entry, chosen, model, ft_bbs, tasks, ev,
+                                    key)
+        sweep = None
+      elif entry.protocol == 'routed':  # Twin-Merging with a trained router
         val, test, notes, extra = _routed(name, entry, base_bb, ft_bbs, tasks,
                                           heads, config, key)
         rec['router'] = extra['router']
@@ -504,6 +562,8 @@ def _main(config, workdir: str) -> dict[str, Any]:
         test = ev.accuracies(bbs, 'test')
       best = int(np.argmax(val))  # first best: the smallest value on ties
       rec.update(status='ok', **_row(test[best], ft_acc, names))
+      if entry.protocol not in ('per_task', 'routed', 'surgery'):
+        chosen[name] = jax.tree.map(lambda x, b=best: x[b], bbs)
       if sweep is not None:
         pname, values = sweep
         rec['selected'] = {pname: values[best]}

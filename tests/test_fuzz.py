@@ -133,6 +133,9 @@ CASES: dict[str, Case] = {
                  shapes=MATRIX_SHAPES),
     'opcm': Case(_m('opcm'), dict(alpha=[0.1, 0.5]), dict(alpha=[NAN]),
                  ('alpha',), shapes=MATRIX_SHAPES),
+    'wudi': Case(_m('wudi', steps=3), dict(solver=['adam', 'closed_form']),
+                 dict(learning_rate=[NAN, -1.0], lambda_=[NAN]),
+                 ('learning_rate', 'lambda_'), shapes=MATRIX_SHAPES),
 }
 
 # Public names of mergejax.methods and mergejax.permute that are not entry
@@ -154,6 +157,9 @@ EXEMPT = {
     'fit_dam': 'trains a mask and perturbations through a user model '
                '(tests/test_concrete_dam.py)',
     'ConcreteResult': 'a NamedTuple of results',
+    'fit_surgery': 'fits adapters on user features (tests/test_surgery.py)',
+    'surgery_apply': 'one adapter on features (tests/test_surgery.py)',
+    'SurgeryResult': 'a NamedTuple of results',
     'DamResult': 'a NamedTuple of results',
 }
 DATA_CASES = ('fisher_merging', 'regmean', 'adamerging', 'prediction_entropy',
@@ -635,6 +641,9 @@ BLOCKS: dict[str, Case] = {
     'tsv_reduce': Case(_t('tsv_reduce'), shapes=MATRIX_SHAPES),
     'fisher_weighted_sum': Case(lambda h, k: None),  # inputs drawn per case
     'regmean_reduce': Case(lambda h, k: None, shapes=MATRIX_SHAPES),
+    'wudi_reduce': Case(lambda h, k: T.wudi_reduce(steps=2, **h),
+                        dict(solver=['adam', 'closed_form']),
+                        dict(learning_rate=[NAN]), shapes=MATRIX_SHAPES),
 }
 BLOCK_FUNCTIONS = ('kth_largest_magnitude', 'topk_mask', 'topk_masks',
                    'batched_topk_masks', 'della_probs', 'keep_count',

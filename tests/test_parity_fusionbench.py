@@ -192,3 +192,15 @@ def test_opcm_parity():
     merged = {n: base[n] + (new[n] - base[n]) * (avg / tvn) for n in base}
     fake.previous_lambda_t = lam
   _assert_sd_close(mj.merge(M.opcm(alpha), jb, jm), merged)
+
+
+def test_wudi_parity():
+  torch, base, _, tvs, jb, jm = _setup()
+  from fusion_bench.method.wudi import wudi as fb_wudi
+  with torch.enable_grad():
+    tv = fb_wudi.wudi_merging(tvs, accelerator='cpu', iter_num=300)
+  tv = {n: v.detach() for n, v in tv.items()}
+  # FusionBench's function fixes lr 1e-5; every 2-D key is a matrix (the
+  # transposed kernels here), everything else is averaged.
+  _assert_sd_close(mj.merge(M.wudi(steps=300), jb, jm), _add(base, tv),
+                   tol=1e-5)

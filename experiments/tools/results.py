@@ -103,6 +103,36 @@ def _provenance_block(p: Mapping[str, Any]) -> str:
   ])
 
 
+# (claim, method, reference): the method's paper reports it above the
+# reference; the default page says whether that holds on the zoo.
+CLAIMS = (
+    ('TIES beats task arithmetic', 'ties', 'task_arithmetic'),
+    ('Fisher merging beats plain averaging', 'fisher_merging', 'average'),
+    ('RegMean beats task arithmetic', 'regmean', 'task_arithmetic'),
+    ('RegMean++ beats RegMean', 'regmean_plusplus', 'regmean'),
+    ('layer-wise AdaMerging beats task arithmetic', 'adamerging',
+     'task_arithmetic'),
+    ('Concrete task arithmetic beats task arithmetic', 'concrete',
+     'task_arithmetic'),
+    ('WUDI (FusionBench procedure) beats task arithmetic', 'wudi',
+     'task_arithmetic'),
+    ('WUDI (closed form) beats task arithmetic', 'wudi_closed_form',
+     'task_arithmetic'),
+    ('surgery improves task arithmetic', 'surgery_ta', 'task_arithmetic'),
+    ('surgery improves AdaMerging', 'surgery_adamerging', 'adamerging'),
+)
+
+
+def _claims(ok: Mapping[str, Any]) -> list[str]:
+  lines = []
+  for text, a, b in CLAIMS:
+    if a in ok and b in ok:
+      x, y = ok[a]['avg_accuracy'], ok[b]['avg_accuracy']
+      verdict = 'holds' if x > y else 'does not hold'
+      lines.append(f'* {text}: {verdict} (`{a}` {x:.3f} vs `{b}` {y:.3f})')
+  return lines
+
+
 def _default_body(r: Mapping[str, Any]) -> str:
   s = r['summary']
   ok = {n: m for n, m in r['methods'].items() if m.get('status') == 'ok'}
@@ -112,6 +142,7 @@ def _default_body(r: Mapping[str, Any]) -> str:
               of_finetuned=f'{m["avg_accuracy"] / ft:.1%}')
          for n, m in ranked]
   secs = r.get('seconds', {})
+  claims = _claims(ok)
   return '\n'.join([
       'Test accuracy per task of the merged backbone with each task\'s '
       'fine-tuned head; `norm` is the mean over tasks of merged / fine-tuned '
@@ -137,6 +168,10 @@ def _default_body(r: Mapping[str, Any]) -> str:
       f'(zoo {secs.get("zoo", float("nan")):.1f} s, merges '
       f'{secs.get("merges", float("nan")):.1f} s)',
       '',
+      *(['## Published claims on this zoo', '',
+         'Each line compares average test accuracies of two rows below '
+         '(each at its validation-selected setting).', '', *claims, '']
+        if claims else []),
       '## Methods ranked by average test accuracy',
       '',
       markdown_table(top),

@@ -5,9 +5,12 @@ from __future__ import annotations
 import functools
 from typing import Any, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from mergejax import methods as mj_methods
 
 from experiments.zoo import _data
 from experiments.zoo import _models
@@ -58,6 +61,14 @@ class TaskEvaluator:
         np.asarray(_task_accuracies(self.model, jax.tree.map(
             lambda b, i=i: b[i], backbones), h, x, y)) for i in range(s)])
 
+  def surgery_accuracies(self, backbone: Params, down: jax.Array,
+                         up: jax.Array, split: str = 'test') -> np.ndarray:
+    """``[K]`` accuracies of one backbone whose features task ``t`` reads
+    through its surgery adapter (`mergejax.methods.surgery_apply`)."""
+    x, y = self._data[split]
+    return np.asarray(_surgery_accuracies(self.model, backbone, self.heads,
+                                          down, up, x, y))
+
   def own_task_accuracies(self, backbones: Params, split: str = 'test'
                           ) -> np.ndarray:
     """``[K]`` accuracies of K per-task backbones, backbone i on task i."""
@@ -82,3 +93,16 @@ def _task_accuracies(model, backbone, heads, x, y):
 def normalized(acc: np.ndarray, finetuned: np.ndarray) -> np.ndarray:
   """Accuracy relative to each task's fine-tuned model, ``acc / ft_acc``."""
   return np.asarray(acc) / np.maximum(np.asarray(finetuned), 1e-12)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _surgery_accuracies(model, backbone, heads, down, up, x, y):
+  feats = _models.Backbone(model.width, model.depth)
+  head = nn.Dense(model.num_classes)
+
+  def one(h, dn, u, xx, yy):
+    z = mj_methods.surgery_apply(dn, u, feats.apply({'params': backbone}, xx))
+    logits = head.apply({'params': h}, z)
+    return jnp.mean(jnp.argmax(logits, -1) == yy)
+
+  return jax.vmap(one)(heads, down, up, x, y)

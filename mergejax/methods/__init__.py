@@ -50,6 +50,7 @@ from mergejax.methods._tall_masks import consensus
 from mergejax.methods._tall_masks import tall_masks
 from mergejax.methods._tsv import tsv
 from mergejax.methods._widen import widen
+from mergejax.methods._wudi import wudi
 # Per-task reconstruction and routing (EMR, reversible, Twin).
 from mergejax.methods._common import reconstruct
 from mergejax.methods._twin import twin
@@ -72,6 +73,9 @@ from mergejax.methods._dam import fit_dam
 from mergejax.methods._data import fisher_merging
 from mergejax.methods._data import regmean
 from mergejax.methods._data import regmean_plusplus
+from mergejax.methods._surgery import fit_surgery
+from mergejax.methods._surgery import surgery_apply
+from mergejax.methods._surgery import SurgeryResult
 # LoRA adapters and continual merging.
 from mergejax.methods._lora import lora_lego
 from mergejax.methods._lora import lora_svd
@@ -85,12 +89,13 @@ __all__ = (
     'breadcrumbs', 'breadcrumbs_ties', 'dare_linear', 'dare_ties', 'della',
     'della_linear', 'magmax', 'ram', 'ramplus_tl', 'sce', 'ties',
     'consensus', 'emr', 'iso_c', 'iso_cts', 'knots', 'lines', 'pcb',
-    'reversible', 'rtsvm', 'tall_masks', 'tsv', 'widen',
+    'reversible', 'rtsvm', 'tall_masks', 'tsv', 'widen', 'wudi',
     'reconstruct', 'twin', 'twin_mix', 'twin_apply', 'twin_dense',
     'twin_route', 'twin_train_router',
     'fisher_merging', 'regmean', 'regmean_plusplus',
     'adamerging', 'fit_adamerging', 'AdaMergingResult', 'prediction_entropy',
     'concrete', 'concrete_mask', 'fit_concrete', 'ConcreteResult',
     'fit_dam', 'DamResult',
+    'fit_surgery', 'surgery_apply', 'SurgeryResult',
     'lora_lego', 'lora_svd', 'opcm',
 )

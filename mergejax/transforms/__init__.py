@@ -96,6 +96,8 @@ from mergejax.transforms._subspace import from_basis
 from mergejax.transforms._subspace import project
 from mergejax.transforms._subspace import svd_basis
 from mergejax.transforms._subspace import SVDBasis
+from mergejax.transforms._wudi import wudi_reduce
+from mergejax.transforms._wudi import WudiState
 # pylint: enable=g-importing-member
 
 __all__ = (
@@ -127,6 +129,8 @@ __all__ = (
     # data-informed reductions (statistics from mergejax.stats)
     'fisher_weighted_sum', 'FisherWeightState', 'regmean_reduce',
     'RegMeanState',
+    # data-free optimisation (task vectors as input proxies)
+    'wudi_reduce', 'WudiState',
     # LoRA adapters
     'LoRA', 'lora_delta', 'lora_from_delta', 'check_lora', 'merge_lora',
     # continual merging

@@ -101,7 +101,7 @@ def _check_grams(grams: Mapping[str, jax.Array], params: Any) -> None:
                        'kernel.')
 
 
-def _pinv_psd(a: jax.Array) -> jax.Array:
+def pinv_psd(a: jax.Array) -> jax.Array:
   """Pseudo-inverse of a symmetric PSD matrix (eigenvalues below rcond dropped)."""
   vals, vecs = jnp.linalg.eigh(a)
   cut = jnp.max(jnp.abs(vals)) * a.shape[-1] * jnp.finfo(jnp.float32).eps
@@ -131,6 +131,6 @@ def _regmean_update(updates, state, params=None, *, key=None):
     rhs = jnp.einsum('kij,kjo->io', gs, xs - avg[None])
     w = jnp.linalg.solve(total, rhs)
     return avg + jax.lax.cond(jnp.all(jnp.isfinite(w)), lambda: w,
-                              lambda: _pinv_psd(total) @ rhs)
+                              lambda: pinv_psd(total) @ rhs)
 
   return paths.tree_map_with_path(merge, updates), state
