@@ -61,8 +61,8 @@ maps one numeric hyperparameter to its grid (vmapped, chosen on validation);
   (``experiments.default.data_statistics``): diagonal Fishers of the
   classifier with the task's head (``data.fisher_kind``), the input Grams
   of the backbone's Dense layers (through the merged layers for
-  RegMean++), or AdaMerging's coefficients and the Concrete mask fitted on
-  unlabeled validation inputs.
+  RegMean++), or AdaMerging's and Expert Merging's coefficients and the
+  Concrete mask fitted on unlabeled validation inputs.
 * ``surgery``: representation surgery (``fit_surgery``) on the merge of
   the method named by ``inner.name`` at its selected setting (run earlier):
   per-task adapters on the backbone features, fitted on unlabeled validation
@@ -93,6 +93,7 @@ METHODS = (
     'lora_lego', 'lora_svd', 'lora_ta',
     # Data-informed merges (statistics on each task's training inputs).
     'fisher_merging', 'regmean', 'regmean_plusplus', 'adamerging', 'concrete',
+    'expert_merging', 'expert_merging_short',
     # Representation surgery on two of the merges above.
     'surgery_ta', 'surgery_adamerging',
 )
@@ -235,6 +236,14 @@ def get_config(arg=None):
       # Concrete task arithmetic with FusionBench's settings (lambda 0.3,
       # logits from 0, temperature 0.5, Adam 1e-3, 2000 steps).
       concrete=entry(dict(lambda_=0.3), protocol='data'),
+      # Expert Merging with the authors' loss settings (init 0.1, T 3,
+      # hidden weight 0.1, L1 pull 0.1, clip 1) on the same inputs as
+      # AdaMerging. With AdaMerging's budget (Adam 1e-3, 500 steps; the
+      # `_short` row) its alignment loss is still falling at the end; the
+      # main row trains until it levels off (Adam 1e-2, 2000 steps), a
+      # label-free criterion, as the authors stop on the loss.
+      expert_merging=entry(protocol='data', factory='adamerging'),
+      expert_merging_short=entry(protocol='data', factory='adamerging'),
       surgery_ta=entry(
           protocol='surgery', factory='fit_surgery',
           inner=dict(arg='merge', name='task_arithmetic', kwargs={})),
@@ -253,6 +262,14 @@ def get_config(arg=None):
   methods['adamerging'].data = dict(stats='unlabeled', examples=128,
                                     batch_size=32, granularity='layer',
                                     init=0.3, steps=500, learning_rate=1e-3)
+  methods['expert_merging'].data = dict(stats='expert', examples=128,
+                                        batch_size=32,
+                                        steps=20 if smoke else 2000,
+                                        learning_rate=1e-2)
+  methods['expert_merging_short'].data = dict(stats='expert', examples=128,
+                                              batch_size=32,
+                                              steps=20 if smoke else 500,
+                                              learning_rate=1e-3)
   methods['concrete'].data = dict(stats='concrete', examples=128,
                                   batch_size=32, steps=20 if smoke else 2000,
                                   learning_rate=1e-3, seed=0)
@@ -270,7 +287,7 @@ def get_config(arg=None):
   # Comma-separated methods to run, in this order ('' runs every entry).
   # The smoke subset covers every protocol with methods that compile fast.
   config.methods_to_run = ('linear,task_arithmetic,slerp,nuslerp,emr,lora_lego,'
-                           'lora_svd,lora_ta,wudi,concrete,'
+                           'lora_svd,lora_ta,wudi,concrete,expert_merging,'
                            'surgery_ta' if smoke else
                            ','.join(METHODS))
   return config

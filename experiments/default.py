@@ -20,6 +20,7 @@ import traceback
 import zlib
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -123,9 +124,12 @@ def data_statistics(entry, model, sub: str, base, fts: list, heads,
   ``stats='unlabeled'`` AdaMerging's ``coefficients``, fitted
   (`mergejax.methods.fit_adamerging`) to minimise the prediction entropy of
   every task's head on the first ``examples`` *validation* inputs of its task,
-  labels unused, and ``stats='concrete'`` the Concrete task-arithmetic
+  labels unused, ``stats='concrete'`` the Concrete task-arithmetic
   ``mask`` (`mergejax.methods.fit_concrete`) fitted the same way at the
-  entry's ``lambda_``.
+  entry's ``lambda_``, and ``stats='expert'`` Expert Merging's layer-wise
+  coefficients (`mergejax.methods.fit_expert_merging`), fitted on the same
+  inputs to align the backbone's Dense outputs and each task's logits with
+  the fine-tune's.
   """
   if sub != 'backbone':
     raise ValueError(f"the data protocol merges backbones; config.merge.params "
@@ -137,6 +141,9 @@ def data_statistics(entry, model, sub: str, base, fts: list, heads,
   if d.stats == 'concrete':
     return dict(mask=_fit_concrete(d, entry.kwargs.lambda_, model, base, fts,
                                    heads, tasks))
+  if d.stats == 'expert':
+    return dict(coefficients=_fit_expert_merging(d, model, base, fts, heads,
+                                                 tasks))
   logits_fn = _classifier_logits(model)
   inputs_fn = _backbone_inputs(model)
   out, per_model = [], []
@@ -184,6 +191,32 @@ def _fit_concrete(d, lambda_, model, base, fts, heads, tasks):
                                 key=jax.random.key(d.seed), lambda_=lambda_,
                                 steps=d.steps, learning_rate=d.learning_rate)
   return res.mask()
+
+
+def _fit_expert_merging(d, model, base, fts, heads, tasks):
+  xs = jnp.stack([jnp.asarray(t.val.x[:d.examples], jnp.float32)
+                  for t in tasks])
+  batches = [xs[:, j:j + d.batch_size]
+             for j in range(0, xs.shape[1] - d.batch_size + 1, d.batch_size)]
+  res = mj.methods.fit_expert_merging(
+      _backbone_outputs(model, heads), base, fts, batches, steps=d.steps,
+      learning_rate=d.learning_rate)
+  return res.coefficients
+
+
+def _backbone_outputs(model, heads):
+  """``(params, x, t) -> (Dense outputs, logits with task t's head)``."""
+  backbone = zoo.Backbone(model.width, model.depth)
+  head = nn.Dense(model.num_classes)
+
+  def outputs(bb, x, t):
+    feats, state = backbone.apply({'params': bb}, x,
+                                  capture_intermediates=True,
+                                  mutable=['intermediates'])
+    h = jax.tree.map(lambda a: a[t], heads)
+    return state['intermediates'], head.apply({'params': h}, feats)
+
+  return outputs
 
 
 def _fit_adamerging(d, model, base, fts, heads, tasks):

@@ -15,7 +15,8 @@ HELPERS = {'reconstruct', 'twin_mix', 'twin_apply', 'twin_dense', 'twin_route',
            'AdaMergingResult', 'concrete_mask', 'fit_concrete',
            'ConcreteResult', 'DamResult',  # documented in the API reference only
            'fit_dam',  # its page is methods/dam.md
-           'fit_surgery', 'surgery_apply', 'SurgeryResult'}  # methods/surgery.md
+           'fit_surgery', 'surgery_apply', 'SurgeryResult',  # methods/surgery.md
+           'fit_expert_merging', 'ExpertMergingResult'}  # expert_merging.md
 
 
 def test_every_method_has_a_page_in_the_nav():

@@ -160,6 +160,9 @@ EXEMPT = {
     'fit_surgery': 'fits adapters on user features (tests/test_surgery.py)',
     'surgery_apply': 'one adapter on features (tests/test_surgery.py)',
     'SurgeryResult': 'a NamedTuple of results',
+    'fit_expert_merging': 'fits coefficients through user outputs '
+                          '(tests/test_expert_merging.py)',
+    'ExpertMergingResult': 'a NamedTuple of results',
     'DamResult': 'a NamedTuple of results',
 }
 DATA_CASES = ('fisher_merging', 'regmean', 'adamerging', 'prediction_entropy',

@@ -41,7 +41,10 @@ ALLOWED = {
 # task rebuilds); the Twin router extends the Twin merge and DAM the Concrete
 # mask (FusionBench's Safe Concrete): one family each.
 SAME_FAMILY = {('mergejax.methods._twin_router', 'mergejax.methods._twin'),
-               ('mergejax.methods._dam', 'mergejax.methods._concrete')}
+               ('mergejax.methods._dam', 'mergejax.methods._concrete'),
+               # Expert Merging learns AdaMerging's layer-wise coefficients.
+               ('mergejax.methods._expert_merging',
+                'mergejax.methods._adamerging')}
 
 
 def _layer(module: str) -> str:

@@ -62,7 +62,8 @@ KWARGS = {
 NOT_FACTORIES = {'reconstruct', 'twin_mix', 'twin_apply', 'twin_dense',
                  'twin_route', 'twin_train_router', 'fit_adamerging',
                  'prediction_entropy', 'fit_concrete', 'concrete_mask',
-                 'fit_dam', 'fit_surgery', 'surgery_apply'}
+                 'fit_dam', 'fit_surgery', 'surgery_apply',
+                 'fit_expert_merging'}
 
 
 def _method_names():

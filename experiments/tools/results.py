@@ -19,6 +19,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import subprocess
 from typing import Any, Callable, Mapping, Sequence
 
@@ -111,6 +112,8 @@ CLAIMS = (
     ('RegMean beats task arithmetic', 'regmean', 'task_arithmetic'),
     ('RegMean++ beats RegMean', 'regmean_plusplus', 'regmean'),
     ('layer-wise AdaMerging beats task arithmetic', 'adamerging',
+     'task_arithmetic'),
+    ('Expert Merging beats task arithmetic', 'expert_merging',
      'task_arithmetic'),
     ('Concrete task arithmetic beats task arithmetic', 'concrete',
      'task_arithmetic'),
@@ -286,6 +289,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     result.pop('workdir', None)  # a local path, not a result
     name = (result.get('experiment') or result.get('benchmark')
             or os.path.splitext(os.path.basename(path))[0])
+    # Figures the page shows (``![...](file.png)``) travel with the JSON.
+    for fig in re.findall(r'!\[[^\]]*\]\(([\w.-]+\.png)\)',
+                          result.get('description', '')):
+      src = os.path.join(os.path.dirname(os.path.abspath(path)), fig)
+      if os.path.exists(src):
+        shutil.copyfile(src, os.path.join(args.out, fig))
     with open(os.path.join(args.out, f'{name}.json'), 'w') as f:
       json.dump(result, f, indent=1, default=str)
   pages = {}

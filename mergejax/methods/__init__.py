@@ -73,6 +73,8 @@ from mergejax.methods._dam import fit_dam
 from mergejax.methods._data import fisher_merging
 from mergejax.methods._data import regmean
 from mergejax.methods._data import regmean_plusplus
+from mergejax.methods._expert_merging import ExpertMergingResult
+from mergejax.methods._expert_merging import fit_expert_merging
 from mergejax.methods._surgery import fit_surgery
 from mergejax.methods._surgery import surgery_apply
 from mergejax.methods._surgery import SurgeryResult
@@ -97,5 +99,6 @@ __all__ = (
     'concrete', 'concrete_mask', 'fit_concrete', 'ConcreteResult',
     'fit_dam', 'DamResult',
     'fit_surgery', 'surgery_apply', 'SurgeryResult',
+    'fit_expert_merging', 'ExpertMergingResult',
     'lora_lego', 'lora_svd', 'opcm',
 )

@@ -94,13 +94,25 @@ def _step(logits_fn, kind):
     return _log_probs(logits_fn, p, xi[None])[0]  # [C]
 
   def per_example_sq(p, xi, yi):
-    if kind == 'exact':
-      probs = jax.lax.stop_gradient(jnp.exp(logp(p, xi)))
-      jac = jax.jacrev(logp)(p, xi)  # every leaf [C, ...]
-      return jax.tree.map(
-          lambda j: jnp.tensordot(probs, jnp.square(j), axes=1), jac)
     g = jax.grad(lambda q: logp(q, xi)[yi])(p)
     return jax.tree.map(jnp.square, g)
+
+  def exact_sq(p, x):
+    # sum_n sum_c p_nc g_nc^2, one class at a time: each pass holds the
+    # batch's per-example gradients of one class ([N, ...] per leaf), not the
+    # whole per-example Jacobian ([N, C, ...]), which made the batched step
+    # memory-bound and slower than a per-example loop.
+    probs = jax.lax.stop_gradient(jnp.exp(_log_probs(logits_fn, p, x)))
+    zero = jax.tree.map(lambda q: jnp.zeros(jnp.shape(q), jnp.float32), p)
+
+    def one_class(c, acc):
+      y = jnp.full((x.shape[0],), c, jnp.int32)
+      sq = jax.vmap(per_example_sq, in_axes=(None, 0, 0))(p, x, y)
+      return jax.tree.map(
+          lambda a, s: a + jnp.tensordot(probs[:, c], s.astype(jnp.float32),
+                                         axes=1), acc, sq)
+
+    return jax.lax.fori_loop(0, probs.shape[-1], one_class, zero)
 
   @jax.jit
   def step(total, p, x, y, k):
@@ -109,11 +121,11 @@ def _step(logits_fn, kind):
         lp = _log_probs(logits_fn, q, x)
         return jnp.sum(jax.lax.stop_gradient(jnp.sqrt(jnp.exp(lp))) * lp)
       sq = jax.tree.map(jnp.square, jax.grad(surrogate)(p))
+    elif kind == 'exact':
+      sq = exact_sq(p, x)
     else:
       if kind == 'sampled':
         y = jax.random.categorical(k, _log_probs(logits_fn, p, x))
-      elif kind == 'exact':
-        y = jnp.zeros(x.shape[0], jnp.int32)  # unused
       sq = jax.vmap(per_example_sq, in_axes=(None, 0, 0))(p, x, y)
       sq = jax.tree.map(lambda s: jnp.sum(s, axis=0), sq)
     return jax.tree.map(lambda t, s: t + s.astype(jnp.float32), total, sq)

@@ -1,0 +1,105 @@
+"""Calibration-size ablation of the data-informed merges on the digits zoo.
+
+Each method in ``config.calibration_methods`` runs as in the default
+experiment (its entry in ``config.methods``) with ``n`` calibration examples
+per task for every ``n`` in ``config.sizes``: Fisher merging and RegMean(++)
+take their statistics from the first ``n`` training inputs of each task,
+AdaMerging and Expert Merging fit on the first ``n`` unlabeled validation
+inputs. Batches are ``min(batch_size, n)`` examples. A split smaller than
+``n`` is used whole; the rows record the number actually used. Reported:
+mean test accuracy over the tasks (each task read by its own head), and the
+figure ``calibration.png`` of accuracy against ``n``, with task arithmetic
+(no data) as the reference line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from experiments import default as default_exp
+from experiments import zoo
+from experiments.tools import plotting
+from experiments.tools import results as results_lib
+
+
+def main(config, workdir: str) -> dict[str, Any]:
+  out_dir = os.path.join(workdir, 'calibration')
+  os.makedirs(out_dir, exist_ok=True)
+  t_start = time.perf_counter()
+  _, tasks, model, z, _ = default_exp.build_zoo(config, workdir)
+  names = [t.name for t in tasks]
+  sub = config.merge.params
+  heads = z.finetuned['head']
+  ev = zoo.TaskEvaluator(model, tasks, heads)
+  base_bb = z.base[sub]
+  fts = [jax.tree.map(lambda x, i=i: x[i], z.finetuned[sub])
+         for i in range(len(names))]
+  key = jax.random.key(config.seed)
+  # Task arithmetic at its validation-chosen lambda: the no-data reference.
+  bbs, (_, lams), _ = default_exp.merge_method(
+      'task_arithmetic', config.methods.task_arithmetic, base_bb, fts, key)
+  val = ev.accuracies(bbs, 'val').mean(axis=1)
+  ta = float(ev.accuracies(bbs, 'test')[int(np.argmax(val))].mean())
+  rows = []
+  for name in config.calibration_methods:
+    for n in config.sizes:
+      entry = config.methods[name].to_dict()
+      split = 'val' if entry['data']['stats'] in ('unlabeled', 'expert') else (
+          'train')
+      used = min(int(n), min(len(getattr(t, split).x) for t in tasks))
+      entry['data'].update(examples=used,
+                           batch_size=min(entry['data']['batch_size'], used))
+      entry = type(config.methods[name])(entry)
+      t0 = time.perf_counter()
+      data = default_exp.data_statistics(entry, model, sub, base_bb, fts,
+                                         heads, tasks)
+      out, _, _ = default_exp.merge_method(name, entry, base_bb, fts, key,
+                                           data=data)
+      acc = float(ev.accuracies(out, 'test')[0].mean())
+      rows.append(dict(method=name, examples=int(n), examples_used=used,
+                       split=split, avg_accuracy=round(acc, 4),
+                       seconds=round(time.perf_counter() - t0, 2)))
+      print(f'  {name:<18} n={n:<5} (used {used:<4}) acc {acc:.3f}',
+            flush=True)
+  fig_path = os.path.join(out_dir, 'calibration.png')
+  plotting.sweep_plot(
+      rows + [dict(method='task_arithmetic (no data)', examples=n,
+                   avg_accuracy=ta) for n in config.sizes],
+      'examples', 'avg_accuracy', group='method', logx=True,
+      title='Accuracy against calibration examples per task', path=fig_path)
+  best = {m: max((r for r in rows if r['method'] == m),
+                 key=lambda r: r['avg_accuracy']) for m in
+          config.calibration_methods}
+  notes = [f'task arithmetic (no data): {ta:.3f}'] + [
+      f'{m}: {rows_m[0]["avg_accuracy"]:.3f} at {rows_m[0]["examples_used"]} '
+      f'examples, {rows_m[-1]["avg_accuracy"]:.3f} at '
+      f'{rows_m[-1]["examples_used"]}; best {best[m]["avg_accuracy"]:.3f} at '
+      f'{best[m]["examples_used"]}'
+      for m in config.calibration_methods
+      for rows_m in [[r for r in rows if r['method'] == m]]]
+  result = dict(
+      experiment='calibration',
+      title='Calibration data: data-informed merges against examples per task',
+      description=(__doc__.split('\n\n', 1)[1].strip() +
+                   '\n\n![accuracy against calibration examples]'
+                   '(calibration.png)'),
+      command='python -m experiments.main --config=configs/calibration.py '
+              '--workdir=/tmp/exp_work',
+      notes=notes, provenance=results_lib.provenance(), tasks=names,
+      task_arithmetic=ta, rows=rows,
+      seconds=time.perf_counter() - t_start,
+      config=json.loads(config.to_json_best_effort()))
+  path = os.path.join(out_dir, 'results.json')
+  with open(path + '.tmp', 'w') as f:
+    json.dump(result, f, indent=1, default=float)
+  os.replace(path + '.tmp', path)
+  print(results_lib.markdown_table(rows), flush=True)
+  print('\n'.join(notes))
+  print(f'wrote {path} and {fig_path}')
+  return result
