@@ -237,11 +237,5 @@ def main(config, workdir: str) -> dict[str, Any]:
       notes=notes, provenance=results_lib.provenance(), tasks=names,
       poisoned=names[j], target=target, mean_input_norm=mean_norm, rows=rows,
       config=json.loads(config.to_json_best_effort()))
-  path = os.path.join(out_dir, 'results.json')
-  with open(path + '.tmp', 'w') as f:
-    json.dump(result, f, indent=1, default=float)
-  os.replace(path + '.tmp', path)
-  print(results_lib.markdown_table(rows), flush=True)
-  print('\n'.join(notes))
-  print(f'wrote {path}')
+  results_lib.write_result(out_dir, result)
   return result

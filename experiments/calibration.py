@@ -23,7 +23,7 @@ import jax
 import numpy as np
 
 from experiments import default as default_exp
-from experiments import zoo
+from experiments import ties_ablation
 from experiments.tools import plotting
 from experiments.tools import results as results_lib
 
@@ -32,14 +32,10 @@ def main(config, workdir: str) -> dict[str, Any]:
   out_dir = os.path.join(workdir, 'calibration')
   os.makedirs(out_dir, exist_ok=True)
   t_start = time.perf_counter()
-  _, tasks, model, z, _ = default_exp.build_zoo(config, workdir)
-  names = [t.name for t in tasks]
-  sub = config.merge.params
-  heads = z.finetuned['head']
-  ev = zoo.TaskEvaluator(model, tasks, heads)
-  base_bb = z.base[sub]
-  fts = [jax.tree.map(lambda x, i=i: x[i], z.finetuned[sub])
-         for i in range(len(names))]
+  s = ties_ablation.setup(config, workdir)  # the default experiment's zoo
+  tasks, names, model, heads, ev = (s['tasks'], s['names'], s['model'],
+                                    s['heads'], s['ev'])
+  base_bb, fts, sub = s['base'], s['fts'], config.merge.params
   key = jax.random.key(config.seed)
   # Task arithmetic at its validation-chosen lambda: the no-data reference.
   bbs, (_, lams), _ = default_exp.merge_method(
@@ -95,11 +91,5 @@ def main(config, workdir: str) -> dict[str, Any]:
       task_arithmetic=ta, rows=rows,
       seconds=time.perf_counter() - t_start,
       config=json.loads(config.to_json_best_effort()))
-  path = os.path.join(out_dir, 'results.json')
-  with open(path + '.tmp', 'w') as f:
-    json.dump(result, f, indent=1, default=float)
-  os.replace(path + '.tmp', path)
-  print(results_lib.markdown_table(rows), flush=True)
-  print('\n'.join(notes))
-  print(f'wrote {path} and {fig_path}')
+  results_lib.write_result(out_dir, result)
   return result

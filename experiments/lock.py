@@ -132,11 +132,5 @@ def main(config, workdir: str) -> dict[str, Any]:
       tasks=names, locked=names[j], scale_range=float(config.scale_range),
       max_logit_difference=fn_diff, rows=rows, reports=reports,
       config=json.loads(config.to_json_best_effort()))
-  path = os.path.join(out_dir, 'results.json')
-  with open(path + '.tmp', 'w') as f:
-    json.dump(result, f, indent=1, default=float)
-  os.replace(path + '.tmp', path)
-  print(results_lib.markdown_table(rows), flush=True)
-  print('\n'.join(notes))
-  print(f'wrote {path}')
+  results_lib.write_result(out_dir, result)
   return result

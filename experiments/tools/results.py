@@ -212,6 +212,22 @@ def render(result: Mapping[str, Any], title: str | None = None) -> str:
   return '\n'.join(parts).rstrip() + '\n'
 
 
+def write_result(out_dir: str, result: Mapping[str, Any]) -> str:
+  """Writes an experiment's ``results.json`` atomically and prints its rows.
+
+  Prints the rows as a Markdown table and the notes; returns the path.
+  """
+  path = os.path.join(out_dir, 'results.json')
+  with open(path + '.tmp', 'w') as f:
+    json.dump(result, f, indent=1, default=float)
+  os.replace(path + '.tmp', path)
+  if result.get('rows'):
+    print(markdown_table(result['rows']), flush=True)
+  print('\n'.join(result.get('notes', ())))
+  print(f'wrote {path}')
+  return path
+
+
 def write_page(result: Mapping[str, Any], path: str,
                title: str | None = None) -> str:
   """Writes `render(result)` to ``path`` atomically; returns the path."""
