@@ -61,8 +61,9 @@ maps one numeric hyperparameter to its grid (vmapped, chosen on validation);
   (``experiments.default.data_statistics``): diagonal Fishers of the
   classifier with the task's head (``data.fisher_kind``), the input Grams
   of the backbone's Dense layers (through the merged layers for
-  RegMean++), or AdaMerging's and Expert Merging's coefficients and the
-  Concrete mask fitted on unlabeled validation inputs.
+  RegMean++), AdaMerging's and Expert Merging's coefficients and the
+  Concrete mask fitted on unlabeled validation inputs, or the fine-tunes'
+  saved Adam second moments (OTA).
 * ``surgery``: representation surgery (``fit_surgery``) on the merge of
   the method named by ``inner.name`` at its selected setting (run earlier):
   per-task adapters on the backbone features, fitted on unlabeled validation
@@ -94,6 +95,8 @@ METHODS = (
     # Data-informed merges (statistics on each task's training inputs).
     'fisher_merging', 'regmean', 'regmean_plusplus', 'adamerging', 'concrete',
     'expert_merging', 'expert_merging_short',
+    # Curvature from the fine-tunes' own Adam second moments.
+    'ota', 'ota_no_graft', 'ota_compressed',
     # Representation surgery on two of the merges above.
     'surgery_ta', 'surgery_adamerging',
 )
@@ -244,6 +247,14 @@ def get_config(arg=None):
       # label-free criterion, as the authors stop on the loss.
       expert_merging=entry(protocol='data', factory='adamerging'),
       expert_merging_short=entry(protocol='data', factory='adamerging'),
+      # OTA with the authors' grafting density (0.1) and Adam's
+      # preconditioner as weights (power 0.5); without grafting; and with
+      # the rank-1 compressed second moments.
+      ota=entry(protocol='data'),
+      ota_no_graft=entry(dict(graft_density=None), protocol='data',
+                         factory='ota'),
+      ota_compressed=entry(dict(compress=True), protocol='data',
+                           factory='ota'),
       surgery_ta=entry(
           protocol='surgery', factory='fit_surgery',
           inner=dict(arg='merge', name='task_arithmetic', kwargs={})),
@@ -270,6 +281,8 @@ def get_config(arg=None):
                                               batch_size=32,
                                               steps=20 if smoke else 500,
                                               learning_rate=1e-3)
+  for name in ('ota', 'ota_no_graft', 'ota_compressed'):
+    methods[name].data = dict(stats='adam')
   methods['concrete'].data = dict(stats='concrete', examples=128,
                                   batch_size=32, steps=20 if smoke else 2000,
                                   learning_rate=1e-3, seed=0)
@@ -287,7 +300,7 @@ def get_config(arg=None):
   # Comma-separated methods to run, in this order ('' runs every entry).
   # The smoke subset covers every protocol with methods that compile fast.
   config.methods_to_run = ('linear,task_arithmetic,slerp,nuslerp,emr,lora_lego,'
-                           'lora_svd,lora_ta,wudi,concrete,expert_merging,'
+                           'lora_svd,lora_ta,wudi,concrete,expert_merging,ota,'
                            'surgery_ta' if smoke else
                            ','.join(METHODS))
   return config

@@ -31,7 +31,7 @@ from experiments.tools import results as results_lib
 
 # Bump when the zoo's training code changes in a way the config does not show,
 # so that stale caches are not reused.
-ZOO_VERSION = 1
+ZOO_VERSION = 2  # 2: the fine-tunes' Adam second moments are kept
 PROTOCOLS = ('models', 'no_base', 'sum_endpoint', 'fold', 'per_task',
              'routed', 'lora', 'data', 'surgery', 'not_applicable')
 
@@ -55,9 +55,10 @@ def build_zoo(config, workdir: str):
 
   def train():
     base = zoo.train_base(model, digits, k_base, show=show, **zc.base.to_dict())
-    fts = zoo.finetune(model, base, tasks, k_ft, show=show,
-                       **zc.finetune.to_dict())
-    return dict(base=base, finetuned=fts)
+    fts, nu = zoo.finetune(model, base, tasks, k_ft, show=show,
+                           return_second_moments=True,
+                           **zc.finetune.to_dict())
+    return dict(base=base, finetuned=fts, second_moments=nu)
 
   k = len(tasks)
   abstract_one = jax.eval_shape(lambda: zoo.init_params(model,
@@ -66,7 +67,10 @@ def build_zoo(config, workdir: str):
       base=abstract_one,
       finetuned=jax.tree.map(
           lambda a: jax.ShapeDtypeStruct((k,) + a.shape, a.dtype),
-          abstract_one))
+          abstract_one),
+      second_moments=jax.tree.map(
+          lambda a: jax.ShapeDtypeStruct((k,) + a.shape, jnp.float32),
+          abstract_one['backbone']))
   path = os.path.join(workdir, 'zoo', zoo_hash(config))
   t0 = time.perf_counter()
   tree, cached = zoo.load_or_train(path, train, abstract)
@@ -74,7 +78,8 @@ def build_zoo(config, workdir: str):
   print(f'zoo: {k} tasks {[t.name for t in tasks]}, width {zc.width}; '
         f'{"restored from cache" if cached else "trained"} in {seconds:.1f}s '
         f'({path})', flush=True)
-  return (digits, tasks, model, zoo.Zoo(tree['base'], tree['finetuned']),
+  return (digits, tasks, model, zoo.Zoo(tree['base'], tree['finetuned'],
+                                        tree['second_moments']),
           dict(path=path, cached=cached, seconds=seconds))
 
 
@@ -110,7 +115,7 @@ def _stack(trees):
 
 
 def data_statistics(entry, model, sub: str, base, fts: list, heads,
-                    tasks) -> dict:
+                    tasks, second_moments=None) -> dict:
   """The ``data`` protocol's statistics, as keyword arguments of the method.
 
   Each fine-tune's statistics come from the first ``entry.data.examples``
@@ -124,7 +129,9 @@ def data_statistics(entry, model, sub: str, base, fts: list, heads,
   ``stats='unlabeled'`` AdaMerging's ``coefficients``, fitted
   (`mergejax.methods.fit_adamerging`) to minimise the prediction entropy of
   every task's head on the first ``examples`` *validation* inputs of its task,
-  labels unused, ``stats='concrete'`` the Concrete task-arithmetic
+  labels unused, ``stats='adam'`` each fine-tune's Adam second moments
+  (``second_moments``, saved by the zoo's fine-tuning), ``stats='concrete'``
+  the Concrete task-arithmetic
   ``mask`` (`mergejax.methods.fit_concrete`) fitted the same way at the
   entry's ``lambda_``, and ``stats='expert'`` Expert Merging's layer-wise
   coefficients (`mergejax.methods.fit_expert_merging`), fitted on the same
@@ -135,6 +142,12 @@ def data_statistics(entry, model, sub: str, base, fts: list, heads,
     raise ValueError(f"the data protocol merges backbones; config.merge.params "
                      f"is {sub!r}.")
   d = entry.data
+  if d.stats == 'adam':  # saved with the fine-tunes; no data is read
+    if second_moments is None:
+      raise ValueError("stats='adam' needs the zoo's second moments.")
+    return dict(second_moments=[jax.tree.map(lambda v, i=i: v[i],
+                                             second_moments)
+                                for i in range(len(fts))])
   if d.stats == 'unlabeled':
     return dict(coefficients=_fit_adamerging(d, model, base, fts, heads,
                                              tasks))
@@ -567,7 +580,7 @@ def _main(config, workdir: str) -> dict[str, Any]:
         ads = (get_lora_zoo(entry.lora_rank) if entry.protocol == 'lora'
                else None)
         data = (data_statistics(entry, model, sub, base_bb, ft_bbs, heads,
-                                tasks)
+                                tasks, z.second_moments)
                 if entry.protocol == 'data' else None)
         bbs, sweep, notes = merge_method(name, entry, base_bb, ft_bbs, key,
                                          adapters=ads, data=data)

@@ -165,8 +165,9 @@ EXEMPT = {
     'ExpertMergingResult': 'a NamedTuple of results',
     'DamResult': 'a NamedTuple of results',
 }
-DATA_CASES = ('fisher_merging', 'regmean', 'adamerging', 'prediction_entropy',
-              'lora_svd', 'lora_lego', 'concrete', 'concrete_mask')
+DATA_CASES = ('fisher_merging', 'ota', 'regmean', 'adamerging',
+              'prediction_entropy', 'lora_svd', 'lora_lego', 'concrete',
+              'concrete_mask')
 PERMUTE_CASES = ('weight_matching', 'permute_align', 'sinkhorn_matching',
                  'ste_matching', 'activation_matching', 'apply_permutation',
                  'soft_apply_permutation', 'merge_many', 'solve_assignment',
@@ -273,6 +274,33 @@ def test_traced_invalid_hyperparameters_raise_under_jit(name):
 # --------------------------------------------------------------------------- #
 # Methods that take statistics or factors rather than bare trees.
 # --------------------------------------------------------------------------- #
+@FAST
+@hypothesis.given(model_sets(ks=(1, 2, 3)), st.sampled_from(
+    ('ok', 'zeros', 'nan', 'negative')),
+                  st.sampled_from((None, 0.0, 0.3, 1.0, NAN)), st.booleans(),
+                  st.sampled_from(('none', 'global')))
+def test_ota(data, nu, density, compress, normalize):
+  base, models = data
+  rng = np.random.default_rng(1)
+  make = {'ok': lambda x: jnp.abs(jnp.asarray(rng.normal(size=x.shape))),
+          'zeros': jnp.zeros_like,
+          'nan': lambda x: jnp.full(x.shape, NAN),
+          'negative': lambda x: -jnp.ones(x.shape)}[nu]
+  nus = [jax.tree.map(lambda x: make(x).astype(jnp.float32), m) for m in models]
+  empty = all(x.size == 0 for x in jax.tree.leaves(models[0]))
+  try:
+    out = mj.merge(mj.methods.ota(nus, graft_density=density, compress=compress,
+                                  normalize=normalize), base, models)
+  except CLEAN:
+    assert nu in ('nan', 'negative') or empty or (
+        density is not None and density != density) or any(
+            0 in x.shape for x in jax.tree.leaves(base)), (nu, density)
+    return
+  assert nu in ('ok', 'zeros') and not (density is not None and
+                                        density != density), (nu, density)
+  _check_result(out, base)
+
+
 @FAST
 @hypothesis.given(model_sets(ks=(1, 2, 3)), st.sampled_from(
     ('ok', 'zeros', 'nan', 'negative')))
@@ -643,6 +671,8 @@ BLOCKS: dict[str, Case] = {
                              invalid=dict(quantile=[NAN, 1.5])),
     'tsv_reduce': Case(_t('tsv_reduce'), shapes=MATRIX_SHAPES),
     'fisher_weighted_sum': Case(lambda h, k: None),  # inputs drawn per case
+    'ota_reduce': Case(lambda h, k: None),
+    'fisher_graft': Case(lambda h, k: None, invalid=dict(density=[NAN])),
     'regmean_reduce': Case(lambda h, k: None, shapes=MATRIX_SHAPES),
     'wudi_reduce': Case(lambda h, k: T.wudi_reduce(steps=2, **h),
                         dict(solver=['adam', 'closed_form']),
@@ -654,7 +684,8 @@ BLOCK_FUNCTIONS = ('kth_largest_magnitude', 'topk_mask', 'topk_masks',
                    'model_stock_ratio', 'magnitude_mask', 'consensus_mask',
                    'compute_tall_masks', 'lora_delta', 'lora_from_delta',
                    'check_lora', 'merge_lora', 'opcm_init', 'opcm_update',
-                   'opcm_params', 'project_new_task')
+                   'opcm_params', 'project_new_task',
+                   'factored_second_moments')
 BLOCK_EXEMPT = {'LoRA': 'a NamedTuple of factors', 'SVDBasis': 'a NamedTuple'}
 
 
@@ -665,6 +696,10 @@ def _block_tx(name, h, models):
                                       models[0]))
   if name == 'fisher_weighted_sum':
     return T.fisher_weighted_sum(_fishers_like(models))
+  if name == 'ota_reduce':
+    return T.ota_reduce(_fishers_like(models))
+  if name == 'fisher_graft':
+    return T.fisher_graft(_fishers_like(models), h.get('density', 0.5))
   if name == 'regmean_reduce':
     return T.regmean_reduce(_grams_like(models))
   return case.make(dict(h), len(models))
@@ -715,6 +750,7 @@ BLOCK_REACHED = {
     'model_stock_ratio': 'model_stock_reduce', 'compute_tall_masks': 'tall_masks',
     'project_new_task': 'opcm_update', 'opcm_params': 'opcm_update below',
     'opcm_init': 'opcm_update below',
+    'factored_second_moments': 'test_ota (compress=True)',
 }
 
 

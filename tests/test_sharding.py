@@ -48,6 +48,8 @@ KWARGS = {
         models=models, batches=[[np.ones((4, 24), np.float32) * (i + 1)]
                                 for i in range(len(models))], ridge=0.1),
     # Data-informed methods: statistics built from the test's models (K=2).
+    'ota': lambda base, models: dict(second_moments=[
+        jax.tree.map(lambda x: np.abs(x) + 0.1, m) for m in models]),
     'fisher_merging': lambda base, models: dict(fishers=[
         jax.tree.map(lambda x: np.abs(x) + 0.1, m) for m in models]),
     'regmean': lambda base, models: dict(grams=[

@@ -121,6 +121,9 @@ CLAIMS = (
      'task_arithmetic'),
     ('WUDI (closed form) beats task arithmetic', 'wudi_closed_form',
      'task_arithmetic'),
+    ('OTA (grafting, then curvature weights) beats task arithmetic', 'ota',
+     'task_arithmetic'),
+    ('Fast Fisher Grafting improves OTA', 'ota', 'ota_no_graft'),
     ('surgery improves task arithmetic', 'surgery_ta', 'task_arithmetic'),
     ('surgery improves AdaMerging', 'surgery_adamerging', 'adamerging'),
 )

@@ -23,9 +23,12 @@ class Zoo(NamedTuple):
   Attributes:
     base: the base model's params ``{'backbone': ..., 'head': ...}``.
     finetuned: the K fine-tunes, stacked: every leaf has a leading axis K.
+    second_moments: the backbone's Adam second moments at the end of each
+      fine-tune, stacked like ``finetuned['backbone']`` (None if not kept).
   """
   base: Params
   finetuned: Params
+  second_moments: Params = None
 
   def model(self, i: int) -> Params:
     return jax.tree.map(lambda x: x[i], self.finetuned)
@@ -80,7 +83,7 @@ def _fit(model, params, opt, x, y, key, *, steps, batch_size, chunk, desc,
       done += n
       bar.update(n)
       bar.set_postfix(loss=float(jnp.mean(loss)))
-  return params, float(jnp.mean(loss))
+  return params, float(jnp.mean(loss)), state
 
 
 def _adam(lr, steps, weight_decay):
@@ -104,7 +107,8 @@ def train_base(model: _models.Classifier, digits: _data.Digits, key: jax.Array,
   x = np.concatenate(xs)
   y = np.tile(pre.y, augment_copies + 1)
   params = _models.init_params(model, k_init)
-  params, _ = _fit(model, params, _adam(lr, steps, weight_decay), x, y, k_fit,
+  params, _, _ = _fit(model, params, _adam(lr, steps, weight_decay), x, y,
+                      k_fit,
                    steps=steps, batch_size=batch_size, chunk=chunk,
                    desc='base model', show=show)
   return params
@@ -113,8 +117,8 @@ def train_base(model: _models.Classifier, digits: _data.Digits, key: jax.Array,
 def finetune(model: _models.Classifier, base: Params,
              tasks: Sequence[_data.Task], key: jax.Array, *, steps: int,
              batch_size: int, lr: float, head_lr: float, weight_decay: float,
-             fresh_head: bool, chunk: int = 100, show: bool | None = None
-             ) -> Params:
+             fresh_head: bool, chunk: int = 100, show: bool | None = None,
+             return_second_moments: bool = False) -> Params:
   """Fine-tunes the base on every task at once (``jax.vmap`` over tasks).
 
   Every fine-tune starts from the base backbone; its head starts from the
@@ -122,7 +126,9 @@ def finetune(model: _models.Classifier, base: Params,
   and the head have their own learning rates.
 
   Returns:
-    The K fine-tuned params, stacked along a leading axis.
+    The K fine-tuned params, stacked along a leading axis; with
+    ``return_second_moments`` also the backbone's Adam second moments
+    ``nu`` at the end of training, stacked the same way.
   """
   k = len(tasks)
   k_head, k_fit = jax.random.split(key)
@@ -137,10 +143,18 @@ def finetune(model: _models.Classifier, base: Params,
       lambda p: {n: jax.tree.map(lambda _, n=n: n, p[n]) for n in p})
   x = np.stack([t.train.x for t in tasks])
   y = np.stack([t.train.y for t in tasks])
-  params, _ = _fit(model, stacked, opt, x, y, k_fit, steps=steps,
-                   batch_size=batch_size, chunk=chunk,
-                   desc=f'{k} fine-tunes', show=show, num_models=k)
-  return params
+  params, _, state = _fit(model, stacked, opt, x, y, k_fit, steps=steps,
+                          batch_size=batch_size, chunk=chunk,
+                          desc=f'{k} fine-tunes', show=show, num_models=k)
+  if not return_second_moments:
+    return params
+  # Adam's second moments of the backbone, stacked like the params: what
+  # curvature-aware merges (mergejax.methods.ota) read.
+  nus = [v for path, v in optax.tree_utils.tree_get_all_with_path(state, 'nu')
+         if 'backbone' in jax.tree_util.keystr(path)]
+  if len(nus) != 1:
+    raise ValueError(f'expected one backbone Adam state, found {len(nus)}.')
+  return params, nus[0]['backbone']
 
 
 def load_or_train(path: str, train_fn, abstract: Params) -> tuple[Params, bool]:

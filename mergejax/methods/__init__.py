@@ -73,6 +73,7 @@ from mergejax.methods._dam import fit_dam
 from mergejax.methods._data import fisher_merging
 from mergejax.methods._data import regmean
 from mergejax.methods._data import regmean_plusplus
+from mergejax.methods._ota import ota
 from mergejax.methods._expert_merging import ExpertMergingResult
 from mergejax.methods._expert_merging import fit_expert_merging
 from mergejax.methods._surgery import fit_surgery
@@ -94,7 +95,7 @@ __all__ = (
     'reversible', 'rtsvm', 'tall_masks', 'tsv', 'widen', 'wudi',
     'reconstruct', 'twin', 'twin_mix', 'twin_apply', 'twin_dense',
     'twin_route', 'twin_train_router',
-    'fisher_merging', 'regmean', 'regmean_plusplus',
+    'fisher_merging', 'regmean', 'regmean_plusplus', 'ota',
     'adamerging', 'fit_adamerging', 'AdaMergingResult', 'prediction_entropy',
     'concrete', 'concrete_mask', 'fit_concrete', 'ConcreteResult',
     'fit_dam', 'DamResult',

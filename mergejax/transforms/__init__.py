@@ -21,6 +21,11 @@ from mergejax.transforms._coefficients import coefficient_sum
 from mergejax.transforms._coefficients import CoefficientSumState
 from mergejax.transforms._coefficients import shared_mask
 from mergejax.transforms._coefficients import SharedMaskState
+from mergejax.transforms._curvature import factored_second_moments
+from mergejax.transforms._curvature import fisher_graft
+from mergejax.transforms._curvature import FisherGraftState
+from mergejax.transforms._curvature import ota_reduce
+from mergejax.transforms._curvature import OtaState
 from mergejax.transforms._consensus import disjoint_merge
 from mergejax.transforms._consensus import DisjointMergeState
 from mergejax.transforms._consensus import elect_sign
@@ -131,6 +136,9 @@ __all__ = (
     'RegMeanState',
     # data-free optimisation (task vectors as input proxies)
     'wudi_reduce', 'WudiState',
+    # curvature from saved optimizer state (Adam second moments)
+    'fisher_graft', 'FisherGraftState', 'ota_reduce', 'OtaState',
+    'factored_second_moments',
     # LoRA adapters
     'LoRA', 'lora_delta', 'lora_from_delta', 'check_lora', 'merge_lora',
     # continual merging
