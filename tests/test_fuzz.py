@@ -274,6 +274,17 @@ def test_traced_invalid_hyperparameters_raise_under_jit(name):
 # --------------------------------------------------------------------------- #
 # Methods that take statistics or factors rather than bare trees.
 # --------------------------------------------------------------------------- #
+def _statistics_like(models, kind, seed):
+  """Per-model statistics trees (Fishers, second moments) of one ``kind``."""
+  rng = np.random.default_rng(seed)
+  make = {'ok': lambda x: jnp.abs(jnp.asarray(rng.normal(size=x.shape))),
+          'zeros': jnp.zeros_like,
+          'nan': lambda x: jnp.full(x.shape, NAN),
+          'negative': lambda x: -jnp.ones(x.shape)}[kind]
+  return [jax.tree.map(lambda x: make(x).astype(jnp.float32), m)
+          for m in models]
+
+
 @FAST
 @hypothesis.given(model_sets(ks=(1, 2, 3)), st.sampled_from(
     ('ok', 'zeros', 'nan', 'negative')),
@@ -281,12 +292,7 @@ def test_traced_invalid_hyperparameters_raise_under_jit(name):
                   st.sampled_from(('none', 'global')))
 def test_ota(data, nu, density, compress, normalize):
   base, models = data
-  rng = np.random.default_rng(1)
-  make = {'ok': lambda x: jnp.abs(jnp.asarray(rng.normal(size=x.shape))),
-          'zeros': jnp.zeros_like,
-          'nan': lambda x: jnp.full(x.shape, NAN),
-          'negative': lambda x: -jnp.ones(x.shape)}[nu]
-  nus = [jax.tree.map(lambda x: make(x).astype(jnp.float32), m) for m in models]
+  nus = _statistics_like(models, nu, seed=1)
   empty = all(x.size == 0 for x in jax.tree.leaves(models[0]))
   try:
     out = mj.merge(mj.methods.ota(nus, graft_density=density, compress=compress,
@@ -306,13 +312,7 @@ def test_ota(data, nu, density, compress, normalize):
     ('ok', 'zeros', 'nan', 'negative')))
 def test_fisher_merging(data, fisher):
   _, models = data
-  rng = np.random.default_rng(0)
-  make = {'ok': lambda x: jnp.abs(jnp.asarray(rng.normal(size=x.shape))),
-          'zeros': jnp.zeros_like,
-          'nan': lambda x: jnp.full(x.shape, NAN),
-          'negative': lambda x: -jnp.ones(x.shape)}[fisher]
-  fishers = [jax.tree.map(lambda x: make(x).astype(jnp.float32), m)
-             for m in models]
+  fishers = _statistics_like(models, fisher, seed=0)
   try:
     out = mj.merge(mj.methods.fisher_merging(fishers), None, models)
   except CLEAN:

@@ -155,3 +155,9 @@ def test_the_zoo_keeps_the_fine_tunes_second_moments(tmp_path):
   for nu, p in zip(jax.tree.leaves(z.second_moments), jax.tree.leaves(bb)):
     assert nu.shape == p.shape and nu.shape[0] == len(tasks)
     assert bool(jnp.all(nu >= 0)) and bool(jnp.any(nu > 0))
+
+
+def test_compression_does_not_hide_nan_second_moments():
+  # The rank-1 reconstruction maps a NaN matrix to zeros; it must refuse it.
+  with pytest.raises(ValueError, match='negative or NaN'):
+    T.factored_second_moments({'w': jnp.full((2, 3), jnp.nan)})

@@ -27,6 +27,9 @@ def factored_second_moments(second_moments: Any) -> Any:
   Returns:
     The reconstruction, a float32 tree like ``second_moments``.
 
+  Raises:
+    ValueError: naming the leaf, for negative or NaN/Inf entries.
+
   Example:
     >>> import jax.numpy as jnp, mergejax as mj
     >>> nu = {'w': jnp.outer(jnp.array([1., 2.]), jnp.array([3., 1.]))}
@@ -39,7 +42,6 @@ def factored_second_moments(second_moments: Any) -> Any:
       Memory Cost", ICML 2018. https://arxiv.org/abs/1804.04235
   """
   def one(v):
-    v = jnp.asarray(v, jnp.float32)
     if v.ndim < 2:
       return v
     r = jnp.sum(v, axis=-1, keepdims=True)
@@ -47,7 +49,19 @@ def factored_second_moments(second_moments: Any) -> Any:
     total = jnp.sum(r, axis=-2, keepdims=True)
     return jnp.where(total > 0, r * c / jnp.where(total > 0, total, 1.0), 0.0)
 
-  return jax.tree.map(one, second_moments)
+  return jax.tree.map(one, _check_second_moments(second_moments,
+                                                 'second_moments'))
+
+
+def _check_second_moments(tree, what):
+  out = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), tree)
+  for path, v in paths.flatten_to_dict(out).items():
+    if checks.is_concrete(v) and v.size and not bool(
+        jnp.all(jnp.isfinite(v)) & jnp.all(v >= 0)):
+      raise ValueError(f'{what}[{path!r}] (shape {tuple(v.shape)}) has '
+                       'negative or NaN/Inf entries: Adam second moments are '
+                       'non-negative; pass the optimizer state nu.')
+  return out
 
 
 def _stack(trees, what):
@@ -56,14 +70,7 @@ def _stack(trees, what):
       raise ValueError(f'{what} is empty: pass one tree per model.')
     trees = jax.tree.map(lambda *xs: jnp.stack(
         [jnp.asarray(x, jnp.float32) for x in xs]), *trees)
-  out = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), trees)
-  for path, v in paths.flatten_to_dict(out).items():
-    if checks.is_concrete(v) and v.size and not bool(
-        jnp.all(jnp.isfinite(v)) & jnp.all(v >= 0)):
-      raise ValueError(f'{what}[{path!r}] (shape {tuple(v.shape)}) has '
-                       'negative or NaN/Inf entries: Adam second moments are '
-                       'non-negative; pass the optimizer state nu.')
-  return out
+  return _check_second_moments(trees, what)
 
 
 def _aligned(state_tree, updates, what):
