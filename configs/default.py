@@ -94,6 +94,7 @@ METHODS = (
     'lora_lego', 'lora_svd', 'lora_ta',
     # Data-informed merges (statistics on each task's training inputs).
     'fisher_merging', 'regmean', 'regmean_plusplus', 'adamerging', 'concrete',
+    'concrete_adamerging',
     'expert_merging', 'expert_merging_short',
     # Curvature from the fine-tunes' own Adam second moments.
     'ota', 'ota_no_graft', 'ota_compressed',
@@ -239,6 +240,9 @@ def get_config(arg=None):
       # Concrete task arithmetic with FusionBench's settings (lambda 0.3,
       # logits from 0, temperature 0.5, Adam 1e-3, 2000 steps).
       concrete=entry(dict(lambda_=0.3), protocol='data'),
+      # Concrete layer-wise AdaMerging, FusionBench's bi-level schedule
+      # (1000 mask steps, then 1000 AdaMerging steps on the frozen mask).
+      concrete_adamerging=entry(protocol='data'),
       # Expert Merging with the authors' loss settings (init 0.1, T 3,
       # hidden weight 0.1, L1 pull 0.1, clip 1) on the same inputs as
       # AdaMerging. With AdaMerging's budget (Adam 1e-3, 500 steps; the
@@ -283,6 +287,10 @@ def get_config(arg=None):
                                               learning_rate=1e-3)
   for name in ('ota', 'ota_no_graft', 'ota_compressed'):
     methods[name].data = dict(stats='adam')
+  methods['concrete_adamerging'].data = dict(
+      stats='concrete_adamerging', examples=128, batch_size=32,
+      steps=10 if smoke else 1000, adamerging_steps=10 if smoke else 1000,
+      seed=0)
   methods['concrete'].data = dict(stats='concrete', examples=128,
                                   batch_size=32, steps=20 if smoke else 2000,
                                   learning_rate=1e-3, seed=0)
@@ -300,7 +308,8 @@ def get_config(arg=None):
   # Comma-separated methods to run, in this order ('' runs every entry).
   # The smoke subset covers every protocol with methods that compile fast.
   config.methods_to_run = ('linear,task_arithmetic,slerp,nuslerp,emr,lora_lego,'
-                           'lora_svd,lora_ta,wudi,concrete,expert_merging,ota,'
+                           'lora_svd,lora_ta,wudi,concrete,'
+                           'concrete_adamerging,expert_merging,ota,'
                            'surgery_ta' if smoke else
                            ','.join(METHODS))
   return config

@@ -133,7 +133,9 @@ def data_statistics(entry, model, sub: str, base, fts: list, heads,
   (``second_moments``, saved by the zoo's fine-tuning), ``stats='concrete'``
   the Concrete task-arithmetic
   ``mask`` (`mergejax.methods.fit_concrete`) fitted the same way at the
-  entry's ``lambda_``, and ``stats='expert'`` Expert Merging's layer-wise
+  entry's ``lambda_``, ``stats='concrete_adamerging'`` the mask and
+  coefficients of `mergejax.methods.fit_concrete_adamerging`, and
+  ``stats='expert'`` Expert Merging's layer-wise
   coefficients (`mergejax.methods.fit_expert_merging`), fitted on the same
   inputs to align the backbone's Dense outputs and each task's logits with
   the fine-tune's.
@@ -154,6 +156,12 @@ def data_statistics(entry, model, sub: str, base, fts: list, heads,
   if d.stats == 'concrete':
     return dict(mask=_fit_concrete(d, entry.kwargs.lambda_, model, base, fts,
                                    heads, tasks))
+  if d.stats == 'concrete_adamerging':
+    loss, batches = _unlabeled_entropy(d, model, heads, tasks)
+    res = mj.methods.fit_concrete_adamerging(
+        loss, base, fts, batches, key=jax.random.key(d.seed), steps=d.steps,
+        adamerging_steps=d.adamerging_steps)
+    return dict(mask=res.mask, coefficients=res.coefficients)
   if d.stats == 'expert':
     return dict(coefficients=_fit_expert_merging(d, model, base, fts, heads,
                                                  tasks))

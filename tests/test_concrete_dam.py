@@ -225,3 +225,52 @@ def test_stamp_and_poison():
                       2, jax.random.key(0))
   assert (p.y == 7).sum() == 3 and p.x.sum() == 3 * 4
   assert np.all(p.x.reshape(10, -1).sum(1)[p.y == 7] == 4)
+
+
+def _ada_setup():
+  rng = np.random.default_rng(3)
+  base = {'w': jnp.asarray(rng.normal(size=(3, 2)), jnp.float32)}
+  models = [{'w': base['w'] + jnp.asarray(rng.normal(size=(3, 2)), jnp.float32)}
+            for _ in range(2)]
+  xs = [jnp.asarray(rng.normal(size=(8, 3)), jnp.float32) for _ in range(2)]
+  loss = lambda p, x: mj.methods.prediction_entropy(x @ p['w'])
+  return base, models, xs, loss
+
+
+def test_concrete_adamerging_with_a_full_mask_is_adamerging():
+  base, models, xs, loss = _ada_setup()
+  # Logits of 30: every mask entry is 1 after normalisation, so stage 2 is
+  # AdaMerging on the plain task vectors.
+  res = mj.methods.fit_concrete_adamerging(
+      loss, base, models, xs, key=jax.random.key(0), init_logit=30.0, steps=3,
+      adamerging_steps=20, adamerging_lr=1e-2)
+  np.testing.assert_allclose(res.mask['w'], 1.0, atol=1e-6)
+  ref = mj.methods.fit_adamerging(loss, base, models, xs, steps=20,
+                                  learning_rate=1e-2, clamp=None)
+  testing.assert_trees_close(res.coefficients, ref.coefficients, rtol=1e-4,
+                             atol=1e-6)
+  testing.assert_trees_close(
+      mj.merge(mj.methods.concrete_adamerging(res.mask, res.coefficients),
+               base, models),
+      mj.merge(mj.methods.adamerging(ref.coefficients), base, models),
+      rtol=1e-4, atol=1e-5)
+
+
+def test_concrete_adamerging_learns_the_mask_in_one_compile():
+  base, models, xs, loss = _ada_setup()
+  with testing.log_compilations() as log:
+    res = mj.methods.fit_concrete_adamerging(
+        loss, base, models, xs, key=jax.random.key(1), steps=30,
+        adamerging_steps=5, granularity='task')
+  assert log.count('run') == 2  # stage 1 and AdaMerging's stage 2
+  assert res.mask_losses.shape == (30,) and res.losses.shape == (5,)
+  assert res.coefficients.shape == (2,)
+  np.testing.assert_allclose(np.mean(res.mask['w']), 1.0, rtol=1e-5)
+  assert np.all(np.isfinite(res.mask_losses))
+  with pytest.raises(ValueError, match='granularity'):
+    mj.methods.fit_concrete_adamerging(loss, base, models, xs,
+                                       key=jax.random.key(0),
+                                       granularity='block')
+  with pytest.raises(ValueError, match='steps'):
+    mj.methods.fit_concrete_adamerging(loss, base, models, xs,
+                                       key=jax.random.key(0), steps=0)

@@ -16,7 +16,9 @@ HELPERS = {'reconstruct', 'twin_mix', 'twin_apply', 'twin_dense', 'twin_route',
            'ConcreteResult', 'DamResult',  # documented in the API reference only
            'fit_dam',  # its page is methods/dam.md
            'fit_surgery', 'surgery_apply', 'SurgeryResult',  # methods/surgery.md
-           'fit_expert_merging', 'ExpertMergingResult'}  # expert_merging.md
+           'fit_expert_merging', 'ExpertMergingResult',  # expert_merging.md
+           'concrete_adamerging', 'fit_concrete_adamerging',
+           'ConcreteAdaMergingResult'}  # methods/concrete.md
 
 
 def test_every_method_has_a_page_in_the_nav():

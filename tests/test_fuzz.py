@@ -157,6 +157,11 @@ EXEMPT = {
     'fit_dam': 'trains a mask and perturbations through a user model '
                '(tests/test_concrete_dam.py)',
     'ConcreteResult': 'a NamedTuple of results',
+    'concrete_adamerging': 'shared_mask then coefficient_sum, both fuzzed as '
+                           'building blocks (tests/test_concrete_dam.py)',
+    'fit_concrete_adamerging': 'trains a mask and coefficients through a '
+                               'user loss (tests/test_concrete_dam.py)',
+    'ConcreteAdaMergingResult': 'a NamedTuple of results',
     'fit_surgery': 'fits adapters on user features (tests/test_surgery.py)',
     'surgery_apply': 'one adapter on features (tests/test_surgery.py)',
     'SurgeryResult': 'a NamedTuple of results',

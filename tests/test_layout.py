@@ -42,9 +42,11 @@ ALLOWED = {
 # mask (FusionBench's Safe Concrete): one family each.
 SAME_FAMILY = {('mergejax.methods._twin_router', 'mergejax.methods._twin'),
                ('mergejax.methods._dam', 'mergejax.methods._concrete'),
-               # Expert Merging learns AdaMerging's layer-wise coefficients.
+               # Expert Merging learns AdaMerging's layer-wise coefficients;
+               # Concrete AdaMerging runs AdaMerging on the masked vectors.
                ('mergejax.methods._expert_merging',
-                'mergejax.methods._adamerging')}
+                'mergejax.methods._adamerging'),
+               ('mergejax.methods._concrete', 'mergejax.methods._adamerging')}
 
 
 def _layer(module: str) -> str:

@@ -43,6 +43,9 @@ KWARGS = {
     'concrete': lambda base, models: dict(mask=jax.tree.map(
         lambda x: np.linspace(0., 2., x.size, dtype=np.float32).reshape(x.shape),
         base), lambda_=0.5),
+    'concrete_adamerging': lambda base, models: dict(mask=jax.tree.map(
+        lambda x: np.linspace(0., 2., x.size, dtype=np.float32).reshape(x.shape),
+        base), coefficients=jnp.array([0.3, 0.6])),
     'regmean_plusplus': lambda base, models: dict(
         inputs_fn=lambda p, x: {'model.layers.0.mlp.up_proj.weight': x},
         models=models, batches=[[np.ones((4, 24), np.float32) * (i + 1)]
@@ -65,7 +68,7 @@ NOT_FACTORIES = {'reconstruct', 'twin_mix', 'twin_apply', 'twin_dense',
                  'twin_route', 'twin_train_router', 'fit_adamerging',
                  'prediction_entropy', 'fit_concrete', 'concrete_mask',
                  'fit_dam', 'fit_surgery', 'surgery_apply',
-                 'fit_expert_merging'}
+                 'fit_expert_merging', 'fit_concrete_adamerging'}
 
 
 def _method_names():

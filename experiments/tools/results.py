@@ -117,6 +117,8 @@ CLAIMS = (
      'task_arithmetic'),
     ('Concrete task arithmetic beats task arithmetic', 'concrete',
      'task_arithmetic'),
+    ('Concrete AdaMerging beats AdaMerging', 'concrete_adamerging',
+     'adamerging'),
     ('WUDI (FusionBench procedure) beats task arithmetic', 'wudi',
      'task_arithmetic'),
     ('WUDI (closed form) beats task arithmetic', 'wudi_closed_form',

@@ -65,6 +65,9 @@ from mergejax.methods._adamerging import AdaMergingResult
 from mergejax.methods._adamerging import fit_adamerging
 from mergejax.methods._common import prediction_entropy
 from mergejax.methods._concrete import concrete
+from mergejax.methods._concrete import concrete_adamerging
+from mergejax.methods._concrete import ConcreteAdaMergingResult
+from mergejax.methods._concrete import fit_concrete_adamerging
 from mergejax.methods._concrete import concrete_mask
 from mergejax.methods._concrete import ConcreteResult
 from mergejax.methods._concrete import fit_concrete
@@ -98,6 +101,8 @@ __all__ = (
     'fisher_merging', 'regmean', 'regmean_plusplus', 'ota',
     'adamerging', 'fit_adamerging', 'AdaMergingResult', 'prediction_entropy',
     'concrete', 'concrete_mask', 'fit_concrete', 'ConcreteResult',
+    'concrete_adamerging', 'fit_concrete_adamerging',
+    'ConcreteAdaMergingResult',
     'fit_dam', 'DamResult',
     'fit_surgery', 'surgery_apply', 'SurgeryResult',
     'fit_expert_merging', 'ExpertMergingResult',
