@@ -204,3 +204,39 @@ def test_wudi_parity():
   # transposed kernels here), everything else is averaged.
   _assert_sd_close(mj.merge(M.wudi(steps=300), jb, jm), _add(base, tv),
                    tol=1e-5)
+
+
+def _gram(torch, n, g):
+  x = torch.randn(3 * n, n, generator=g)
+  return x.T @ x / (3 * n)
+
+
+def test_regmean_per_layer_solve_parity():
+  torch, _, fts, _, _, jm = _setup()
+  from fusion_bench.method.regmean import regmean as fb  # pylint: disable=g-import-not-at-top
+  g = torch.Generator().manual_seed(5)
+  linear = [n[:-len('.weight')] for n, s in SHAPES.items()
+            if n.endswith('.weight') and len(s) == 2]
+  grams = [{m: _gram(torch, SHAPES[f'{m}.weight'][1], g) for m in linear}
+           for _ in fts]
+  want = fb.merging_with_regmean_weights(
+      {n: [ft[n] for ft in fts] for n in SHAPES}, grams,
+      reduce_non_diagonal_ratio=0.7)
+  ours = M.regmean([{f'{m}/kernel': jnp.asarray(gr[m].numpy())
+                     for m in linear} for gr in grams], alpha=0.7)
+  _assert_sd_close(mj.merge(ours, None, jm), want, tol=2e-4)
+
+
+def test_fisher_weighting_parity():
+  torch, _, fts, _, _, jm = _setup()
+  from fusion_bench.method.fisher_merging import fisher_merging as fb  # pylint: disable=g-import-not-at-top
+  g = torch.Generator().manual_seed(6)
+  fishers = [{n: torch.rand(s, generator=g) ** 2 for n, s in SHAPES.items()}
+             for _ in fts]
+  want = fb.merging_with_fisher_weights(
+      {n: [ft[n] for ft in fts] for n in SHAPES}, fishers,
+      torch.ones(len(fts)), normalize_fisher_weight=True,
+      minimal_fisher_weight=1e-6)
+  ours = M.fisher_merging([_to_flax(f) for f in fishers], epsilon=1e-6,
+                          normalize=True)
+  _assert_sd_close(mj.merge(ours, None, jm), want, tol=1e-5)
