@@ -125,6 +125,22 @@ def _check_fit_args(name, models, batches, steps):
   return batches
 
 
+def masked_merge(make_tx: Callable[[Any], base.MergeTransformation],
+                 logits: Any, key: jax.Array, base_params: Any,
+                 models: Sequence[Any], *, temperature: float,
+                 detach_mask: bool = False) -> Any:
+  """The merge ``make_tx(m)`` for a mask ``m`` sampled from ``logits``.
+
+  The one place the Concrete fits (task arithmetic, AdaMerging, DAM) turn
+  mask logits into merged parameters; ``detach_mask`` stops the gradient at
+  the mask (a step on other parameters with the mask held fixed).
+  """
+  m = concrete_mask(logits, key, temperature=temperature)
+  if detach_mask:
+    m = jax.lax.stop_gradient(m)
+  return merge_lib.merge(make_tx(m), base_params, models, check_finite=False)
+
+
 def mask_logits_init(base_params: Any, init_logit: float) -> Any:
   """One float32 logit per parameter of ``base_params``, all ``init_logit``."""
   return jax.tree.map(lambda p: jnp.full(jnp.shape(p), init_logit, jnp.float32),
@@ -173,10 +189,9 @@ def fit_concrete(loss_fn: Callable[[Any, Any], jax.Array], base_params: Any,
   stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *batches)
 
   def loss(s, k, batch):
-    m = concrete_mask(s, k, temperature=temperature)
-    merged = merge_lib.merge(concrete(m, lambda_), base_params, models,
-                             check_finite=False)
-    return loss_fn(merged, batch)
+    return loss_fn(masked_merge(lambda m: concrete(m, lambda_), s, k,
+                                base_params, models, temperature=temperature),
+                   batch)
 
   @jax.jit
   def run(s, keys):
@@ -299,12 +314,9 @@ def fit_concrete_adamerging(
   n = len(batches)
 
   def loss(s, c, k_mask, batch, *, detach_mask):
-    m = concrete_mask(s, k_mask, temperature=temperature)
-    if detach_mask:
-      m = jax.lax.stop_gradient(m)
-    merged = merge_lib.merge(concrete_adamerging(m, c), base_params, models,
-                             check_finite=False)
-    return loss_fn(merged, batch)
+    return loss_fn(masked_merge(lambda m: concrete_adamerging(m, c), s, k_mask,
+                                base_params, models, temperature=temperature,
+                                detach_mask=detach_mask), batch)
 
   @jax.jit
   def run(s, keys):

@@ -10,7 +10,6 @@ import numpy as np
 import optax
 
 from mergejax._src import checks
-from mergejax._src import merge as merge_lib
 from mergejax._src import optim
 from mergejax.methods import _common
 from mergejax.methods import _concrete
@@ -203,9 +202,9 @@ def fit_dam(logits_fn: Callable[[Any, jax.Array], jax.Array],
     return x if input_range is None else jnp.clip(x, *input_range)
 
   def merged(s, k):
-    m = _concrete.concrete_mask(s, k, temperature=temperature)
-    return merge_lib.merge(_concrete.concrete(m, lambda_), base_params, models,
-                           check_finite=False)
+    return _concrete.masked_merge(lambda m: _concrete.concrete(m, lambda_), s,
+                                  k, base_params, models,
+                                  temperature=temperature)
 
   def objective(deltas, params, x, labels):
     """``[candidates, *rows]``: how well each perturbation does its job."""

@@ -359,8 +359,7 @@ def run_jobs(jobs: Sequence[Job], out_dir: str, *,
 
   Raises:
     ValueError: a non-finite input or output (without ``allow_nonfinite``),
-      and the
-      input errors of the jobs.
+      and the input errors of the jobs.
   """
   t0 = time.perf_counter()
   compiles0 = compile_count()
