@@ -1,9 +1,9 @@
 r"""Calibration-size ablation of the data-informed merges on the digits zoo.
 
 Fisher merging, RegMean, RegMean++, layer-wise AdaMerging and Expert Merging
-with 8 ... 256 calibration examples per task (each method's other settings as
-in ``configs/default.py``); accuracy against the number of examples is
-plotted.
+with 1 ... 256 calibration examples per task, 8 ... 2048 over the 8 tasks
+together (each method's other settings as in ``configs/default.py``);
+accuracy against the number of examples is plotted.
 
   python -m experiments.main --config=configs/calibration.py --workdir=/tmp/exp_work
 
@@ -26,6 +26,6 @@ def get_config(arg=None):
                                  'expert_merging'))
   # Examples per task; a split smaller than a size is used whole (the
   # results record the count actually used).
-  config.sizes = (8, 16) if smoke else (8, 16, 32, 64, 128, 256)
+  config.sizes = (1, 2) if smoke else (1, 2, 4, 8, 16, 32, 64, 128, 256)
   del config.methods_to_run
   return config

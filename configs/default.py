@@ -95,7 +95,7 @@ METHODS = (
     # Data-informed merges (statistics on each task's training inputs).
     'fisher_merging', 'regmean', 'regmean_plusplus', 'adamerging', 'concrete',
     'concrete_adamerging',
-    'expert_merging', 'expert_merging_short',
+    'expert_merging', 'expert_merging_short', 'expert_merging_plusplus',
     # Curvature from the fine-tunes' own Adam second moments.
     'ota', 'ota_no_graft', 'ota_compressed',
     # Representation surgery on two of the merges above.
@@ -251,6 +251,10 @@ def get_config(arg=None):
       # label-free criterion, as the authors stop on the loss.
       expert_merging=entry(protocol='data', factory='adamerging'),
       expert_merging_short=entry(protocol='data', factory='adamerging'),
+      # Expert Merging++: as expert_merging, then refitted with chunk-wise
+      # coefficients, 8 extra per model over the backbone's 4 leaves (3 per
+      # leaf on average; importance_chunks' allotment), set before any run.
+      expert_merging_plusplus=entry(protocol='data', factory='adamerging'),
       # OTA with the authors' grafting density (0.1) and Adam's
       # preconditioner as weights (power 0.5); without grafting; and with
       # the rank-1 compressed second moments.
@@ -281,6 +285,9 @@ def get_config(arg=None):
                                         batch_size=32,
                                         steps=20 if smoke else 2000,
                                         learning_rate=1e-2)
+  methods['expert_merging_plusplus'].data = dict(
+      methods['expert_merging'].data.to_dict(), chunk_budget=8,
+      max_chunks=16)
   methods['expert_merging_short'].data = dict(stats='expert', examples=128,
                                               batch_size=32,
                                               steps=20 if smoke else 500,

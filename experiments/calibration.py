@@ -6,10 +6,12 @@ per task for every ``n`` in ``config.sizes``: Fisher merging and RegMean(++)
 take their statistics from the first ``n`` training inputs of each task,
 AdaMerging and Expert Merging fit on the first ``n`` unlabeled validation
 inputs. Batches are ``min(batch_size, n)`` examples. A split smaller than
-``n`` is used whole; the rows record the number actually used. Reported:
-mean test accuracy over the tasks (each task read by its own head), and the
-figure ``calibration.png`` of accuracy against ``n``, with task arithmetic
-(no data) as the reference line.
+``n`` is used whole (the validation splits hold 180 inputs per task, the
+training splits 359); the rows record the number actually used, per task
+and over all tasks together. Reported: mean test accuracy over the tasks
+(each task read by its own head), and the figure ``calibration.png`` of
+accuracy against the total number of calibration examples (``n`` times the
+number of tasks), with task arithmetic (no data) as the reference line.
 """
 
 from __future__ import annotations
@@ -59,29 +61,34 @@ def main(config, workdir: str) -> dict[str, Any]:
                                            data=data)
       acc = float(ev.accuracies(out, 'test')[0].mean())
       rows.append(dict(method=name, examples=int(n), examples_used=used,
-                       split=split, avg_accuracy=round(acc, 4),
+                       examples_total=used * len(tasks), split=split,
+                       avg_accuracy=round(acc, 4),
                        seconds=round(time.perf_counter() - t0, 2)))
       print(f'  {name:<18} n={n:<5} (used {used:<4}) acc {acc:.3f}',
             flush=True)
   fig_path = os.path.join(out_dir, 'calibration.png')
   plotting.sweep_plot(
-      rows + [dict(method='task_arithmetic (no data)', examples=n,
-                   avg_accuracy=ta) for n in config.sizes],
-      'examples', 'avg_accuracy', group='method', logx=True,
-      title='Accuracy against calibration examples per task', path=fig_path)
+      rows + [dict(method='task_arithmetic (no data)',
+                   examples_total=n * len(tasks), avg_accuracy=ta)
+              for n in config.sizes],
+      'examples_total', 'avg_accuracy', group='method', logx=True,
+      title=f'Accuracy against calibration examples ({len(tasks)} tasks)',
+      path=fig_path)
   best = {m: max((r for r in rows if r['method'] == m),
                  key=lambda r: r['avg_accuracy']) for m in
           config.calibration_methods}
   notes = [f'task arithmetic (no data): {ta:.3f}'] + [
-      f'{m}: {rows_m[0]["avg_accuracy"]:.3f} at {rows_m[0]["examples_used"]} '
-      f'examples, {rows_m[-1]["avg_accuracy"]:.3f} at '
-      f'{rows_m[-1]["examples_used"]}; best {best[m]["avg_accuracy"]:.3f} at '
-      f'{best[m]["examples_used"]}'
+      f'{m}: {rows_m[0]["avg_accuracy"]:.3f} at {rows_m[0]["examples_total"]} '
+      f'examples in total ({rows_m[0]["examples_used"]} per task), '
+      f'{rows_m[-1]["avg_accuracy"]:.3f} at {rows_m[-1]["examples_total"]} '
+      f'({rows_m[-1]["examples_used"]}); best {best[m]["avg_accuracy"]:.3f} '
+      f'at {best[m]["examples_total"]} ({best[m]["examples_used"]})'
       for m in config.calibration_methods
       for rows_m in [[r for r in rows if r['method'] == m]]]
   result = dict(
       experiment='calibration',
-      title='Calibration data: data-informed merges against examples per task',
+      title='Calibration data: data-informed merges against the number of '
+            'calibration examples',
       description=(__doc__.split('\n\n', 1)[1].strip() +
                    '\n\n![accuracy against calibration examples]'
                    '(calibration.png)'),

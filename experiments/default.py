@@ -138,7 +138,9 @@ def data_statistics(entry, model, sub: str, base, fts: list, heads,
   ``stats='expert'`` Expert Merging's layer-wise
   coefficients (`mergejax.methods.fit_expert_merging`), fitted on the same
   inputs to align the backbone's Dense outputs and each task's logits with
-  the fine-tune's.
+  the fine-tune's; with ``chunk_budget`` (Expert Merging++) a second fit
+  with the chunk-wise coefficients `mergejax.methods.importance_chunks`
+  allots from the first.
   """
   if sub != 'backbone':
     raise ValueError(f"the data protocol merges backbones; config.merge.params "
@@ -219,9 +221,18 @@ def _fit_expert_merging(d, model, base, fts, heads, tasks):
                   for t in tasks])
   batches = [xs[:, j:j + d.batch_size]
              for j in range(0, xs.shape[1] - d.batch_size + 1, d.batch_size)]
-  res = mj.methods.fit_expert_merging(
-      _backbone_outputs(model, heads), base, fts, batches, steps=d.steps,
-      learning_rate=d.learning_rate)
+  outputs = _backbone_outputs(model, heads)
+  res = mj.methods.fit_expert_merging(outputs, base, fts, batches,
+                                      steps=d.steps,
+                                      learning_rate=d.learning_rate)
+  if d.get('chunk_budget'):  # Expert Merging++: chunks from the first fit
+    chunks = mj.methods.importance_chunks(res.coefficients, base, fts,
+                                          budget=d.chunk_budget,
+                                          max_chunks=d.max_chunks)
+    res = mj.methods.fit_expert_merging(outputs, base, fts, batches,
+                                        steps=d.steps,
+                                        learning_rate=d.learning_rate,
+                                        chunks=chunks)
   return res.coefficients
 
 
@@ -420,17 +431,18 @@ def _setting(rec) -> str:
 
 def _fmt_table(rows: list[tuple[str, str, dict]], names) -> str:
   short = [n[:7] for n in names]
+  lw = max([22] + [len(label) + 2 for label, _, _ in rows])
   sw = max([16] + [len(s) + 2 for _, s, r in rows if r is not None])
-  head = (f'{"model":<22}{"setting":<{sw}}' + ''.join(f'{s:>8}' for s in short)
-          + f'{"avg":>8}{"norm":>8}')
+  head = (f'{"model":<{lw}}{"setting":<{sw}}'
+          + ''.join(f'{s:>8}' for s in short) + f'{"avg":>8}{"norm":>8}')
   lines = [head, '-' * len(head)]
   for label, setting, r in rows:
     if r is None:
-      lines.append(f'{label:<22}{setting}')
+      lines.append(f'{label:<{lw}}{setting}')
       continue
     accs = ''.join(f'{r["accuracy"][n]:>8.3f}' for n in names)
-    lines.append(f'{label:<22}{setting:<{sw}}{accs}{r["avg_accuracy"]:>8.3f}'
-                 f'{r["avg_normalized"]:>8.3f}')
+    lines.append(f'{label:<{lw}}{setting:<{sw}}{accs}'
+                 f'{r["avg_accuracy"]:>8.3f}{r["avg_normalized"]:>8.3f}')
   return '\n'.join(lines)
 
 

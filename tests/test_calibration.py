@@ -18,6 +18,7 @@ def test_calibration_smoke(tmp_path):
       (m, n) for m in config.calibration_methods for n in config.sizes}
   for r in rows:
     assert r['examples_used'] <= r['examples'] and 0.0 <= r['avg_accuracy'] <= 1
+    assert r['examples_total'] == r['examples_used'] * len(result['tasks'])
     assert r['split'] == ('val' if r['method'] == 'adamerging' else 'train')
   # More data changes the statistics, so the merges differ.
   reg = [r['avg_accuracy'] for r in rows if r['method'] == 'regmean']

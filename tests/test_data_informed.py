@@ -226,6 +226,39 @@ def test_adamerging_with_frozen_coefficients_is_task_arithmetic():
                              base['Dense_0']['kernel'], atol=1e-6)
 
 
+def test_chunk_wise_coefficients_follow_the_documented_chunks():
+  # Chunk j of a leaf with `size` entries holds the flat positions i with
+  # floor(i n / size) == j; written out plainly with explicit masks.
+  rng = np.random.default_rng(3)
+  base = {'w': jnp.asarray(rng.normal(size=(3, 4)), jnp.float32),
+          'b': jnp.asarray(rng.normal(size=(5,)), jnp.float32)}
+  models = [jax.tree.map(lambda x: x + jnp.asarray(rng.normal(size=x.shape),
+                                                   jnp.float32), base)
+            for _ in range(2)]
+  c = {'w': jnp.asarray(rng.uniform(size=(2, 5)), jnp.float32),
+       'b': jnp.asarray(rng.uniform(size=(2,)), jnp.float32)}
+  out = mj.merge(M.adamerging(c), base, models)
+  size, n = 12, 5
+  chunk = np.array([i * n // size for i in range(size)])
+  assert sorted(np.bincount(chunk)) == [2, 2, 2, 3, 3]  # sizes within one
+  want = np.asarray(base['w']).ravel().copy()
+  for i, m in enumerate(models):
+    tau = (np.asarray(m['w']) - np.asarray(base['w'])).ravel()
+    want += np.asarray(c['w'])[i][chunk] * tau
+  np.testing.assert_allclose(out['w'], want.reshape(3, 4), rtol=1e-5,
+                             atol=1e-6)
+  # Equal chunk coefficients are the layer-wise merge; [K, 1] is layer-wise.
+  flat = {'w': jnp.tile(c['b'][:, None], (1, 5)), 'b': c['b'][:, None]}
+  same = {'w': c['b'], 'b': c['b']}
+  testing.assert_trees_close(mj.merge(M.adamerging(flat), base, models),
+                             mj.merge(M.adamerging(same), base, models),
+                             rtol=1e-6, atol=1e-6)
+  with pytest.raises(ValueError, match=r"coefficients\['w'\].*\(2, 13\).*"
+                     r"1 <= n <= 12"):
+    mj.merge(M.adamerging({'w': jnp.ones((2, 13)), 'b': c['b']}), base,
+             models)
+
+
 @pytest.mark.parametrize('granularity', ['task', 'layer'])
 def test_fit_adamerging_lowers_the_entropy_in_one_compile(granularity):
   model, base, models, x, _ = _zoo()

@@ -17,6 +17,7 @@ HELPERS = {'reconstruct', 'twin_mix', 'twin_apply', 'twin_dense', 'twin_route',
            'fit_dam',  # its page is methods/dam.md
            'fit_surgery', 'surgery_apply', 'SurgeryResult',  # methods/surgery.md
            'fit_expert_merging', 'ExpertMergingResult',  # expert_merging.md
+           'importance_chunks',  # expert_merging.md
            'concrete_adamerging', 'fit_concrete_adamerging',
            'ConcreteAdaMergingResult'}  # methods/concrete.md
 

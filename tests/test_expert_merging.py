@@ -46,6 +46,19 @@ def _plain_loss(c, base, models, x, init, temp, hid_w, reg, weights):
   return total
 
 
+def _default_loss(theta, x, targets, c, init, reg):
+  """The loss at the default T=3 and hidden weight 0.1, written out."""
+  total = 0.0
+  for t, (th, tl) in enumerate(targets):
+    h, logits = _outputs(theta, x[t], t)
+    tlp = jax.nn.log_softmax(tl / 3.0)
+    kl = jnp.mean(jnp.sum(jnp.exp(tlp) * (tlp - jax.nn.log_softmax(
+        logits / 3.0)), -1))
+    total += 9.0 * kl + 0.1 * jnp.mean((h['h'] - th['h']) ** 2)
+    total += reg * sum(jnp.sum(jnp.abs(v - init)) for v in c.values()) / 2
+  return total
+
+
 def test_first_loss_matches_the_documented_formula():
   base, models, batches = _setup()
   res = M.fit_expert_merging(_outputs, base, models, batches, steps=1,
@@ -94,16 +107,7 @@ def test_matches_a_plain_optax_loop_and_compiles_once():
     c = jax.tree.map(jax.nn.sigmoid, r)
     theta = {n: base[n] + sum(c[n][i] * (m[n] - base[n])
                               for i, m in enumerate(models)) for n in base}
-    total = 0.0
-    for t in range(2):
-      h, logits = _outputs(theta, batches[j][t], t)
-      th, tl = targets[j][t]
-      tlp = jax.nn.log_softmax(tl / 3.0)
-      kl = jnp.mean(jnp.sum(jnp.exp(tlp) * (tlp - jax.nn.log_softmax(
-          logits / 3.0)), -1))
-      total += 9.0 * kl + 0.1 * jnp.mean((h['h'] - th['h']) ** 2)
-      total += 0.1 * sum(jnp.sum(jnp.abs(v - 0.2)) for v in c.values()) / 2
-    return total
+    return _default_loss(theta, batches[j], targets[j], c, 0.2, 0.1)
 
   opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-2))
   r = {n: jnp.full(2, jax.scipy.special.logit(0.2)) for n in base}
@@ -132,3 +136,102 @@ def test_bad_inputs_raise(change, match):
   kw.update(change)
   with pytest.raises(ValueError, match=match):
     M.fit_expert_merging(**kw)
+
+
+def test_chunks_of_one_are_the_layer_wise_fit():
+  base, models, batches = _setup()
+  kw = dict(init=0.2, steps=5, learning_rate=1e-2)
+  ones = jax.tree.map(lambda _: 1, base)
+  layer = M.fit_expert_merging(_outputs, base, models, batches, **kw)
+  with testing.log_compilations() as log:
+    chunked = M.fit_expert_merging(_outputs, base, models, batches,
+                                   chunks=ones, **kw)
+  assert log.count('run') == 1
+  testing.assert_trees_close(
+      jax.tree.map(lambda v: v[:, 0], chunked.coefficients),
+      layer.coefficients, rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(chunked.losses, layer.losses, rtol=1e-6)
+
+
+def test_chunk_wise_fit_matches_a_plain_sgd_loop():
+  # Two chunks of 'a' (12 entries: positions 0-5 and 6-11), three of 'b'.
+  base, models, batches = _setup()
+  chunks = {'a': 2, 'b': 3}
+  kw = dict(init=0.3, steps=3, regularization=0.2)
+  res = M.fit_expert_merging(_outputs, base, models, batches, chunks=chunks,
+                             optimizer=optax.sgd(0.5), **kw)
+  assert res.coefficients['a'].shape == (2, 2)
+  assert res.coefficients['b'].shape == (2, 3)
+
+  def expand(c, n, shape):
+    size = int(np.prod(shape))
+    return c[jnp.asarray([i * n // size for i in range(size)])].reshape(shape)
+
+  def loss(r, x):
+    c = jax.tree.map(jax.nn.sigmoid, r)
+    theta = {n: base[n] + sum(expand(c[n][i], chunks[n], base[n].shape)
+                              * (m[n] - base[n])
+                              for i, m in enumerate(models)) for n in base}
+    # The L1 pull sums over every chunk's coefficient (authors' code).
+    targets = [_outputs(m, x[t], t) for t, m in enumerate(models)]
+    return _default_loss(theta, x, targets, c, 0.3, 0.2)
+
+  r = {n: jnp.full((2, chunks[n]), jax.scipy.special.logit(0.3))
+       for n in base}
+  for i in range(3):
+    g = jax.grad(loss)(r, batches[i % 2])
+    r = jax.tree.map(lambda a, b: a - 0.5 * b, r, g)
+  testing.assert_trees_close(res.coefficients,
+                             jax.tree.map(jax.nn.sigmoid, r), rtol=1e-4,
+                             atol=1e-6)
+
+
+def test_chunks_let_the_fit_match_what_one_coefficient_cannot():
+  # Task 0 reads only the first half of w, task 1 only the second. Each
+  # expert's edit helps its own half and is the opposite of the other's, so
+  # one coefficient per model cannot serve both tasks; one per half can.
+  base = {'w': jnp.zeros(4)}
+  experts = [{'w': jnp.array([1.0, 1.0, -1.0, -1.0])},
+             {'w': jnp.array([-1.0, -1.0, 1.0, 1.0])}]
+  outputs = lambda p, x, t: ({'h': x * p['w'][None]}, x * p['w'][None])
+  x = jnp.stack([jnp.tile(jnp.array([1.0, 1.0, 0.0, 0.0]), (8, 1)),
+                 jnp.tile(jnp.array([0.0, 0.0, 1.0, 1.0]), (8, 1))])
+  kw = dict(steps=300, learning_rate=0.1, regularization=0.0)
+  layer = M.fit_expert_merging(outputs, base, experts, [x], **kw)
+  chunked = M.fit_expert_merging(outputs, base, experts, [x],
+                                 chunks={'w': 2}, **kw)
+  assert chunked.losses[-1] < 0.1 * layer.losses[-1]
+  c = np.asarray(chunked.coefficients['w'])
+  assert c[0, 0] > 0.9 and c[0, 1] < 0.1 and c[1, 0] < 0.1 and c[1, 1] > 0.9
+
+
+def test_importance_chunks_share_the_budget_by_the_applied_edit():
+  base = {'big': jnp.zeros(100), 'mid': jnp.zeros(50), 'off': jnp.zeros(30),
+          'tiny': jnp.zeros(2)}
+  models = [{'big': jnp.ones(100), 'mid': jnp.full(50, 2.0),
+             'off': jnp.ones(30), 'tiny': jnp.ones(2)}]
+  c = {'big': jnp.array([0.5]), 'mid': jnp.array([0.5]),
+       'off': jnp.array([0.0]), 'tiny': jnp.array([[1.0, 0.0]])}
+  # Applied edits |c| ||tau||_1: 50, 50, 0, 1 -> the 10 extras split 5 / 5.
+  got = M.importance_chunks(c, base, models, budget=10)
+  assert got == {'big': 6, 'mid': 6, 'off': 1, 'tiny': 1}
+  # A cap moves what a leaf cannot take to the others; leaf sizes cap too.
+  got = M.importance_chunks(c, base, models, budget=10, max_chunks=4)
+  assert got == {'big': 4, 'mid': 4, 'off': 1, 'tiny': 2}
+  assert M.importance_chunks(c, base, models, budget=0) == jax.tree.map(
+      lambda _: 1, base)
+  with pytest.raises(ValueError, match='budget'):
+    M.importance_chunks(c, base, models, budget=-1)
+  with pytest.raises(ValueError, match="'off'.*non-negative"):
+    M.importance_chunks(dict(c, off=jnp.array([-1.0])), base, models,
+                        budget=3)
+
+
+def test_bad_chunks_raise():
+  base, models, batches = _setup()
+  with pytest.raises(ValueError, match=r"chunks\['b'\].*\[1, 20\]"):
+    M.fit_expert_merging(_outputs, base, models, batches, steps=1,
+                         chunks={'a': 1, 'b': 21})
+  with pytest.raises(ValueError, match='chunks'):
+    M.fit_expert_merging(_outputs, base, models, batches, steps=1,
+                         chunks={'a': 1})

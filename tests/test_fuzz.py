@@ -168,6 +168,8 @@ EXEMPT = {
     'fit_expert_merging': 'fits coefficients through user outputs '
                           '(tests/test_expert_merging.py)',
     'ExpertMergingResult': 'a NamedTuple of results',
+    'importance_chunks': 'allots chunk counts from fitted coefficients '
+                         '(tests/test_expert_merging.py)',
     'DamResult': 'a NamedTuple of results',
 }
 DATA_CASES = ('fisher_merging', 'ota', 'regmean', 'adamerging',

@@ -1243,6 +1243,10 @@ COVERAGE = {
         'FISHER_KINDS': test_fisher_diagonal,
         'input_grams': test_input_grams_of_linen_dense_inputs,
         'linen_dense_inputs': test_input_grams_of_linen_dense_inputs,
+        'nnx_functional': 'an nnx module as a function, equal to linen '
+                          '(tests/test_nnx_data_informed.py)',
+        'nnx_linear_inputs': 'equal to linen_dense_inputs on the same tree '
+                             '(tests/test_nnx_data_informed.py)',
     },
     'mergejax.io': {
         'atomic_output_dir': test_atomic_output_dir_refuses_dangerous_paths,

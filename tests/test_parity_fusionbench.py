@@ -240,3 +240,42 @@ def test_fisher_weighting_parity():
   ours = M.fisher_merging([_to_flax(f) for f in fishers], epsilon=1e-6,
                           normalize=True)
   _assert_sd_close(mj.merge(ours, None, jm), want, tol=1e-5)
+
+
+def test_adamerging_merge_parity():
+  # FusionBench's layer-wise AdaMerging wrapper (task vectors from the torch
+  # modules, weights clamped to [0, 1]) and its task-wise fuse_weights against
+  # `adamerging` with the same coefficients, clamped here.
+  torch, base, fts, tvs, jb, jm = _setup()
+  from fusion_bench.models.wrappers import layer_wise_fusion  # pylint: disable=g-import-not-at-top
+  from fusion_bench.models.wrappers import task_wise_fusion  # pylint: disable=g-import-not-at-top
+
+  class Net(torch.nn.Module):
+
+    def __init__(self, sd):
+      super().__init__()
+      self.enc = torch.nn.Linear(7, 5)
+      self.mlp = torch.nn.Linear(5, 9)
+      self.head = torch.nn.Linear(9, 4, bias=False)
+      self.norm = torch.nn.Module()
+      self.norm.weight = torch.nn.Parameter(torch.zeros(9))
+      self.load_state_dict(sd)
+
+  names = [n for n, _ in Net(base).named_parameters()]
+  g = torch.Generator().manual_seed(3)
+  weights = torch.rand((3, len(names)), generator=g) * 1.4 - 0.2  # some clamp
+  wrapped = layer_wise_fusion.LayerWiseMergedModel(
+      weights.clone(), Net(base), [Net(f) for f in fts], clamp_weights=True)
+  want = {n: v.detach() for n, v in wrapped.merge_weights().items()}
+  clamped = np.clip(weights.numpy(), 0.0, 1.0)
+  coeffs = _to_flax({n: torch.zeros(SHAPES[n]) for n in names})
+  for j, n in enumerate(names):
+    mod, kind = n.rsplit('.', 1)
+    leaf = 'kernel' if kind == 'weight' and len(SHAPES[n]) == 2 else (
+        'bias' if kind == 'bias' else 'scale')
+    coeffs[mod][leaf] = jnp.asarray(clamped[:, j])
+  _assert_sd_close(mj.merge(M.adamerging(coeffs), jb, jm), want, tol=1e-5)
+  task = torch.tensor([0.3, 0.7, 0.2])
+  fused = task_wise_fusion.fuse_weights(task, tvs)
+  _assert_sd_close(mj.merge(M.adamerging(jnp.asarray(task.numpy())), jb, jm),
+                   _add(base, fused), tol=1e-5)

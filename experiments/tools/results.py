@@ -115,6 +115,8 @@ CLAIMS = (
      'task_arithmetic'),
     ('Expert Merging beats task arithmetic', 'expert_merging',
      'task_arithmetic'),
+    ('Expert Merging++ (importance-guided chunks) beats Expert Merging',
+     'expert_merging_plusplus', 'expert_merging'),
     ('Concrete task arithmetic beats task arithmetic', 'concrete',
      'task_arithmetic'),
     ('Concrete AdaMerging beats AdaMerging', 'concrete_adamerging',

@@ -79,6 +79,7 @@ from mergejax.methods._data import regmean_plusplus
 from mergejax.methods._ota import ota
 from mergejax.methods._expert_merging import ExpertMergingResult
 from mergejax.methods._expert_merging import fit_expert_merging
+from mergejax.methods._expert_merging import importance_chunks
 from mergejax.methods._surgery import fit_surgery
 from mergejax.methods._surgery import surgery_apply
 from mergejax.methods._surgery import SurgeryResult
@@ -105,6 +106,6 @@ __all__ = (
     'ConcreteAdaMergingResult',
     'fit_dam', 'DamResult',
     'fit_surgery', 'surgery_apply', 'SurgeryResult',
-    'fit_expert_merging', 'ExpertMergingResult',
+    'fit_expert_merging', 'ExpertMergingResult', 'importance_chunks',
     'lora_lego', 'lora_svd', 'opcm',
 )

@@ -23,6 +23,7 @@ import jax
 from jax.extend import core as jcore
 import numpy as np
 
+from mergejax._src import nnx_util
 from mergejax._src import paths
 from mergejax.permute._spec import PermutationSpec
 
@@ -263,20 +264,9 @@ class _Tracer:
 
 def _trace_fn(module, example_inputs, key, variables):
   """Returns (fn(variables, *inputs), variables) for linen or nnx modules."""
-  try:
-    from flax import nnx  # pylint: disable=g-import-not-at-top
-  except ImportError:  # pragma: no cover
-    nnx = None
-  if nnx is not None and isinstance(module, nnx.Module):
-    graphdef, state = nnx.split(module)
-    pure = nnx.to_pure_dict(state) if variables is None else variables
-
-    def fn(vs, *xs):
-      st = nnx.split(module)[1]
-      nnx.replace_by_pure_dict(st, vs)
-      return nnx.merge(graphdef, st)(*xs)
-
-    return fn, pure
+  if nnx_util.is_nnx_module(module):
+    fn, pure = nnx_util.functional(module)
+    return fn, pure if variables is None else variables
   if variables is None:
     key = jax.random.key(0) if key is None else key
     variables = module.init(key, *example_inputs)

@@ -21,7 +21,9 @@ from mergejax.stats._fisher import fisher_diagonal
 from mergejax.stats._fisher import FISHER_KINDS
 from mergejax.stats._gram import input_grams
 from mergejax.stats._gram import linen_dense_inputs
+from mergejax.stats._gram import nnx_functional
+from mergejax.stats._gram import nnx_linear_inputs
 # pylint: enable=g-importing-member
 
 __all__ = ('fisher_diagonal', 'FISHER_KINDS', 'input_grams',
-           'linen_dense_inputs')
+           'linen_dense_inputs', 'nnx_functional', 'nnx_linear_inputs')

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from mergejax._src import checks
+from mergejax._src import nnx_util
 
 
 def input_grams(inputs_fn: Callable[[Any, Any], Mapping[str, jax.Array]],
@@ -118,3 +119,99 @@ def linen_dense_inputs(module: Any, *, method: str | None = None,
     return captured
 
   return inputs_fn
+
+
+def nnx_functional(module: Any) -> tuple[Callable[..., Any], Any]:
+  """An nnx module as ``(fn(params, *inputs), params)`` for the data-informed merges.
+
+  ``params`` is the module's state as a pure dict (`nnx.to_pure_dict`): the
+  pytree that merges, statistics and fits read and write; ``fn`` rebuilds
+  the module from such a pytree and calls it, so e.g. ``logits_fn = fn``
+  for `fisher_diagonal`. The module itself is never modified.
+
+  Args:
+    module: a Flax nnx module.
+
+  Returns:
+    ``(fn, params)``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from mergejax import stats
+    >>> fn, params = stats.nnx_functional(nnx.Linear(2, 3, rngs=nnx.Rngs(0)))
+    >>> fn(params, jnp.ones((4, 2))).shape
+    (4, 3)
+  """
+  return nnx_util.functional(module)
+
+
+def nnx_linear_inputs(module: Any) -> Callable[[Any, Any], dict[str, jax.Array]]:
+  """An ``inputs_fn`` for `input_grams` that records every ``nnx.Linear`` input.
+
+  The nnx counterpart of `linen_dense_inputs`: ``inputs_fn(params, x)``
+  rebuilds ``module`` from the pure-dict ``params`` (see `nnx_functional`),
+  calls it on ``x`` and records each ``nnx.Linear`` call's input under its
+  kernel's leaf path (``'l1/kernel'``, ``'layers/0/kernel'``). No forward
+  is re-implemented: the rebuilt copy's Linear layers are switched to a
+  recording subclass; ``module`` itself is never touched.
+
+  Args:
+    module: a Flax nnx module.
+
+  Returns:
+    ``inputs_fn(params, x) -> {'<module path>/kernel': inputs}``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from mergejax import stats
+    >>> layer = nnx.Linear(2, 3, rngs=nnx.Rngs(0))
+    >>> _, params = stats.nnx_functional(layer)
+    >>> stats.input_grams(stats.nnx_linear_inputs(layer), params,
+    ...                   [jnp.ones((4, 2))])['kernel']
+    Array([[1., 1.],
+           [1., 1.]], dtype=float32)
+  """
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  captured: dict[str, jax.Array] = {}
+
+  def prepare(rebuilt):
+    for path, sub in nnx.iter_modules(rebuilt):
+      if isinstance(sub, nnx.Linear):
+        key = '/'.join(str(k) for k in (*path, 'kernel'))
+        sub.__class__ = _recording_linear(type(sub))
+        object.__setattr__(sub, '_mergejax_record',
+                           functools.partial(_record, captured, key))
+
+  fn, _ = nnx_util.functional(module, prepare=prepare)
+
+  def inputs_fn(params, x):
+    captured.clear()
+    fn(params, x)
+    out = dict(captured)
+    captured.clear()
+    return out
+
+  return inputs_fn
+
+
+def _record(captured, key, inputs):
+  if key in captured:
+    raise ValueError(f'nnx.Linear {key!r} is called twice per forward; write '
+                     'an inputs_fn that says which call to use.')
+  captured[key] = inputs
+
+
+@functools.lru_cache(maxsize=None)
+def _recording_linear(cls):
+  """A subclass of an ``nnx.Linear`` class whose call records its input."""
+
+  class Recording(cls):  # pylint: disable=missing-class-docstring
+
+    def __call__(self, inputs, *args, **kwargs):
+      self._mergejax_record(inputs)  # pylint: disable=protected-access
+      return super().__call__(inputs, *args, **kwargs)
+
+  Recording.__name__ = Recording.__qualname__ = f'Recording{cls.__name__}'
+  return Recording

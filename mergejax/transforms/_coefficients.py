@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mergejax._src import base
 from mergejax._src import checks
@@ -14,17 +16,20 @@ from mergejax._src import paths
 
 
 class CoefficientSumState(NamedTuple):
-  coefficients: Any  # [K] (task-wise) or a tree like the params of [K]
+  coefficients: Any  # [K] (task-wise) or a tree like the params of [K] / [K, n]
 
 
 def coefficient_sum(coefficients: Any) -> base.MergeTransformation:
-  """``sum_i c_i tau_i`` with coefficients per model, or per model and leaf.
+  """``sum_i c_i tau_i`` with coefficients per model, per leaf or per chunk.
 
   Reducing (``[K, ...] -> [...]``). ``coefficients`` is a ``[K]`` array (one
   per model, task-wise) or a pytree like the params whose leaves are ``[K]``
-  (one per model and leaf: layer-wise). The coefficients live in the state,
-  so they are traced: sweeps ``vmap`` over them and ``jax.grad`` flows into
-  them (AdaMerging trains them).
+  (one per model and leaf: layer-wise) or ``[K, n]`` (chunk-wise: the
+  flattened leaf is cut into ``n`` contiguous chunks of sizes differing by at
+  most one, chunk ``j`` scaled by ``c[:, j]``, as Expert Merging++ does; a
+  ``[K, 1]`` leaf is layer-wise). The coefficients live in the state, so they
+  are traced: sweeps ``vmap`` over them and ``jax.grad`` flows into them
+  (AdaMerging and Expert Merging train them).
 
   Example:
     >>> import jax.numpy as jnp, mergejax as mj
@@ -33,6 +38,10 @@ def coefficient_sum(coefficients: Any) -> base.MergeTransformation:
     >>> u = {'a': jnp.array([[1.], [5.]]), 'b': jnp.array([[1.], [5.]])}
     >>> T.coefficient_sum(c).update(u, T.coefficient_sum(c).init(None))[0]
     {'a': Array([1.], dtype=float32), 'b': Array([10.], dtype=float32)}
+    >>> chunked = {'a': jnp.array([[1., 2.]])}  # one model, two chunks
+    >>> t = T.coefficient_sum(chunked)
+    >>> t.update({'a': jnp.ones((1, 4))}, t.init(None))[0]['a']
+    Array([1., 1., 2., 2.], dtype=float32)
   """
   def convert(path, c):
     if isinstance(c, jax.core.Tracer):  # AdaMerging's training: checked there
@@ -52,8 +61,32 @@ def _coefficient_update(updates, state, params=None, *, key=None):
   flat_c = paths.flatten_to_dict(c)
   flat_u = paths.flatten_to_dict(updates)
   paths.require_same_paths(flat_c, flat_u, 'layer-wise coefficients')
-  out = {p: modelaxis.model_sum(u, flat_c[p]) for p, u in flat_u.items()}
+  out = {p: _leaf_sum(p, u, flat_c[p]) for p, u in flat_u.items()}
   return paths.unflatten_like(updates, out), state
+
+
+def _leaf_sum(path, u, c):
+  """``sum_i c_i u_i`` for one leaf, ``c`` of shape ``[K]`` or ``[K, n]``."""
+  k, size = u.shape[0], math.prod(u.shape[1:])
+  if c.ndim < 2:  # a scalar or [K]: layer-wise
+    return modelaxis.model_sum(u, c)
+  if c.ndim != 2 or c.shape[0] != k or not 1 <= c.shape[1] <= max(size, 1):
+    raise ValueError(
+        f'coefficients[{path!r}] has shape {tuple(c.shape)} for a leaf of '
+        f'shape {tuple(u.shape[1:])} and K={k} models: give [K] (layer-wise) '
+        f'or [K, n] with 1 <= n <= {size} (n chunks of the flattened leaf).')
+  n = c.shape[1]
+  if n == 1:
+    return modelaxis.model_sum(u, c[:, 0])
+  # Chunk j holds the flat positions i with floor(i n / size) == j: contiguous,
+  # never empty, sizes within one of each other. A static index, so the
+  # per-entry coefficient is a gather XLA fuses into the weighted sum.
+  chunk_of = (np.arange(size) * n) // size
+
+  def scale(ci, ui):
+    return ui * jnp.take(ci.astype(ui.dtype), chunk_of).reshape(ui.shape)
+
+  return modelaxis.model_fold(jnp.add, modelaxis.model_map(scale, c, u))
 
 
 class SharedMaskState(NamedTuple):
