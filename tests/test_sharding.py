@@ -68,7 +68,8 @@ NOT_FACTORIES = {'reconstruct', 'twin_mix', 'twin_apply', 'twin_dense',
                  'twin_route', 'twin_train_router', 'fit_adamerging',
                  'prediction_entropy', 'fit_concrete', 'concrete_mask',
                  'fit_dam', 'fit_surgery', 'surgery_apply',
-                 'fit_expert_merging', 'fit_concrete_adamerging'}
+                 'fit_expert_merging', 'fit_concrete_adamerging',
+                 'importance_chunks'}
 
 
 def _method_names():
