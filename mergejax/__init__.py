@@ -14,6 +14,7 @@ Array([2., 2.], dtype=float32)
 Subpackages: `transforms` (building blocks), `methods` (named algorithms),
 `stats` (Fisher and Gram statistics for data-informed merges),
 `permute` (permutation alignment), `parallel` (meshes, multi-host, streaming),
+`search` (populations of merge candidates scored in one compiled call),
 `io` (checkpoints), `cli` (the ``mergejax`` command and mergekit YAML) and
 `testing` (helpers for tests of merge code).
 """
@@ -50,13 +51,13 @@ __all__ = (
     'MergeTransformation', 'EmptyState', 'chain', 'named_chain', 'identity',
     'static_fn', 'masked', 'partition', 'merge', 'stack_models', 'leaf_paths',
     'flatten_to_dict', 'layer_index', 'check_models', 'check_hparam',
-    'transforms', 'methods', 'stats', 'permute', 'parallel', 'io', 'cli',
-    'testing',
+    'transforms', 'methods', 'stats', 'permute', 'parallel', 'search', 'io',
+    'cli', 'testing',
 )
 
 # Subpackages loaded on first use: `permute` pulls in scipy.optimize, flax and
-# optax (~0.4 s) and `cli` pyyaml; plain merges need neither.
-_LAZY = ('permute', 'cli', 'testing')
+# optax (~0.4 s) and `cli` pyyaml; plain merges need neither, nor `search`.
+_LAZY = ('permute', 'search', 'cli', 'testing')
 
 # Names the top level exported before the building blocks moved to
 # `mergejax.transforms`; each resolves, with a DeprecationWarning, for one

@@ -2,8 +2,8 @@
 
 Layers, bottom up: core (``mergejax/_src``) -> building blocks
 (``transforms``) -> named methods (``methods``) -> alignment, execution and IO
-(``permute``, ``io``, ``parallel``) -> front ends (``cli``, the top-level
-namespace). A module may import its own layer and the layers its row allows.
+(``permute``, ``io``, ``parallel``) -> search (``search``) -> front ends
+(``cli``, the top-level namespace). A module may import its own layer and the layers its row allows.
 """
 
 import ast
@@ -29,11 +29,12 @@ ALLOWED = {
     'stats': {'core'},
     'io': {'core'},
     'parallel': {'core', 'transforms', 'io'},
+    'search': {'core', 'transforms', 'methods', 'stats', 'parallel', 'io'},
     'testing': {'core'},
     'cli': {'core', 'transforms', 'methods', 'io', 'parallel', 'permute',
             'stats', 'top'},
     'top': {'core', 'transforms', 'methods', 'io', 'parallel', 'permute',
-            'stats', 'cli', 'testing'},
+            'stats', 'search', 'cli', 'testing'},
     'shims': {'parallel'},
 }
 
@@ -124,8 +125,8 @@ def import_graph() -> str:
     a, b = _layer(src), _layer(dst)
     if a != b and 'shims' not in (a, b):
       counts[(a, b)] = counts.get((a, b), 0) + 1
-  order = ['top', 'cli', 'permute', 'parallel', 'io', 'testing', 'methods',
-           'stats', 'transforms', 'core']
+  order = ['top', 'cli', 'search', 'permute', 'parallel', 'io', 'testing',
+           'methods', 'stats', 'transforms', 'core']
   rows = ['| from | imports (modules per arrow) |', '|---|---|']
   for a in order:
     outs = [f'{b} ({counts[(a, b)]})' for b in order if (a, b) in counts]

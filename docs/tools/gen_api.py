@@ -34,6 +34,9 @@ PAGES = (
      'REPAIR, barriers.'),
     ('parallel', 'mergejax.parallel', 'Parallel execution',
      'Device meshes, multi-host runs and streamed checkpoints.'),
+    ('search', 'mergejax.search', 'Search',
+     'Populations of merge candidates scored in one compiled call; '
+     'evolutionary search over merge hyperparameters.'),
     ('io', 'mergejax.io', 'Checkpoint IO',
      'Hugging Face safetensors (sharded, lazy, atomic), orbax and layouts.'),
     ('cli', 'mergejax.cli', 'Command line',

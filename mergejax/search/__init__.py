@@ -1,0 +1,24 @@
+"""Searching merge space: many candidates of a merge scored in one compiled call.
+
+Choosing a merge's hyperparameters (task-wise or layer-wise coefficients,
+densities) decides which method wins a comparison. Numeric hyperparameters
+live in a transformation's state, so they trace: `population_evaluator`
+``vmap``s a user's score over a population of candidates, chunked with
+``lax.map`` to bound memory and sharded over a device mesh, and `evolve`
+runs an evosax strategy (CMA-ES, Sep-CMA-ES, genetic algorithms, ...) over
+those candidates, resumable from orbax checkpoints.
+
+>>> import jax.numpy as jnp, mergejax as mj
+>>> mj.search.evaluate_population(lambda c: jnp.sum(c ** 2), jnp.eye(3))
+Array([1., 1., 1.], dtype=float32)
+"""
+
+# pylint: disable=g-importing-member
+from mergejax.search._evolve import evolve
+from mergejax.search._evolve import SearchResult
+from mergejax.search._population import evaluate_population
+from mergejax.search._population import population_evaluator
+# pylint: enable=g-importing-member
+
+__all__ = ('evaluate_population', 'evolve', 'population_evaluator',
+           'SearchResult')
