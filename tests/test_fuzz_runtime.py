@@ -1217,6 +1217,36 @@ def test_choose_ratios_and_merged_size(dims, size, measure, step):
 # Coverage: every public name is fuzzed, or says why not and where it is tested.
 # --------------------------------------------------------------------------- #
 IN_TEST_FUZZ = 'tests/test_fuzz.py'
+# --------------------------------------------------------------------------- #
+# Search: populations of candidates.
+# --------------------------------------------------------------------------- #
+@FAST
+@hypothesis.given(st.integers(0, 9), st.sampled_from((None, 1, 3, 4)),
+                  st.booleans(), st.sampled_from((None, 'ragged', 'scalar')))
+def test_evaluate_population_is_a_loop_over_candidates(n, chunk, sharded,
+                                                       defect):
+  rng = np.random.default_rng(n)
+  pop = {'c': jnp.asarray(rng.normal(size=(n, 3)), jnp.float32),
+         'd': jnp.asarray(rng.uniform(size=(n,)), jnp.float32)}
+  if defect == 'ragged':
+    pop['d'] = pop['d'][:max(n - 1, 0)] if n else jnp.zeros(1)
+  elif defect == 'scalar':
+    pop['d'] = jnp.float32(0.5)
+  fn = lambda c: {'s': jnp.sum(c['c'] ** 2) * c['d'], 'v': c['c'] + c['d']}
+  mesh = mj.parallel.make_mesh((1, 8)) if sharded else None
+  try:
+    out = mj.search.evaluate_population(fn, pop, chunk_size=chunk, mesh=mesh)
+  except CLEAN as e:
+    _clean(e)
+    assert defect or n == 0, e
+    return
+  assert not defect and n > 0
+  want = [fn(jax.tree.map(lambda x, i=i: x[i], pop)) for i in range(n)]
+  mj.testing.assert_trees_close(
+      out, jax.tree.map(lambda *xs: jnp.stack(xs), *want), rtol=1e-6,
+      atol=1e-6)
+
+
 COVERAGE = {
     'mergejax': {
         'MergeTransformation': 'a NamedTuple type (built by every case)',
@@ -1243,6 +1273,9 @@ COVERAGE = {
         'evaluate_population': test_evaluate_population_is_a_loop_over_candidates,
         'population_evaluator': 'compiles once, chunks, shards '
                                 '(tests/test_search.py)',
+        'evolve': 'finds the optimum, resumes from orbax, records history '
+                  '(tests/test_evolve.py)',
+        'SearchResult': 'a NamedTuple type (tests/test_evolve.py)',
     },
     'mergejax.stats': {
         'fisher_diagonal': test_fisher_diagonal,
@@ -1359,36 +1392,6 @@ COVERAGE = {
         'SinkhornMatchingResult': 'a NamedTuple of results',
     },
 }
-
-
-# --------------------------------------------------------------------------- #
-# Search: populations of candidates.
-# --------------------------------------------------------------------------- #
-@FAST
-@hypothesis.given(st.integers(0, 9), st.sampled_from((None, 1, 3, 4)),
-                  st.booleans(), st.sampled_from((None, 'ragged', 'scalar')))
-def test_evaluate_population_is_a_loop_over_candidates(n, chunk, sharded,
-                                                       defect):
-  rng = np.random.default_rng(n)
-  pop = {'c': jnp.asarray(rng.normal(size=(n, 3)), jnp.float32),
-         'd': jnp.asarray(rng.uniform(size=(n,)), jnp.float32)}
-  if defect == 'ragged':
-    pop['d'] = pop['d'][:max(n - 1, 0)] if n else jnp.zeros(1)
-  elif defect == 'scalar':
-    pop['d'] = jnp.float32(0.5)
-  fn = lambda c: {'s': jnp.sum(c['c'] ** 2) * c['d'], 'v': c['c'] + c['d']}
-  mesh = mj.parallel.make_mesh((1, 8)) if sharded else None
-  try:
-    out = mj.search.evaluate_population(fn, pop, chunk_size=chunk, mesh=mesh)
-  except CLEAN as e:
-    _clean(e)
-    assert defect or n == 0, e
-    return
-  assert not defect and n > 0
-  want = [fn(jax.tree.map(lambda x, i=i: x[i], pop)) for i in range(n)]
-  mj.testing.assert_trees_close(
-      out, jax.tree.map(lambda *xs: jnp.stack(xs), *want), rtol=1e-6,
-      atol=1e-6)
 
 
 @pytest.mark.parametrize('namespace', sorted(COVERAGE))
