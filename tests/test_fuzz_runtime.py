@@ -1276,6 +1276,17 @@ COVERAGE = {
         'evolve': 'finds the optimum, resumes from orbax, records history '
                   '(tests/test_evolve.py)',
         'SearchResult': 'a NamedTuple type (tests/test_evolve.py)',
+        'fit_quadratic': 'recovers exact quadratics, traced ridge '
+                         '(tests/test_map.py)',
+        'predict': 'a plain quadratic form (tests/test_map.py)',
+        'QuadraticSurrogate': 'a NamedTuple type (tests/test_map.py)',
+        'MapResult': 'a NamedTuple type (tests/test_map.py)',
+        'map_search': 'front equals a grid front, adaptive rounds '
+                      '(tests/test_map.py)',
+        'nested_map': 'separable optima, preferences (tests/test_map.py)',
+        'surrogate_front': 'equals a grid front (tests/test_map.py)',
+        'pareto_mask': 'the plain definition, ties, NaN (tests/test_map.py)',
+        'hypervolume': 'inclusion-exclusion (tests/test_map.py)',
     },
     'mergejax.stats': {
         'fisher_diagonal': test_fisher_diagonal,

@@ -36,7 +36,8 @@ PAGES = (
      'Device meshes, multi-host runs and streamed checkpoints.'),
     ('search', 'mergejax.search', 'Search',
      'Populations of merge candidates scored in one compiled call; '
-     'evolutionary search over merge hyperparameters.'),
+     'evolutionary search over merge hyperparameters; MAP surrogates and '
+     'Pareto fronts.'),
     ('io', 'mergejax.io', 'Checkpoint IO',
      'Hugging Face safetensors (sharded, lazy, atomic), orbax and layouts.'),
     ('cli', 'mergejax.cli', 'Command line',

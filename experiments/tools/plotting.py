@@ -7,6 +7,8 @@ backend is used when no display is available, so plots work headless.
 
 * `barrier_plot`: loss/accuracy along an interpolation path ``alpha in [0, 1]``
   (re-basin barriers), one curve per setting.
+* `fronts_plot`: point sets of two objectives, some drawn as fronts (MAP's
+  predicted front against a grid's).
 * `pareto_plot`: two metrics per method (e.g. average normalized accuracy vs
   size or density), with the Pareto front drawn.
 * `sweep_plot`: a metric against one swept hyperparameter, one line per group.
@@ -26,6 +28,7 @@ __all__ = (
     'color',
     'colors',
     'barrier_plot',
+    'fronts_plot',
     'pareto_front',
     'pareto_plot',
     'sweep_plot',
@@ -139,14 +142,41 @@ def pareto_front(xs: Sequence[float], ys: Sequence[float], *,
     >>> pareto_front([1, 2, 3], [0.5, 0.4, 0.9])
     [0, 2]
   """
-  x = np.asarray(xs, float) * (1 if minimize_x else -1)
-  y = np.asarray(ys, float) * (1 if maximize_y else -1)
-  front = []
-  for i in range(len(x)):
-    dominated = np.any((x <= x[i]) & (y >= y[i]) & ((x < x[i]) | (y > y[i])))
-    if not dominated:
-      front.append(i)
-  return sorted(front, key=lambda i: xs[i])
+  import mergejax as mj  # pylint: disable=g-import-not-at-top
+  objectives = np.stack([np.asarray(xs, float) * (-1 if minimize_x else 1),
+                         np.asarray(ys, float) * (1 if maximize_y else -1)], 1)
+  front = np.flatnonzero(np.asarray(mj.search.pareto_mask(objectives)))
+  return sorted(front.tolist(), key=lambda i: xs[i])
+
+
+def fronts_plot(points: Mapping[str, Any], *, xlabel: str, ylabel: str,
+                lines: Sequence[str] = (), title: str | None = None,
+                path: str | None = None):
+  """Point sets ``{label: [N, 2]}`` of two objectives in one scatter; the
+  labels in ``lines`` are drawn as fronts (joined, sorted by x).
+
+  Example:
+    >>> from experiments.tools.plotting import fronts_plot
+    >>> fig = fronts_plot({'grid': [[0, 1], [1, 0], [.2, .2]],
+    ...                    'front': [[0, 1], [1, 0]]}, xlabel='task 1',
+    ...                   ylabel='task 2', lines=['front'])
+  """
+  plt = _plt()
+  with plt.rc_context(_STYLE):
+    fig, ax = plt.subplots()
+    cs = colors(list(points))
+    for label, pts in points.items():
+      pts = np.asarray(pts, float).reshape(-1, 2)
+      if label in lines:
+        pts = pts[np.argsort(pts[:, 0])]
+        ax.plot(pts[:, 0], pts[:, 1], '.-', color=cs[label], lw=1.2, ms=4,
+                label=label, zorder=3)
+      else:
+        ax.scatter(pts[:, 0], pts[:, 1], color=cs[label], s=6, alpha=0.35,
+                   label=label, zorder=2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    return _finish(fig, ax, title, path)
 
 
 def pareto_plot(points: Mapping[str, tuple[float, float]],

@@ -6,7 +6,10 @@ live in a transformation's state, so they trace: `population_evaluator`
 ``vmap``s a user's score over a population of candidates, chunked with
 ``lax.map`` to bound memory and sharded over a device mesh, and `evolve`
 runs an evosax strategy (CMA-ES, Sep-CMA-ES, genetic algorithms, ...) over
-those candidates, resumable from orbax checkpoints.
+those candidates, resumable from orbax checkpoints. For several objectives
+(one metric per task), `map_search` fits MAP's quadratic surrogates to a few
+evaluated merges and `surrogate_front` reads the Pareto front off them;
+`pareto_mask` and `hypervolume` compare fronts.
 
 >>> import jax.numpy as jnp, mergejax as mj
 >>> mj.search.evaluate_population(lambda c: jnp.sum(c ** 2), jnp.eye(3))
@@ -16,9 +19,20 @@ Array([1., 1., 1.], dtype=float32)
 # pylint: disable=g-importing-member
 from mergejax.search._evolve import evolve
 from mergejax.search._evolve import SearchResult
+from mergejax.search._map import fit_quadratic
+from mergejax.search._map import map_search
+from mergejax.search._map import MapResult
+from mergejax.search._map import nested_map
+from mergejax.search._map import predict
+from mergejax.search._map import QuadraticSurrogate
+from mergejax.search._map import surrogate_front
+from mergejax.search._pareto import hypervolume
+from mergejax.search._pareto import pareto_mask
 from mergejax.search._population import evaluate_population
 from mergejax.search._population import population_evaluator
 # pylint: enable=g-importing-member
 
-__all__ = ('evaluate_population', 'evolve', 'population_evaluator',
-           'SearchResult')
+__all__ = ('evaluate_population', 'evolve', 'fit_quadratic', 'hypervolume',
+           'map_search', 'MapResult', 'nested_map', 'pareto_mask',
+           'population_evaluator', 'predict', 'QuadraticSurrogate',
+           'SearchResult', 'surrogate_front')
