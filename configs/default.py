@@ -153,6 +153,14 @@ def get_config(arg=None):
   config.merge.thresholds = (1e-3, 1e-2) if smoke else (5e-4, 1e-3, 2e-3, 5e-3,
                                                         1e-2, 2e-2, 5e-2)
   config.merge.params = 'backbone'  # merged subtree; heads stay per task
+  # The tuning protocol: every hyperparameter an entry lists in ``tune``
+  # (``name: (low, high, 'linear' | 'log')``) chosen on the validation split
+  # among ``budget`` candidates (the default setting and random draws), the
+  # same budget for every method, reported on test beside the default row.
+  # 0 turns it off.
+  config.tuning = ml_collections.ConfigDict()
+  config.tuning.budget = 4 if smoke else 32
+  config.tuning.seed = 0
   # Rank of the LoRA zoo (the 'lora' protocol): static, it sets the shapes.
   config.merge.lora_rank = 4 if smoke else 16
 
@@ -311,10 +319,46 @@ def get_config(arg=None):
                                 learning_rate=1e-2)
   for name in METHODS:
     methods.setdefault(name, entry(sweep=lam))
+  # Search spaces of the tuning protocol. Scales span the default grid's
+  # range; densities the whole (0, 1].
+  scale = (0.05, 3.0, 'log')
+  tune = dict(
+      task_arithmetic=dict(lambda_=scale),
+      ties=dict(lambda_=scale, density=(0.05, 1.0, 'linear')),
+      dare_linear=dict(lambda_=scale, density=(0.05, 1.0, 'linear')),
+      dare_ties=dict(lambda_=scale, density=(0.05, 1.0, 'linear')),
+      breadcrumbs=dict(lambda_=scale, density=(0.05, 1.0, 'linear'),
+                       gamma=(0.001, 0.1, 'log')),
+      breadcrumbs_ties=dict(lambda_=scale, density=(0.05, 1.0, 'linear'),
+                            gamma=(0.001, 0.1, 'log')),
+      della=dict(lambda_=scale, density=(0.05, 1.0, 'linear'),
+                 epsilon=(0.01, 0.2, 'linear')),
+      della_linear=dict(lambda_=scale, density=(0.05, 1.0, 'linear'),
+                        epsilon=(0.01, 0.2, 'linear')),
+      magmax=dict(lambda_=scale),
+      slerp=dict(t=(0.05, 1.0, 'linear')),
+      nearswap=dict(t=(1e-4, 0.1, 'log')),
+      tsv=dict(alpha=scale),
+      rtsvm=dict(alpha=scale, quantile=(0.9, 0.999, 'linear'),
+                 energy=(0.8, 0.99, 'linear')),
+      iso_c=dict(alpha=scale),
+      iso_cts=dict(alpha=scale),
+      knots=dict(lambda_=scale),
+      consensus=dict(lambda_=scale, k=(1.0, float(k), 'linear'),
+                     tall_lambda=(0.1, 1.0, 'linear')),
+      pcb=dict(lambda_=scale, pcb_ratio=(0.02, 1.0, 'log')),
+      lines=dict(beta=scale),
+      tall_masks=dict(tall_lambda=(0.1, 1.0, 'linear')),
+      lora_lego=dict(scale=scale),
+      lora_svd=dict(weights=scale),
+      lora_ta=dict(lambda_=scale),
+  )
+  for name, space in tune.items():
+    methods[name].tune = space
   config.methods = ml_collections.ConfigDict(methods)
   # Comma-separated methods to run, in this order ('' runs every entry).
   # The smoke subset covers every protocol with methods that compile fast.
-  config.methods_to_run = ('linear,task_arithmetic,slerp,nuslerp,emr,lora_lego,'
+  config.methods_to_run = ('linear,task_arithmetic,ties,slerp,nuslerp,emr,lora_lego,'
                            'lora_svd,lora_ta,wudi,concrete,'
                            'concrete_adamerging,expert_merging,ota,'
                            'surgery_ta' if smoke else

@@ -305,11 +305,15 @@ def _backbone_inputs(model):
 
 
 def merge_method(name: str, entry, base, fts: list, key: jax.Array, *,
-                 adapters: list | None = None, data: dict | None = None):
+                 adapters: list | None = None, data: dict | None = None,
+                 population: dict[str, list[float]] | None = None):
   """Merges with one method entry.
 
   With a sweep, the merge runs as one ``jax.vmap``-ped call over the swept
-  hyperparameter (one compilation); otherwise once. The factory is
+  hyperparameter (one compilation); otherwise once. ``population`` replaces
+  the sweep with candidates of several hyperparameters at once (equal-length
+  value lists, candidate ``i`` takes the ``i``-th value of each), vmapped
+  together the same way (the tuning protocol). The factory is
   ``mergejax.methods.<entry.factory>`` if the entry names one, else
   ``mergejax.methods.<name>``. The ``lora`` protocol merges the LoRA zoo
   ``adapters`` (derived with `lora_zoo` at ``entry.lora_rank`` when None): a
@@ -325,13 +329,15 @@ def merge_method(name: str, entry, base, fts: list, key: jax.Array, *,
   factory = getattr(mj.methods, entry.get('factory', name))
   notes = []
   kwargs = entry.kwargs.to_dict()
-  sweep = entry.sweep.to_dict()
-  if len(sweep) > 1:
+  sweep = entry.sweep.to_dict() if population is None else dict(population)
+  if len(sweep) > 1 and population is None:
     raise ValueError(f'{name}: sweep one hyperparameter at a time, got '
                      f'{sorted(sweep)}.')
   if 'inner' in entry:
     inner = entry.inner
     kwargs[inner.arg] = getattr(mj.methods, inner.name)(**inner.kwargs.to_dict())
+  for n in sweep:  # a swept or tuned value replaces the configured one
+    kwargs.pop(n, None)
   ok = _accepted(factory, list(kwargs) + list(sweep) + ['weight'])
   for n in [n for n in kwargs if n not in ok]:
     notes.append(f'{name}() takes no {n!r}; dropped')
@@ -384,19 +390,109 @@ def merge_method(name: str, entry, base, fts: list, key: jax.Array, *,
 
   if not sweep:
     return _stack([one()]), None, notes
-  (pname, values), = sweep.items()
-  values = [float(v) for v in values]
+  grid = {n: [float(v) for v in vs] for n, vs in sweep.items()}
+  sizes = {len(vs) for vs in grid.values()}
+  if len(sizes) != 1:
+    raise ValueError(f'{name}: population value lists differ in length: '
+                     f'{ {n: len(v) for n, v in grid.items()} }.')
   try:
-    out = jax.vmap(lambda v: one(**{pname: v}))(jnp.asarray(values,
-                                                           jnp.float32))
+    out = jax.vmap(lambda hp: one(**hp))(
+        {n: jnp.asarray(vs, jnp.float32) for n, vs in grid.items()})
   except (jax.errors.ConcretizationTypeError,
           jax.errors.TracerBoolConversionError) as e:
     # A factory that branches in Python on a numeric hyperparameter breaks
     # the contract; still report it, one merge per value.
-    notes.append(f'{pname} is not traceable in {name} ({type(e).__name__}); '
-                 'swept with a Python loop')
-    out = _stack([one(**{pname: v}) for v in values])
+    notes.append(f'{", ".join(grid)} not traceable in {name} '
+                 f'({type(e).__name__}); swept with a Python loop')
+    out = _stack([one(**{n: vs[i] for n, vs in grid.items()})
+                  for i in range(sizes.pop())])
+  if population is not None:
+    return out, (tuple(grid), grid), notes
+  (pname, values), = grid.items()
   return out, (pname, values), notes
+
+
+def _evaluate(protocol, bbs, ev):
+  """``(val [S], test [S, K])``: mean validation and per-task test accuracy
+  of S merges (for ``per_task``, task i read through its own rebuilt model)."""
+  if protocol == 'per_task':
+    s_ = jax.tree.leaves(bbs)[0].shape[0]
+    per = [jax.tree.map(lambda x, i=i: x[i], bbs) for i in range(s_)]
+    val = np.stack([ev.own_task_accuracies(p, 'val') for p in per])
+    test = np.stack([ev.own_task_accuracies(p, 'test') for p in per])
+    return val.mean(axis=1), test
+  return ev.accuracies(bbs, 'val').mean(axis=1), ev.accuracies(bbs, 'test')
+
+
+# Protocols whose merges the tuning protocol can re-run over a population.
+TUNABLE = ('models', 'no_base', 'sum_endpoint', 'lora', 'per_task')
+
+
+def tuning_candidates(name: str, entry, default: dict[str, float],
+                      budget: int, key: jax.Array) -> dict[str, list[float]]:
+  """The tuning protocol's candidates for one method entry.
+
+  ``budget`` candidates over every hyperparameter in ``entry.tune``
+  (``{name: (low, high, 'linear' | 'log')}``): the first is the method's
+  default setting (``default``: its configured keyword arguments and the
+  value its sweep chose), the others are drawn uniformly (or log-uniformly)
+  in the ranges with ``key``. Every method gets the same budget, whatever
+  the number of its hyperparameters.
+  """
+  space = entry.tune.to_dict()
+  missing = [n for n in space if n not in default]
+  if missing:
+    raise ValueError(f'{name}: no default value for tuned {missing}; set '
+                     'them in the entry\'s kwargs or sweep.')
+  out = {}
+  for i, (pname, (low, high, scale)) in enumerate(sorted(space.items())):
+    if scale not in ('linear', 'log') or not high > low:
+      raise ValueError(f'{name}.tune.{pname}: expected (low, high, '
+                       f"'linear' | 'log') with low < high, got "
+                       f'{(low, high, scale)!r}.')
+    u = np.asarray(jax.random.uniform(jax.random.fold_in(key, i),
+                                      (budget - 1,)), np.float64)
+    draws = (np.exp(np.log(low) + u * (np.log(high) - np.log(low)))
+             if scale == 'log' else low + u * (high - low))
+    out[pname] = [float(default[pname])] + [round(float(v), 6) for v in draws]
+  return out
+
+
+def _tune(name, entry, rec, default_val, budget, seed, base, fts, key, ads,
+          ev, ft_acc, names, *, strict=False):
+  """The tuned record of one method: its best of `tuning_candidates` on the
+  validation split, reported on test (an error is recorded, not raised)."""
+  t0 = time.perf_counter()
+  factory = getattr(mj.methods, entry.get('factory', name))
+  default = {n: p.default for n, p in inspect.signature(factory)
+             .parameters.items() if isinstance(p.default, (int, float))
+             and not isinstance(p.default, bool)}
+  default.update({n: v for n, v in rec['kwargs'].items()
+                  if isinstance(v, (int, float)) and not isinstance(v, bool)})
+  default.update(rec.get('selected', {}))
+  try:
+    cands = tuning_candidates(name, entry, default, budget, jax.random.fold_in(
+        jax.random.key(seed), zlib.crc32(name.encode())))
+    bbs, _, _ = merge_method(name, entry, base, fts, key, adapters=ads,
+                             population=cands)
+    val, test = _evaluate(entry.protocol, bbs, ev)
+  except Exception as e:  # pylint: disable=broad-except
+    if strict:
+      raise
+    print(f'  ERROR tuning {name}: {type(e).__name__}: {str(e)[:300]}',
+          flush=True)
+    return dict(status='error', error=f'{type(e).__name__}: {e}')
+  best = int(np.argmax(val))  # the default setting (candidate 0) on ties
+  out = dict(status='ok', budget=budget, **_row(test[best], ft_acc, names),
+             selected={n: v[best] for n, v in cands.items()},
+             val_avg_accuracy=float(val[best]),
+             default_val_avg_accuracy=default_val,
+             seconds=time.perf_counter() - t0)
+  print(f'  {name + " (tuned)":<18} avg acc {out["avg_accuracy"]:.3f}  '
+        f'normalized {out["avg_normalized"]:.3f}  '
+        + ', '.join(f'{k}={v:.3g}' for k, v in out['selected'].items())
+        + f'  ({budget} candidates, {out["seconds"]:.1f}s)', flush=True)
+  return out
 
 
 def _routed(name, entry, base, fts, tasks, heads, config, key):
@@ -617,15 +713,8 @@ def _main(config, workdir: str) -> dict[str, Any]:
                       **_row(extra['oracle_test'], ft_acc, names))
         val, test = np.asarray([val.mean()]), test[None]
         sweep = None
-      elif entry.protocol == 'per_task':
-        s_ = jax.tree.leaves(bbs)[0].shape[0]
-        per = [jax.tree.map(lambda x, i=i: x[i], bbs) for i in range(s_)]
-        val = np.stack([ev.own_task_accuracies(p, 'val') for p in per])
-        test = np.stack([ev.own_task_accuracies(p, 'test') for p in per])
-        val = val.mean(axis=1)
       else:
-        val = ev.accuracies(bbs, 'val').mean(axis=1)
-        test = ev.accuracies(bbs, 'test')
+        val, test = _evaluate(entry.protocol, bbs, ev)
       best = int(np.argmax(val))  # first best: the smallest value on ties
       rec.update(status='ok', **_row(test[best], ft_acc, names))
       if entry.protocol not in ('per_task', 'routed', 'surgery'):
@@ -638,6 +727,11 @@ def _main(config, workdir: str) -> dict[str, Any]:
                             test_avg_accuracy=test.mean(axis=1).tolist())
       if notes:
         rec['note'] = '; '.join(notes)
+      budget = config.tuning.budget
+      if budget and 'tune' in entry and entry.protocol in TUNABLE:
+        rec['tuned'] = _tune(name, entry, rec, float(val[best]), budget,
+                             config.tuning.seed, base_bb, ft_bbs, key, ads,
+                             ev, ft_acc, names, strict=config.strict)
     except Exception as e:  # pylint: disable=broad-except
       if config.strict:
         raise
@@ -672,6 +766,10 @@ def _main(config, workdir: str) -> dict[str, Any]:
       merges_below_base=sorted(n for n, r in ok.items()
                                if r['avg_accuracy'] <= base_avg),
       methods_ok=sorted(ok),
+      # The tuning protocol's results (every hyperparameter chosen on
+      # validation within the same budget per method).
+      tuned_avg_accuracy={n: r['tuned']['avg_accuracy'] for n, r in ok.items()
+                          if r.get('tuned', {}).get('status') == 'ok'},
       skipped=[n for n, r in methods.items() if r['status'] == 'skipped'],
       errors=[n for n, r in methods.items() if r['status'] == 'error'],
   )
@@ -686,6 +784,10 @@ def _main(config, workdir: str) -> dict[str, Any]:
   for n, r in methods.items():
     if r['status'] == 'ok':
       rows.append((n, _setting(r) or '-', r))
+      t = r.get('tuned')
+      if t and t['status'] == 'ok':
+        rows.append((f'{n} (tuned)', ', '.join(
+            f'{k}={v:.3g}' for k, v in t['selected'].items()), t))
     else:
       rows.append((n, f'({r["status"]})', None))
   table = _fmt_table(rows, names)

@@ -61,7 +61,8 @@ def test_smoke_run_writes_results_and_plot(smoke_run):
   for name in ('lora_svd', 'lora_lego', 'lora_ta'):
     rec = on_disk['methods'][name]
     assert rec['status'] == 'ok' and rec['setting'] == {'lora_rank': rank}
-    line, = [l for l in on_disk['table'].splitlines() if l.startswith(name)]
+    line, = [l for l in on_disk['table'].splitlines()
+             if l.startswith(name + ' ') and '(tuned)' not in l]
     assert f'lora_rank={rank}, ' in line, line
   assert on_disk['methods']['lora_ta']['factory'] == 'task_arithmetic'
   assert f'fine-tuned rank {rank}' in on_disk['table']
@@ -72,6 +73,18 @@ def test_smoke_run_writes_results_and_plot(smoke_run):
   assert len(ta['sweep']['val_avg_accuracy']) == len(ta['sweep']['values'])
   assert ta['selected']['lambda_'] in ta['sweep']['values']
   assert on_disk['summary']['best_method'] in on_disk['methods']
+  # The tuning protocol: the default setting is a candidate, so the tuned
+  # choice is at least as good on validation; its row is in the table.
+  budget = default_config.get_config('smoke').tuning.budget
+  for name in ('task_arithmetic', 'ties'):
+    tuned = on_disk['methods'][name]['tuned']
+    assert tuned['status'] == 'ok' and tuned['budget'] == budget
+    assert tuned['val_avg_accuracy'] >= tuned['default_val_avg_accuracy']
+    assert on_disk['summary']['tuned_avg_accuracy'][name] == (
+        tuned['avg_accuracy'])
+    assert f'{name} (tuned)' in on_disk['table']
+  assert set(on_disk['methods']['ties']['tuned']['selected']) == {
+      'lambda_', 'density'}
   # Fine-tuning helped every task, even in the tiny variant.
   ft = on_disk['baselines']['finetuned']['accuracy']
   base = on_disk['baselines']['base']['accuracy']
@@ -120,6 +133,42 @@ def test_sweep_is_one_vmapped_call_and_equals_a_loop():
     single = mj.merge(mj.methods.task_arithmetic(lambda_=v), base, fts)
     np.testing.assert_allclose(out['w'][i], single['w'], rtol=1e-6, atol=1e-6)
   np.testing.assert_array_equal(out['w'], out2['w'])
+
+
+def test_tuning_population_is_one_vmapped_call_and_equals_a_loop():
+  rng = np.random.default_rng(1)
+  base = {'w': jnp.asarray(rng.standard_normal((6, 5)), jnp.float32)}
+  fts = [jax.tree.map(lambda x: x + 0.1 * jnp.asarray(
+      rng.standard_normal(x.shape), jnp.float32), base) for _ in range(3)]
+  config = default_config.get_config('smoke')
+  entry = config.methods.ties
+  default = dict(density=0.2, lambda_=0.3)
+  cands = experiment.tuning_candidates('ties', entry, default, 6,
+                                       jax.random.key(0))
+  assert cands['density'][0] == 0.2 and cands['lambda_'][0] == 0.3
+  assert all(len(v) == 6 for v in cands.values())
+  low, high, _ = entry.tune.lambda_
+  assert all(low <= v <= high for v in cands['lambda_'])
+  # The same key gives the same candidates; another method gets others.
+  assert cands == experiment.tuning_candidates('ties', entry, default, 6,
+                                               jax.random.key(0))
+  key = jax.random.key(0)
+  out, (pnames, grid), _ = experiment.merge_method('ties', entry, base, fts,
+                                                   key, population=cands)
+  assert set(pnames) == {'density', 'lambda_'} and grid == cands
+  with testing.log_compilations() as log:
+    experiment.merge_method('ties', entry, base, fts, key, population=cands)
+  assert log.count() == 0
+  kwargs = entry.kwargs.to_dict()
+  for i in range(6):
+    kw = dict(kwargs, density=cands['density'][i], lambda_=cands['lambda_'][i])
+    single = mj.merge(mj.methods.ties(**kw), base, fts, key=key)
+    np.testing.assert_allclose(out['w'][i], single['w'], rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match='no default value'):
+    experiment.tuning_candidates('ties', entry, dict(density=0.2), 6, key)
+  bad = ml_collections.ConfigDict(dict(tune=dict(lambda_=(1.0, 0.5, 'log'))))
+  with pytest.raises(ValueError, match='low < high'):
+    experiment.tuning_candidates('x', bad, dict(lambda_=1.0), 4, key)
 
 
 def test_lora_zoo_is_exact_at_full_rank_and_lora_protocol_matches_dense():
