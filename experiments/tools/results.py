@@ -263,15 +263,18 @@ def readme_summary(result: Mapping[str, Any]) -> str:
                of_finetuned=f'{s["base_avg_accuracy"] / ft:.1%}'),
           dict(model='fine-tuned, each on its own task',
                avg_accuracy=f'{ft:.3f}', of_finetuned='(reference)')]
+  tuned = s.get('tuned_avg_accuracy', {})
   rows += [dict(model=f'`{n}`', avg_accuracy=f'{ok[n]["avg_accuracy"]:.3f}',
-                of_finetuned=f'{ok[n]["avg_accuracy"] / ft:.1%}')
+                of_finetuned=f'{ok[n]["avg_accuracy"] / ft:.1%}',
+                tuned=f'{tuned[n]:.3f}' if n in tuned else '')
            for n in pick if n in ok]
   p = result.get('provenance', {})
   return '\n'.join([
       f'Default experiment (8 tasks; commit `{p.get("commit", "?")}`, '
       f'{p.get("date", "?")}; all {len(ok)} merges in '
       '[docs/results/default.md](docs/results/default.md)):', '',
-      markdown_table(rows, ['model', 'avg_accuracy', 'of_finetuned']), ''])
+      markdown_table(rows, ['model', 'avg_accuracy', 'of_finetuned'] + (
+          ['tuned'] if tuned else [])), ''])
 
 
 def fill_readme(readme: str, result: Mapping[str, Any]) -> str:
