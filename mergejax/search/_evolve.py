@@ -94,7 +94,8 @@ def _lenient():
 class _Checkpoints:
   """The search state in an orbax CheckpointManager, one step per save."""
 
-  def __init__(self, directory, keep):
+  def __init__(self, directory, keep, owner='evolve'):
+    self._owner = owner
     import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
     self._ocp = ocp
     self._manager = ocp.CheckpointManager(
@@ -121,9 +122,9 @@ class _Checkpoints:
       diff = {k: (log['meta'].get(k), v) for k, v in meta.items()
               if log['meta'].get(k) != v}
       raise ValueError(
-          f'evolve: the checkpoint in {self._manager.directory} is of another '
-          f'search (saved vs now: {diff}); resume with the same strategy, '
-          'population size and candidate shape, or use a new checkpoint_dir.')
+          f'{self._owner}: the checkpoint in {self._manager.directory} is of '
+          f'another search (saved vs now: {diff}); resume with the same '
+          'settings and shapes, or use a new checkpoint_dir.')
     state = self._manager.restore(step, args=args.Composite(
         state=args.StandardRestore(abstract)))['state']
     return state, {k: list(v) for k, v in log['history'].items()}
