@@ -1,9 +1,11 @@
 """Test configuration: 8 virtual CPU devices, set before JAX starts a backend."""
 
 import collections
+import gc
 import os
 
 import jax
+import pytest
 
 jax.config.update('jax_num_cpu_devices', 8)
 jax.config.update('jax_numpy_rank_promotion', 'raise')
@@ -32,3 +34,15 @@ def pytest_terminal_summary(terminalreporter):
       _skip_reason(r) for r in terminalreporter.stats.get('skipped', ()))
   for reason, count in sorted(reasons.items()):
     terminalreporter.write_line(f'SKIPPED ({count}): {reason}')
+
+
+@pytest.fixture(autouse=True, scope='module')
+def _free_compiled_programs():
+  # Every XLA:CPU executable keeps its JIT-compiled code mapped until its
+  # cache entry goes; over the whole suite in one process the mappings
+  # approach the kernel's vm.max_map_count and a later compilation crashes.
+  # Modules share few compiled functions, so freeing them per module costs
+  # little.
+  yield
+  jax.clear_caches()
+  gc.collect()
