@@ -1287,6 +1287,16 @@ COVERAGE = {
         'surrogate_front': 'equals a grid front (tests/test_map.py)',
         'pareto_mask': 'the plain definition, ties, NaN (tests/test_map.py)',
         'hypervolume': 'inclusion-exclusion (tests/test_map.py)',
+        'm2n2': 'archive rules, determinism, one compile (tests/test_m2n2.py)',
+        'M2N2Result': 'a NamedTuple type (tests/test_m2n2.py)',
+        'niche_fitness': 'the plain sums (tests/test_m2n2.py)',
+        'attraction': 'the plain sums (tests/test_m2n2.py)',
+        'crossover': 'SLERP with a split, pytrees (tests/test_m2n2.py)',
+        'layerwise_space': 'blocks, errors (tests/test_layerwise.py)',
+        'LayerwiseSpace': 'a NamedTuple type (tests/test_layerwise.py)',
+        'layerwise_candidate': 'shapes, errors (tests/test_layerwise.py)',
+        'layerwise_merge': 'a plain per-block merge, vmapped '
+                           '(tests/test_layerwise.py)',
     },
     'mergejax.stats': {
         'fisher_diagonal': test_fisher_diagonal,

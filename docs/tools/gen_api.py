@@ -37,7 +37,7 @@ PAGES = (
     ('search', 'mergejax.search', 'Search',
      'Populations of merge candidates scored in one compiled call; '
      'evolutionary search over merge hyperparameters; MAP surrogates and '
-     'Pareto fronts.'),
+     'Pareto fronts; M2N2 archives evolved by merging.'),
     ('io', 'mergejax.io', 'Checkpoint IO',
      'Hugging Face safetensors (sharded, lazy, atomic), orbax and layouts.'),
     ('cli', 'mergejax.cli', 'Command line',

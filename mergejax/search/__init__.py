@@ -9,7 +9,11 @@ runs an evosax strategy (CMA-ES, Sep-CMA-ES, genetic algorithms, ...) over
 those candidates, resumable from orbax checkpoints. For several objectives
 (one metric per task), `map_search` fits MAP's quadratic surrogates to a few
 evaluated merges and `surrogate_front` reads the Pareto front off them;
-`pareto_mask` and `hypervolume` compare fronts.
+`pareto_mask` and `hypervolume` compare fronts. `m2n2` evolves an archive
+of whole models by merging them (evolving split points, niche competition,
+attraction-based mate choice), from fine-tunes or from scratch.
+`layerwise_space` turns a few unit-scale merges into a space of layer-wise
+configurations (a method and a weight per block) for zero-order search.
 
 >>> import jax.numpy as jnp, mergejax as mj
 >>> mj.search.evaluate_population(lambda c: jnp.sum(c ** 2), jnp.eye(3))
@@ -19,6 +23,15 @@ Array([1., 1., 1.], dtype=float32)
 # pylint: disable=g-importing-member
 from mergejax.search._evolve import evolve
 from mergejax.search._evolve import SearchResult
+from mergejax.search._layerwise import layerwise_candidate
+from mergejax.search._layerwise import layerwise_merge
+from mergejax.search._layerwise import layerwise_space
+from mergejax.search._layerwise import LayerwiseSpace
+from mergejax.search._m2n2 import attraction
+from mergejax.search._m2n2 import crossover
+from mergejax.search._m2n2 import m2n2
+from mergejax.search._m2n2 import M2N2Result
+from mergejax.search._m2n2 import niche_fitness
 from mergejax.search._map import fit_quadratic
 from mergejax.search._map import map_search
 from mergejax.search._map import MapResult
@@ -32,7 +45,9 @@ from mergejax.search._population import evaluate_population
 from mergejax.search._population import population_evaluator
 # pylint: enable=g-importing-member
 
-__all__ = ('evaluate_population', 'evolve', 'fit_quadratic', 'hypervolume',
-           'map_search', 'MapResult', 'nested_map', 'pareto_mask',
+__all__ = ('attraction', 'crossover', 'evaluate_population', 'evolve',
+           'fit_quadratic', 'hypervolume', 'layerwise_candidate',
+           'layerwise_merge', 'layerwise_space', 'LayerwiseSpace', 'm2n2', 'M2N2Result', 'map_search',
+           'MapResult', 'nested_map', 'niche_fitness', 'pareto_mask',
            'population_evaluator', 'predict', 'QuadraticSurrogate',
            'SearchResult', 'surrogate_front')
