@@ -27,7 +27,7 @@ def get_config(arg=None):
                ('task_arithmetic', 'ties', 'tsv', 'iso_c'))
   # Blocks: 'layer' (one per Dense layer) or 'leaf' (kernel and bias apart).
   s.blocks = 'leaf'
-  s.x0_weight = 0.3  # every block starts at this weight of the first method
+  s.x0_weight = 0.3  # every block starts at this weight, all logits equal
   s.std = 0.3
   s.population = 4 if smoke else 16
   s.generations = 2 if smoke else 60

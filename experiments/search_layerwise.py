@@ -4,8 +4,8 @@ The methods in ``config.search.methods`` merge the zoo once each at unit
 scale; `mergejax.search.layerwise_space` turns their updates into a space
 where every block (each Dense layer's kernel and bias, or each layer) takes
 one method's update at its own weight. CMA-ES (`mergejax.search.evolve`)
-searches the per-block method logits and weights, starting from the first
-method at ``x0_weight`` everywhere:
+searches the per-block method logits and weights, starting from equal
+logits (no method preferred) and ``x0_weight`` everywhere:
 
 * single objective: mean validation accuracy over the tasks;
 * multi-objective: the mean validation accuracy of the first half of the
@@ -95,7 +95,10 @@ def main(config, workdir: str) -> dict[str, Any]:
                      val_accuracy=round(float(g[best].mean()), 4),
                      test_accuracy=round(float(test_accuracy(
                          cands[best]).mean()), 4)))
-  x0 = mj.search.layerwise_candidate(space, sc.x0_weight, method=0)
+  # Equal logits: no method is preferred at the start (the search's noise
+  # decides each block's first choice).
+  x0 = mj.search.layerwise_candidate(space, sc.x0_weight,
+                                     method=[0.0] * len(space.methods))
   t0 = time.perf_counter()
   r = mj.search.evolve(lambda c: jnp.mean(task_accuracies(c)), x0,
                        key=jax.random.fold_in(key, 1),
