@@ -37,6 +37,8 @@ def get_config(arg=None):
       ('no competition (alpha 0)', 0.0, True, True),
       ('no split point', 1.0, True, False))
   s.strategies = ('Sep_CMA_ES',) if smoke else ('CMA_ES', 'Sep_CMA_ES')
+  # M2N2 once more with the paper's budget of children (0: skip).
+  s.long_children = 0 if smoke else 50000
   # Seeded M2N2 over the zoo's fine-tuned backbones (no mutation).
   s.seeded_children = 20 if smoke else 1000
   s.examples = 16 if smoke else 180  # validation examples per task
