@@ -85,8 +85,7 @@ def main(config, workdir: str) -> dict[str, Any]:
   base_bb, fts, k = s['base'], s['fts'], len(s['names'])
   sc = config.search
   key = jax.random.key(config.seed)
-  x_val, y_val = ev._data['val']  # pylint: disable=protected-access
-  x_val, y_val = x_val[:, :sc.examples], y_val[:, :sc.examples]
+  x_val, y_val = ev.split('val', sc.examples)
 
   def fitness(c):
     bb = mj.merge(_transformation(c), base_bb, fts)

@@ -58,8 +58,7 @@ def main(config, workdir: str) -> dict[str, Any]:
   base_bb, fts, k = s['base'], s['fts'], len(s['names'])
   sc = config.search
   key = jax.random.key(config.seed)
-  x_val, y_val = ev._data['val']  # pylint: disable=protected-access
-  x_val, y_val = x_val[:, :sc.examples], y_val[:, :sc.examples]
+  x_val, y_val = ev.split('val', sc.examples)
   merged = _unit_merges(config, sc.methods, base_bb, fts, key)
   leaf_index = {p: i for i, p in enumerate(mj.leaf_paths(base_bb))}
   block_of = (leaf_index.get if sc.blocks == 'leaf' else None)

@@ -113,8 +113,7 @@ def _seeded(config, workdir, rows):
   model, heads, ev, base_bb, fts = (s['model'], s['heads'], s['ev'],
                                     s['base'], s['fts'])
   key = jax.random.key(config.seed)
-  x_val, y_val = ev._data['val']  # pylint: disable=protected-access
-  x_val, y_val = x_val[:, :sc.examples], y_val[:, :sc.examples]
+  x_val, y_val = ev.split('val', sc.examples)
 
   def correct(bb):
     pred = jax.vmap(lambda h, x: jnp.argmax(zoo.logits(model, bb, h, x), -1))(

@@ -59,8 +59,7 @@ def main(config, workdir: str) -> dict[str, Any]:
   base_bb, fts = s['base'], s['fts']
   sc = config.search
   key = jax.random.key(config.seed)
-  x_val, y_val = ev._data['val']  # pylint: disable=protected-access
-  x_val, y_val = x_val[:, :sc.examples], y_val[:, :sc.examples]
+  x_val, y_val = ev.split('val', sc.examples)
 
   def metrics_fn(tasks):
     idx = np.asarray(tasks)

@@ -23,8 +23,7 @@ def test_search_evolution_smoke(tmp_path):
   rows = {r['run']: r for r in result['rows']}
   assert set(rows) == set(config.search.runs)
   s = ties_ablation.setup(config, str(tmp_path))  # the cached zoo
-  x, y = s['ev']._data['val']  # pylint: disable=protected-access
-  x, y = x[:, :config.search.examples], y[:, :config.search.examples]
+  x, y = s['ev'].split('val', config.search.examples)
   for name, run in config.search.runs.items():
     r = rows[name]
     assert r['evaluations'] == run.population * run.generations

@@ -105,7 +105,7 @@ def main():
   fts = [jax.tree.map(lambda x, i=i: x[i], z.finetuned['backbone'])
          for i in range(k)]
   heads = z.finetuned['head']
-  x_all, y_all = ev._data['val']  # pylint: disable=protected-access
+  x_all, y_all = ev.split('val')
   macs_per_example = sum(w.size for path, w in
                          mj.flatten_to_dict(z.base).items()
                          if path.endswith('kernel'))

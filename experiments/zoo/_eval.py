@@ -49,6 +49,13 @@ class TaskEvaluator:
                 jnp.asarray(np.stack([getattr(t, split).y for t in tasks])))
         for split in ('train', 'val', 'test')}
 
+  def split(self, split: str = 'val', examples: int | None = None
+            ) -> tuple[jax.Array, jax.Array]:
+    """``(x [K, n, 64], y [K, n])``: a split of every task, its first
+    ``examples`` per task (None: all of them)."""
+    x, y = self._data[split]
+    return x[:, :examples], y[:, :examples]
+
   def accuracies(self, backbones: Params, split: str = 'test',
                  heads: Params | None = None) -> np.ndarray:
     """``[S, K]`` accuracies of S stacked backbones on the K tasks."""
