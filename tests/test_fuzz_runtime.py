@@ -1292,6 +1292,9 @@ COVERAGE = {
         'niche_fitness': 'the plain sums (tests/test_m2n2.py)',
         'attraction': 'the plain sums (tests/test_m2n2.py)',
         'crossover': 'SLERP with a split, pytrees (tests/test_m2n2.py)',
+        'evo_coefficients': 'denoising and scaling against numpy '
+                            '(tests/test_evo_merging.py)',
+        'evo_merging': 'finds the relevant models (tests/test_evo_merging.py)',
         'layerwise_space': 'blocks, errors (tests/test_layerwise.py)',
         'LayerwiseSpace': 'a NamedTuple type (tests/test_layerwise.py)',
         'layerwise_candidate': 'shapes, errors (tests/test_layerwise.py)',

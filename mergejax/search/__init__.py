@@ -13,7 +13,9 @@ evaluated merges and `surrogate_front` reads the Pareto front off them;
 of whole models by merging them (evolving split points, niche competition,
 attraction-based mate choice), from fine-tunes or from scratch.
 `layerwise_space` turns a few unit-scale merges into a space of layer-wise
-configurations (a method and a weight per block) for zero-order search.
+configurations (a method and a weight per block) for zero-order search;
+`evo_merging` finds sparse, signed coefficients for a large repository from
+the merged model's metric alone.
 
 >>> import jax.numpy as jnp, mergejax as mj
 >>> mj.search.evaluate_population(lambda c: jnp.sum(c ** 2), jnp.eye(3))
@@ -21,6 +23,8 @@ Array([1., 1., 1.], dtype=float32)
 """
 
 # pylint: disable=g-importing-member
+from mergejax.search._evo_merging import evo_coefficients
+from mergejax.search._evo_merging import evo_merging
 from mergejax.search._evolve import evolve
 from mergejax.search._evolve import SearchResult
 from mergejax.search._layerwise import layerwise_candidate
@@ -45,7 +49,8 @@ from mergejax.search._population import evaluate_population
 from mergejax.search._population import population_evaluator
 # pylint: enable=g-importing-member
 
-__all__ = ('attraction', 'crossover', 'evaluate_population', 'evolve',
+__all__ = ('attraction', 'crossover', 'evaluate_population',
+           'evo_coefficients', 'evo_merging', 'evolve',
            'fit_quadratic', 'hypervolume', 'layerwise_candidate',
            'layerwise_merge', 'layerwise_space', 'LayerwiseSpace', 'm2n2', 'M2N2Result', 'map_search',
            'MapResult', 'nested_map', 'niche_fitness', 'pareto_mask',
