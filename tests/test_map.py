@@ -1,6 +1,7 @@
 """MAP surrogates, Pareto fronts and hypervolumes against plain references."""
 
 import itertools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -161,3 +162,35 @@ def test_nested_map_follows_the_preference():
   np.testing.assert_allclose(c1, [0.0, 1.0], atol=0.05)
   with pytest.raises(ValueError, match='preference'):
     S.nested_map(f, 2, jax.random.key(0), preference=[1.0])
+
+
+def test_adaptive_search_resumes_from_its_checkpoint(tmp_path):
+  f = lambda c: jnp.stack([jnp.sin(3 * c[0]) + c[1], jnp.cos(2 * c[1]) - c[0]])
+  full = S.map_search(f, 2, jax.random.key(3), rounds=4, per_round=2)
+  assert full.history['evaluations'].tolist() == [12, 14, 16, 18, 20]
+  # A shorter search into the directory stands for an interrupted one.
+  S.map_search(f, 2, jax.random.key(3), rounds=2, per_round=2,
+               checkpoint_dir=str(tmp_path))
+  resumed = S.map_search(f, 2, jax.random.key(3), rounds=4,
+                         per_round=2, checkpoint_dir=str(tmp_path),
+                         progress=True)
+  np.testing.assert_array_equal(resumed.coefficients, full.coefficients)
+  np.testing.assert_allclose(resumed.metrics, full.metrics, atol=1e-6)
+  np.testing.assert_array_equal(resumed.history['evaluations'],
+                                full.history['evaluations'])
+  with pytest.raises(ValueError, match='another search'):
+    S.map_search(f, 2, jax.random.key(4), rounds=4, per_round=2,
+                 checkpoint_dir=str(tmp_path))
+
+
+def test_nested_map_resumes_node_by_node(tmp_path):
+  target = jnp.linspace(0.3, 0.9, 4)
+  f = lambda c: 1 - (c - target) ** 2
+  full, _ = S.nested_map(f, 4, jax.random.key(0))
+  once, _ = S.nested_map(f, 4, jax.random.key(0), checkpoint_dir=str(tmp_path))
+  assert sorted(os.listdir(tmp_path)) == ['level0_node0', 'level0_node1',
+                                          'level1_node0']
+  again, _ = S.nested_map(f, 4, jax.random.key(0),
+                          checkpoint_dir=str(tmp_path))
+  np.testing.assert_array_equal(once, full)
+  np.testing.assert_array_equal(again, full)

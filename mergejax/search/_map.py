@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mergejax.search import _evolve
 from mergejax.search import _pareto
 from mergejax.search import _population
 
@@ -34,11 +36,16 @@ class MapResult(NamedTuple):
     surrogate: the `QuadraticSurrogate` fitted to all of them (for
       `nested_map`, the root's, over the two halves' mean metrics).
     evaluations: M, the number of evaluations spent.
+    history: per design (the first, then each adaptive round), numpy
+      arrays ``evaluations`` (cumulative) and ``spread`` (the largest
+      bootstrap spread among the points added; NaN for the first design);
+      None for `nested_map`.
   """
   coefficients: jax.Array
   metrics: jax.Array
   surrogate: QuadraticSurrogate
   evaluations: int
+  history: dict[str, np.ndarray] | None = None
 
 
 def _features(c):
@@ -177,8 +184,9 @@ def map_search(evaluate: Callable[[jax.Array], jax.Array], dimension: int,
                key: jax.Array, *, initial: int | None = None,
                rounds: int = 0, per_round: int = 4, proposals: int = 2048,
                bootstrap: int = 16, low: float = 0.0, high: float = 1.0,
-               ridge: float = 0.0, chunk_size: int | None = None
-               ) -> MapResult:
+               ridge: float = 0.0, chunk_size: int | None = None,
+               checkpoint_dir: str | None = None, keep: int = 2,
+               progress: bool = False) -> MapResult:
   """MAP: fit quadratic surrogates to a few evaluated merges, optionally
   sampling more where the surrogates are uncertain.
 
@@ -207,6 +215,12 @@ def map_search(evaluate: Callable[[jax.Array], jax.Array], dimension: int,
     high: the box's upper bound.
     ridge: `fit_quadratic`'s ridge.
     chunk_size: candidates per vmap when evaluating (bounds memory).
+    checkpoint_dir: where to keep orbax checkpoints of the evaluated design
+      after the first design and every round (None: none); calling again
+      with the same directory and key resumes, and ends as an uninterrupted
+      search.
+    keep: checkpoints to keep.
+    progress: show a tqdm bar over the rounds.
 
   Returns:
     A `MapResult`; its surrogate's front is `surrogate_front`.
@@ -242,29 +256,72 @@ def map_search(evaluate: Callable[[jax.Array], jax.Array], dimension: int,
       lambda c: jnp.atleast_1d(jnp.asarray(evaluate(c), jnp.float32)),
       chunk_size=chunk_size)
   k_init, k_rounds = jax.random.split(key)
-  c = _box(k_init, initial, d, low, high)
-  m = run(c)
   fit = jax.jit(lambda c, m: fit_quadratic(c, m, ridge=ridge))
-  for r in range(int(rounds)):
-    k_boot, k_prop = jax.random.split(jax.random.fold_in(k_rounds, r))
-    idx = jax.random.randint(k_boot, (bootstrap, c.shape[0]), 0, c.shape[0])
-    # A resample may repeat points; a small ridge keeps every fit defined.
-    fits = jax.vmap(lambda i: fit_quadratic(c[i], m[i], ridge=max(ridge,
-                                                                   1e-6)))(idx)
-    cand = _box(k_prop, int(proposals), d, low, high)
-    preds = jax.vmap(predict, in_axes=(0, None))(fits, cand)  # [B, P, T]
-    spread = jnp.sum(jnp.std(preds, axis=0), axis=-1)
-    new = cand[jnp.argsort(-spread)[:per_round]]
-    c, m = jnp.concatenate([c, new]), jnp.concatenate([m, run(new)])
+  meta = dict(dimension=d, initial=initial, per_round=int(per_round),
+              low=float(low), high=float(high),
+              key=np.asarray(jax.random.key_data(key)).tolist())
+  ckpt = (None if checkpoint_dir is None else
+          _evolve._Checkpoints(checkpoint_dir, keep, 'map_search'))  # pylint: disable=protected-access
+  history = {'evaluations': [], 'spread': []}
+  bar = None
+  try:
+    done = -1  # rounds finished; -1: not even the first design
+    if ckpt is not None and ckpt.latest() is not None:
+      done = ckpt.latest() - 1
+      size = initial + done * int(per_round)
+      width = jax.eval_shape(
+          lambda v: jnp.atleast_1d(jnp.asarray(evaluate(v), jnp.float32)),
+          jnp.zeros(d, jnp.float32)).shape[0]
+      abstract = dict(c=jax.ShapeDtypeStruct((size, d), jnp.float32),
+                      m=jax.ShapeDtypeStruct((size, width), jnp.float32))
+      state, history = ckpt.restore(ckpt.latest(), abstract, meta)
+      c, m = jnp.asarray(state['c']), jnp.asarray(state['m'])
+    else:
+      c = _box(k_init, initial, d, low, high)
+      m = run(c)
+      history = {'evaluations': [int(c.shape[0])], 'spread': [float('nan')]}
+      done = 0
+      if ckpt is not None:
+        ckpt.save(1, dict(c=c, m=m), history, meta)
+    if progress:
+      from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
+      bar = tqdm(total=int(rounds), initial=min(done, int(rounds)),
+                 desc='map_search')
+    for r in range(done, int(rounds)):
+      k_boot, k_prop = jax.random.split(jax.random.fold_in(k_rounds, r))
+      idx = jax.random.randint(k_boot, (bootstrap, c.shape[0]), 0,
+                               c.shape[0])
+      # A resample may repeat points; a small ridge keeps every fit defined.
+      fits = jax.vmap(lambda i, c=c, m=m: fit_quadratic(
+          c[i], m[i], ridge=max(ridge, 1e-6)))(idx)
+      cand = _box(k_prop, int(proposals), d, low, high)
+      preds = jax.vmap(predict, in_axes=(0, None))(fits, cand)  # [B, P, T]
+      spread = jnp.sum(jnp.std(preds, axis=0), axis=-1)
+      top, pick = jax.lax.top_k(spread, int(per_round))
+      new = cand[pick]
+      c, m = jnp.concatenate([c, new]), jnp.concatenate([m, run(new)])
+      history['evaluations'].append(int(c.shape[0]))
+      history['spread'].append(float(top[0]))
+      if ckpt is not None:
+        ckpt.save(r + 2, dict(c=c, m=m), history, meta)
+      if bar is not None:
+        bar.update(1)
+  finally:
+    if bar is not None:
+      bar.close()
+    if ckpt is not None:
+      ckpt.close()
   return MapResult(coefficients=c, metrics=m, surrogate=fit(c, m),
-                   evaluations=int(c.shape[0]))
+                   evaluations=int(c.shape[0]),
+                   history={k: np.asarray(v) for k, v in history.items()})
 
 
 def nested_map(evaluate: Callable[[jax.Array], jax.Array], num_tasks: int,
                key: jax.Array, *, preference: Sequence[float] | None = None,
                initial: int = 12, samples: int = 4096, low: float = 0.0,
                high: float = 2.0, verify: bool = True,
-               chunk_size: int | None = None) -> tuple[jax.Array, Any]:
+               chunk_size: int | None = None,
+               checkpoint_dir: str | None = None) -> tuple[jax.Array, Any]:
   """Nested MAP: many tasks merged as a tree of two-objective MAP problems.
 
   Tasks are paired (then pairs of pairs, ...); at each node the two
@@ -293,6 +350,9 @@ def nested_map(evaluate: Callable[[jax.Array], jax.Array], num_tasks: int,
     high: the box's upper bound of ``(alpha, beta)``.
     verify: measure each node's surrogate pick against its best design point.
     chunk_size: candidates per vmap when evaluating.
+    checkpoint_dir: one `map_search` checkpoint directory per node below it
+      (None: none); a resumed run restores the finished nodes' designs
+      instead of evaluating them again.
 
   Returns:
     ``(coefficients [num_tasks], info)`` with info a dict of ``evaluations``
@@ -331,8 +391,10 @@ def nested_map(evaluate: Callable[[jax.Array], jax.Array], num_tasks: int,
         return jnp.stack([jnp.mean(m[ia]), jnp.mean(m[ib])])
 
       k = jax.random.fold_in(jax.random.fold_in(key, level), i)
+      node_dir = (None if checkpoint_dir is None else
+                  os.path.join(checkpoint_dir, f'level{level}_node{i // 2}'))
       r = map_search(halves, 2, k, initial=initial, low=low, high=high,
-                     chunk_size=chunk_size)
+                     chunk_size=chunk_size, checkpoint_dir=node_dir)
       evaluations += r.evaluations
       ab, pred = surrogate_front(r.surrogate, jax.random.fold_in(k, 1),
                                  samples=samples, low=low, high=high)
