@@ -21,9 +21,11 @@ def get_config(arg=None):
   config, smoke = config_files.default_variant(__file__, arg,
                                                'search_blackbox')
   s = ml_collections.ConfigDict()
-  # Irrelevant models added to the repository: the base plus a random
-  # update with the norm of a real task vector, leaf by leaf.
+  # Models added to the repository, of each kind in turn: 'noise' (the base
+  # plus a random update with a real task vector's norm, leaf by leaf) or
+  # 'negated' (a fine-tune's task vector negated).
   s.irrelevant = 3 if smoke else 8
+  s.kinds = ('negated',) if smoke else ('noise', 'negated')
   # Evo-Merging's number of kept models (the useful count is unknown to it).
   s.keeps = (2,) if smoke else (4, 8, 12)
   s.population = 4 if smoke else 16

@@ -18,7 +18,8 @@ MAP's predicted front, and the same front's coefficients measured (a
 check, not part of MAP's cost; up to ``check_points`` of them), against the
 grid's. The predicted front can promise more than any merge attains (the
 quadratics extrapolate at the box's edges, even past accuracy 1), so the
-measured hypervolume is the comparison to read. Over all 8 tasks, nested MAP (pairwise 2-D MAP problems in a tree,
+measured hypervolume is the comparison to read. Over all 8 tasks, nested MAP
+(pairwise 2-D MAP problems in a tree,
 uniform preference) returns one coefficient per task, compared on the test
 split with task arithmetic at its validation-chosen lambda. Figures
 ``front_<tasks>.png`` show the 2-task fronts (and for 3 tasks, the first two

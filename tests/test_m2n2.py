@@ -1,5 +1,9 @@
 """M2N2 against plain definitions: fitness, attraction, crossover, archive."""
 
+import subprocess
+import sys
+import textwrap
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -165,7 +169,6 @@ def test_segments_and_resume_equal_one_run(tmp_path, every):
 
 
 def test_killed_process_resumes_to_the_same_result(tmp_path):
-  import subprocess, sys, textwrap  # pylint: disable=g-import-not-at-top,multiple-imports
   script = textwrap.dedent(f'''
       import os, jax, jax.numpy as jnp
       import mergejax as mj
@@ -173,11 +176,11 @@ def test_killed_process_resumes_to_the_same_result(tmp_path):
       score = lambda m: (jnp.sign(m['w']) == target).astype(jnp.float32)
       pop = {{'w': jax.random.normal(jax.random.key(5), (6, 8))}}
       import mergejax.search._evolve as E
-      save = E._Checkpoints.save
+      save = E.Checkpoints.save
       def save_then_die(self, *a, **k):
         save(self, *a, **k)
         os._exit(9)
-      E._Checkpoints.save = save_then_die
+      E.Checkpoints.save = save_then_die
       mj.search.m2n2(score, pop, jax.random.key(1), steps=30,
                      mutation_std=0.1, checkpoint_dir={str(tmp_path)!r},
                      checkpoint_every=10)

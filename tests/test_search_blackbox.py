@@ -15,8 +15,9 @@ def test_search_blackbox_smoke(tmp_path):
   result = search_blackbox.main(config, str(tmp_path))
   sc = config.search
   k = len(result['config']['zoo']['tasks'])
-  assert len(result['relevant']) == k + sc.irrelevant
-  assert sum(result['relevant']) == k
+  for kind in sc.kinds:
+    assert len(result['relevant'][kind]) == k + sc.irrelevant
+    assert sum(result['relevant'][kind]) == k
   rows = {r['search']: r for r in result['rows']}
   for keep in sc.keeps:
     r = rows[f'Evo-Merging, keep {keep}']

@@ -1,4 +1,4 @@
-"""Searching merge space: many candidates of a merge scored in one compiled call.
+"""Searching merge space: many merge candidates scored in one compiled call.
 
 Choosing a merge's hyperparameters (task-wise or layer-wise coefficients,
 densities) decides which method wins a comparison. Numeric hyperparameters
@@ -49,10 +49,11 @@ from mergejax.search._population import evaluate_population
 from mergejax.search._population import population_evaluator
 # pylint: enable=g-importing-member
 
-__all__ = ('attraction', 'crossover', 'evaluate_population',
-           'evo_coefficients', 'evo_merging', 'evolve',
-           'fit_quadratic', 'hypervolume', 'layerwise_candidate',
-           'layerwise_merge', 'layerwise_space', 'LayerwiseSpace', 'm2n2', 'M2N2Result', 'map_search',
-           'MapResult', 'nested_map', 'niche_fitness', 'pareto_mask',
-           'population_evaluator', 'predict', 'QuadraticSurrogate',
-           'SearchResult', 'surrogate_front')
+__all__ = (
+    'attraction', 'crossover', 'evaluate_population', 'evo_coefficients',
+    'evo_merging', 'evolve', 'fit_quadratic', 'hypervolume',
+    'layerwise_candidate', 'layerwise_merge', 'layerwise_space',
+    'LayerwiseSpace', 'm2n2', 'M2N2Result', 'map_search', 'MapResult',
+    'nested_map', 'niche_fitness', 'pareto_mask', 'population_evaluator',
+    'predict', 'QuadraticSurrogate', 'SearchResult', 'surrogate_front',
+)

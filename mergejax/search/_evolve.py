@@ -1,4 +1,4 @@
-"""Evolutionary search over merge hyperparameters, resumable and reproducible."""
+"""Evolutionary search over merge hyperparameters, resumable, reproducible."""
 
 from __future__ import annotations
 
@@ -91,7 +91,7 @@ def _lenient():
     yield
 
 
-class _Checkpoints:
+class Checkpoints:
   """The search state in an orbax CheckpointManager, one step per save."""
 
   def __init__(self, directory, keep, owner='evolve'):
@@ -294,7 +294,7 @@ def evolve(fitness_fn: Callable[[Any], jax.Array], x0: Any, *,
 
   carry = fresh()
   history = {k: [] for k in _HISTORY}
-  ckpt = None if checkpoint_dir is None else _Checkpoints(checkpoint_dir, keep)
+  ckpt = None if checkpoint_dir is None else Checkpoints(checkpoint_dir, keep)
   try:
     if ckpt is not None and ckpt.latest() is not None:
       abstract = jax.tree.map(

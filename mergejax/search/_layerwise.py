@@ -108,7 +108,8 @@ def layerwise_space(base: Any, merged: Mapping[str, Any], *,
 
 
 def layerwise_candidate(space: LayerwiseSpace, weight: float = 1.0,
-                        method: int | Sequence[float] = 0) -> dict[str, jax.Array]:
+                        method: int | Sequence[float] = 0
+                        ) -> dict[str, jax.Array]:
   """A candidate of the space: ``{'logits': [B, M], 'weight': [B]}``.
 
   Every block starts at ``weight``; ``method`` is one method's index (its

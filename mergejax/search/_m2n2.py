@@ -298,7 +298,7 @@ def m2n2(score_fn: Callable[[Any], jax.Array], archive: Any, key: jax.Array,
               matchmaker=bool(matchmaker), split_point=bool(split_point))
   done = 0
   ckpt = (None if checkpoint_dir is None else
-          _evolve._Checkpoints(checkpoint_dir, keep, 'm2n2'))  # pylint: disable=protected-access
+          _evolve.Checkpoints(checkpoint_dir, keep, 'm2n2'))
   bar = None
   try:
     carry = dict(pop=pop, scores=scores, key=jax.random.key_data(key),

@@ -1,4 +1,4 @@
-"""MAP: amortised Pareto fronts of merge coefficients from quadratic surrogates."""
+"""MAP: amortised Pareto fronts of merge coefficients from quadratic fits."""
 
 from __future__ import annotations
 
@@ -177,7 +177,8 @@ def surrogate_front(surrogate: QuadraticSurrogate, key: jax.Array, *,
 def _check_evaluate(fn):
   if not callable(fn):
     raise ValueError(f'map_search: evaluate must be a function of a '
-                     f'coefficient vector [D] returning metrics [T], got {fn!r}.')
+                     f'coefficient vector [D] returning metrics [T], got '
+                     f'{fn!r}.')
 
 
 def map_search(evaluate: Callable[[jax.Array], jax.Array], dimension: int,
@@ -261,7 +262,7 @@ def map_search(evaluate: Callable[[jax.Array], jax.Array], dimension: int,
               low=float(low), high=float(high),
               key=np.asarray(jax.random.key_data(key)).tolist())
   ckpt = (None if checkpoint_dir is None else
-          _evolve._Checkpoints(checkpoint_dir, keep, 'map_search'))  # pylint: disable=protected-access
+          _evolve.Checkpoints(checkpoint_dir, keep, 'map_search'))
   history = {'evaluations': [], 'spread': []}
   bar = None
   try:
