@@ -29,10 +29,6 @@ class LayerwiseSpace(NamedTuple):
   num_blocks: int
 
 
-def _default_block(path: str) -> int | None:
-  return paths.layer_index(path)
-
-
 def layerwise_space(base: Any, merged: Mapping[str, Any], *,
                     block_of: Callable[[str], int | None] | None = None
                     ) -> LayerwiseSpace:
@@ -82,11 +78,7 @@ def layerwise_space(base: Any, merged: Mapping[str, Any], *,
   deltas = []
   for name, model in merged.items():
     got = paths.flatten_to_dict(model)
-    if set(got) != set(want):
-      raise ValueError(
-          f'layerwise_space: merged[{name!r}] has leaves '
-          f'{sorted(set(got) ^ set(want))} that the base does not share; '
-          'every merged model needs the base\'s structure.')
+    paths.require_same_paths(got, want, f'layerwise_space: merged[{name!r}]')
     for p, leaf in got.items():
       if np.shape(leaf) != np.shape(want[p]):
         raise ValueError(f'layerwise_space: merged[{name!r}] leaf {p!r} has '
@@ -95,7 +87,7 @@ def layerwise_space(base: Any, merged: Mapping[str, Any], *,
     deltas.append(jax.tree.map(
         lambda m, b: jnp.asarray(m, jnp.float32) - jnp.asarray(b, jnp.float32),
         model, base))
-  block_of = block_of or _default_block
+  block_of = block_of or paths.layer_index
   raw = [block_of(p) for p in want]  # flatten_to_dict follows leaf order
   named = sorted({b for b in raw if b is not None})
   index = {b: i for i, b in enumerate(named)}
