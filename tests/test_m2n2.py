@@ -192,3 +192,15 @@ def test_killed_process_resumes_to_the_same_result(tmp_path):
   resumed = S.m2n2(_SCORE, _POP, jax.random.key(1),
                    checkpoint_dir=str(tmp_path), checkpoint_every=10, **kw)
   _same(resumed, S.m2n2(_SCORE, _POP, jax.random.key(1), **kw))
+
+
+def test_static_settings_reject_booleans_and_floats():
+  with pytest.raises(ValueError, match=r'm2n2: steps must be an int >= 1, '
+                     r'got True'):
+    S.m2n2(_SCORE, _POP, jax.random.key(0), steps=True)
+  with pytest.raises(ValueError, match='checkpoint_every must be an int'):
+    S.m2n2(_SCORE, _POP, jax.random.key(0), steps=4, checkpoint_every=2.5)
+  with pytest.raises(ValueError, match='map_search: dimension must be'):
+    S.map_search(lambda c: c, True, jax.random.key(0))
+  with pytest.raises(ValueError, match='nested_map: evaluate must be'):
+    S.nested_map(None, 2, jax.random.key(0))

@@ -249,3 +249,48 @@ def check_finite_tree(tree: Any, what: str, fix: str) -> None:
     if is_concrete(x) and (n_bad := _count_nonfinite(x)):
       raise ValueError(f'{what} at {path!r} (shape {tuple(x.shape)}) has '
                        f'{n_bad} NaN/Inf value(s): {fix}')
+
+
+def static_int(value: Any, name: str, *, owner: str, low: int = 0,
+               high: int | None = None, hint: str = '') -> int:
+  """A static integer setting (a shape, a count, a number of steps), checked.
+
+  Booleans and non-integers (floats, arrays) are rejected, so ``steps=True``
+  or ``steps=2.5`` fail loudly instead of running one step or truncating.
+
+  Args:
+    value: the setting.
+    name: its argument name, for the message.
+    owner: the function it was passed to, for the message.
+    low: the smallest valid value.
+    high: the largest valid value (None: no bound).
+    hint: appended to the message (e.g. what bounds ``high``).
+
+  Returns:
+    ``value`` as a Python int.
+
+  Raises:
+    ValueError: naming the function, the argument and the valid range.
+  """
+  ok = (not isinstance(value, bool) and isinstance(value, (int, np.integer))
+        and value >= low and (high is None or value <= high))
+  if not ok:
+    valid = f'>= {low}' if high is None else f'in [{low}, {high}]'
+    raise ValueError(f'{owner}: {name} must be an int {valid}{hint}, got '
+                     f'{value!r}.')
+  return int(value)
+
+
+def float_tree(tree: Any, what: str, *, fix: str = '') -> dict[str, Any]:
+  """``{path: leaf}`` of a non-empty pytree whose leaves are all floats.
+
+  Raises:
+    ValueError: naming the non-float leaves and their dtypes, then ``fix``.
+  """
+  leaves = paths.flatten_to_dict(tree)
+  bad = {p: str(jnp.result_type(l)) for p, l in leaves.items()
+         if not jnp.issubdtype(jnp.result_type(l), jnp.floating)}
+  if not leaves or bad:
+    raise ValueError(f'{what} must be a non-empty pytree of float arrays; '
+                     f'non-float leaves: {bad}.' + (f' {fix}' if fix else ''))
+  return leaves

@@ -6,8 +6,8 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from mergejax._src import checks
 from mergejax.search import _evolve
 
 
@@ -62,10 +62,8 @@ def evo_coefficients(candidate: dict[str, jax.Array], *, keep: int,
   scale = jnp.asarray(candidate['scale'], jnp.float32)
   n = raw.shape[0]
   for name, v in (('keep', keep), ('negative', negative)):
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not (
-        0 <= v <= n):
-      raise ValueError(f'evo_coefficients: {name} must be an int in [0, {n}] '
-                       f'(the repository has {n} models), got {v!r}.')
+    checks.static_int(v, name, owner='evo_coefficients', low=0, high=n,
+                      hint=f' (the repository has {n} models)')
   if raw.ndim != 1 or scale.shape != (2,):
     raise ValueError(f'evo_coefficients: expected raw [N] and scale [2], got '
                      f'{raw.shape} and {scale.shape}.')

@@ -13,7 +13,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 from jax.sharding import Mesh
 
-from mergejax._src import paths
+from mergejax._src import checks
 from mergejax.search import _population
 
 # Fitness a non-finite candidate gets: the worst finite value, so a strategy's
@@ -225,15 +225,9 @@ def evolve(fitness_fn: Callable[[Any], jax.Array], x0: Any, *,
                        ('population_size', population_size, 2),
                        ('checkpoint_every', checkpoint_every, 1),
                        ('keep', keep, 1)):
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low:
-      raise ValueError(f'evolve: {name} must be an int >= {low}, got {v!r}.')
-  leaves = paths.flatten_to_dict(x0)
-  bad = {p: str(jnp.result_type(l)) for p, l in leaves.items()
-         if not jnp.issubdtype(jnp.result_type(l), jnp.floating)}
-  if not leaves or bad:
-    raise ValueError(f'evolve: x0 must be a non-empty pytree of float arrays; '
-                     f'non-float leaves: {bad}. Cast coefficients with '
-                     'jnp.float32.')
+    checks.static_int(v, name, owner='evolve', low=low)
+  checks.float_tree(x0, 'evolve: x0', fix='Cast coefficients with '
+                    'jnp.float32.')
   key = _as_key(key)
   x0 = jax.tree.map(lambda l: jnp.asarray(l, jnp.result_type(l, jnp.float32)),
                     x0)

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mergejax._src import paths
+from mergejax._src import checks
 from mergejax.search import _evolve
 
 _HISTORY = ('best', 'mean', 'accepted')
@@ -269,25 +269,18 @@ def m2n2(score_fn: Callable[[Any], jax.Array], archive: Any, key: jax.Array,
     Abrantes, Lange and Tang, "Competition and Attraction Improve Model
     Fusion", GECCO 2025 (https://arxiv.org/abs/2508.16204).
   """
-  if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or (
-      steps < 1):
-    raise ValueError(f'm2n2: steps must be an int >= 1, got {steps!r}.')
-  leaves = paths.flatten_to_dict(archive)
+  steps = checks.static_int(steps, 'steps', owner='m2n2', low=1)
+  every = checks.static_int(steps if checkpoint_every is None else
+                            checkpoint_every, 'checkpoint_every',
+                            owner='m2n2', low=1)
+  checks.static_int(keep, 'keep', owner='m2n2', low=1)
+  leaves = checks.float_tree(archive, 'm2n2: the archive')
   shapes = {p: np.shape(l) for p, l in leaves.items()}
-  bad = {p: str(jnp.result_type(l)) for p, l in leaves.items()
-         if not jnp.issubdtype(jnp.result_type(l), jnp.floating)}
-  if not leaves or bad:
-    raise ValueError(f'm2n2: the archive must be a pytree of float arrays; '
-                     f'non-float leaves: {bad}.')
   sizes = {s[0] if s else None for s in shapes.values()}
   if len(sizes) != 1 or None in sizes or sizes.pop() < 2:
     raise ValueError(f'm2n2: every archive leaf needs the same leading axis '
                      f'P >= 2 (the members), got shapes {shapes}.')
   key = _evolve._as_key(key)  # pylint: disable=protected-access
-  every = int(steps) if checkpoint_every is None else int(checkpoint_every)
-  if every < 1:
-    raise ValueError(f'm2n2: checkpoint_every must be >= 1, got '
-                     f'{checkpoint_every!r}.')
   a32 = jnp.asarray(alpha, jnp.float32)
   m32 = jnp.asarray(mutation_std, jnp.float32)
   pop = archive
@@ -315,9 +308,9 @@ def m2n2(score_fn: Callable[[Any], jax.Array], archive: Any, key: jax.Array,
     pop, scores, done = carry['pop'], carry['scores'], int(carry['done'])
     if progress:
       from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
-      bar = tqdm(total=int(steps), initial=min(done, int(steps)), desc='m2n2')
+      bar = tqdm(total=steps, initial=min(done, steps), desc='m2n2')
     while done < steps:
-      n = min(every, int(steps) - done)
+      n = min(every, steps - done)
       pop, scores, hist = _run(pop, scores, key, jnp.int32(done), a32, m32,
                                score_fn=score_fn, steps=n,
                                matchmaker=bool(matchmaker),

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mergejax._src import checks
 from mergejax.search import _evolve
 from mergejax.search import _pareto
 from mergejax.search import _population
@@ -174,9 +175,9 @@ def surrogate_front(surrogate: QuadraticSurrogate, key: jax.Array, *,
   return c[keep], m[keep]
 
 
-def _check_evaluate(fn):
+def _check_evaluate(fn, owner):
   if not callable(fn):
-    raise ValueError(f'map_search: evaluate must be a function of a '
+    raise ValueError(f'{owner}: evaluate must be a function of a '
                      f'coefficient vector [D] returning metrics [T], got '
                      f'{fn!r}.')
 
@@ -239,17 +240,15 @@ def map_search(evaluate: Callable[[jax.Array], jax.Array], dimension: int,
     Li et al., "MAP: Low-compute Model Merging with Amortized Pareto Fronts
     via Quadratic Approximation", ICLR 2025 (https://arxiv.org/abs/2406.07529).
   """
-  _check_evaluate(evaluate)
-  d = int(dimension)
+  _check_evaluate(evaluate, 'map_search')
+  d = checks.static_int(dimension, 'dimension', owner='map_search', low=1)
   unknowns = 1 + d + d * (d + 1) // 2
-  initial = 2 * unknowns if initial is None else int(initial)
-  for name, v, least in (('dimension', d, 1), ('initial', initial, 1),
-                         ('rounds', rounds, 0), ('per_round', per_round, 1),
+  initial = 2 * unknowns if initial is None else initial
+  for name, v, least in (('initial', initial, 1), ('rounds', rounds, 0),
+                         ('per_round', per_round, 1),
                          ('proposals', proposals, 1),
-                         ('bootstrap', bootstrap, 2)):
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < least:
-      raise ValueError(f'map_search: {name} must be an int >= {least}, got '
-                       f'{v!r}.')
+                         ('bootstrap', bootstrap, 2), ('keep', keep, 1)):
+    checks.static_int(v, name, owner='map_search', low=least)
   if not high > low:
     raise ValueError(f'map_search: the box needs low < high, got [{low}, '
                      f'{high}].')
@@ -370,10 +369,9 @@ def nested_map(evaluate: Callable[[jax.Array], jax.Array], num_tasks: int,
     Li et al., "MAP: Low-compute Model Merging with Amortized Pareto Fronts
     via Quadratic Approximation", ICLR 2025 (https://arxiv.org/abs/2406.07529).
   """
-  _check_evaluate(evaluate)
-  n = int(num_tasks)
-  if n < 2:
-    raise ValueError(f'nested_map: needs at least 2 tasks, got {num_tasks!r}.')
+  _check_evaluate(evaluate, 'nested_map')
+  n = checks.static_int(num_tasks, 'num_tasks', owner='nested_map', low=2)
+  checks.static_int(initial, 'initial', owner='nested_map', low=1)
   w = np.ones(n) if preference is None else np.asarray(preference, np.float64)
   if w.shape != (n,) or np.any(w < 0) or not w.sum() > 0:
     raise ValueError(f'nested_map: preference must be {n} non-negative '
