@@ -36,6 +36,9 @@ from mergejax.transforms._continual import opcm_params
 from mergejax.transforms._continual import opcm_update
 from mergejax.transforms._continual import OPCMState
 from mergejax.transforms._continual import project_new_task
+from mergejax.transforms._doge import doge_delta
+from mergejax.transforms._doge import doge_reduce
+from mergejax.transforms._doge import DogeState
 from mergejax.transforms._fisher import fisher_weighted_sum
 from mergejax.transforms._fisher import FisherWeightState
 from mergejax.transforms._interpolate import arcee_fusion_reduce
@@ -65,6 +68,9 @@ from mergejax.transforms._masks import consensus_mask
 from mergejax.transforms._masks import magnitude_mask
 from mergejax.transforms._ram import ram_merge
 from mergejax.transforms._ram import RamMergeState
+from mergejax.transforms._rcp import rcp_mask
+from mergejax.transforms._rcp import rcp_select
+from mergejax.transforms._rcp import RcpSelectState
 from mergejax.transforms._reduce import apply_to_base
 from mergejax.transforms._regmean import regmean_reduce
 from mergejax.transforms._regmean import RegMeanState
@@ -134,8 +140,10 @@ __all__ = (
     # data-informed reductions (statistics from mergejax.stats)
     'fisher_weighted_sum', 'FisherWeightState', 'regmean_reduce',
     'RegMeanState',
+    'rcp_select', 'RcpSelectState', 'rcp_mask',
     # data-free optimisation (task vectors as input proxies)
     'wudi_reduce', 'WudiState',
+    'doge_reduce', 'DogeState', 'doge_delta',
     # curvature from saved optimizer state (Adam second moments)
     'fisher_graft', 'FisherGraftState', 'ota_reduce', 'OtaState',
     'factored_second_moments',
