@@ -19,7 +19,12 @@ HELPERS = {'reconstruct', 'twin_mix', 'twin_apply', 'twin_dense', 'twin_route',
            'fit_expert_merging', 'ExpertMergingResult',  # expert_merging.md
            'importance_chunks',  # expert_merging.md
            'concrete_adamerging', 'fit_concrete_adamerging',
-           'ConcreteAdaMergingResult'}  # methods/concrete.md
+           'ConcreteAdaMergingResult',  # methods/concrete.md
+           'wemoe_init', 'wemoe_apply', 'wemoe_gates', 'wemoe_dense',
+           'fit_wemoe', 'WEMoEState', 'WEMoEResult', 'WEMoERouter',
+           'PrunedTaskVectors',  # methods/wemoe.md
+           'mwa_weights', 'mwa_tracker', 'mwa_optax', 'MWAState',
+           'MWATracker', 'MWATrackerState', 'MWAOptaxState'}  # methods/mwa.md
 
 
 def test_every_method_has_a_page_in_the_nav():

@@ -136,6 +136,16 @@ CASES: dict[str, Case] = {
     'wudi': Case(_m('wudi', steps=3), dict(solver=['adam', 'closed_form']),
                  dict(learning_rate=[NAN, -1.0], lambda_=[NAN]),
                  ('learning_rate', 'lambda_'), shapes=MATRIX_SHAPES),
+    'doge_ta': Case(_m('doge_ta', steps=3),
+                    dict(projection=['gradient', 'update'],
+                         other=['zero', 'mean'], density=[0.1, 1.0]),
+                    dict(lamda=[NAN, -1.0], learning_rate=[NAN],
+                         density=[NAN, 0.0, 1.5]),
+                    ('lamda', 'learning_rate', 'density'),
+                    shapes=MATRIX_SHAPES),
+    'mwa': Case(lambda h, k: mj.methods.mwa(np.arange(1.0, k + 1.0),
+                                            kind='step', **h),
+                dict(penalty=[0.0, 2.0]), dict(penalty=[NAN])),
 }
 
 # Public names of mergejax.methods and mergejax.permute that are not entry
@@ -171,10 +181,25 @@ EXEMPT = {
     'importance_chunks': 'allots chunk counts from fitted coefficients '
                          '(tests/test_expert_merging.py)',
     'DamResult': 'a NamedTuple of results',
+    'wemoe_init': 'builds routers for dense layers of a user model '
+                  '(tests/test_wemoe.py)',
+    'wemoe_apply': 'runs a user Flax model (tests/test_wemoe.py)',
+    'wemoe_gates': 'a router forward pass (tests/test_wemoe.py)',
+    'wemoe_dense': 'one routed Dense layer (tests/test_wemoe.py)',
+    'fit_wemoe': 'trains routers through a user loss (tests/test_wemoe.py)',
+    'WEMoEState': 'a NamedTuple state', 'WEMoEResult': 'a NamedTuple of results',
+    'WEMoERouter': 'a NamedTuple of router weights',
+    'PrunedTaskVectors': 'a NamedTuple of kept entries',
+    'mwa_weights': 'the weights of mwa, fuzzed with it (tests/test_mwa.py)',
+    'mwa_tracker': 'a running form of mwa (tests/test_mwa.py)',
+    'mwa_optax': 'an optax hook around mwa_tracker (tests/test_mwa.py)',
+    'MWAState': 'a NamedTuple state', 'MWATracker': 'a NamedTuple of functions',
+    'MWATrackerState': 'a NamedTuple state',
+    'MWAOptaxState': 'a NamedTuple state',
 }
 DATA_CASES = ('fisher_merging', 'ota', 'regmean', 'adamerging',
               'prediction_entropy', 'lora_svd', 'lora_lego', 'concrete',
-              'concrete_mask')
+              'concrete_mask', 'rcp_merging')
 PERMUTE_CASES = ('weight_matching', 'permute_align', 'sinkhorn_matching',
                  'ste_matching', 'activation_matching', 'apply_permutation',
                  'soft_apply_permutation', 'merge_many', 'solve_assignment',
@@ -322,6 +347,23 @@ def test_fisher_merging(data, fisher):
   fishers = _statistics_like(models, fisher, seed=0)
   try:
     out = mj.merge(mj.methods.fisher_merging(fishers), None, models)
+  except CLEAN:
+    return
+  assert fisher in ('ok', 'zeros') or all(
+      x.size == 0 for x in jax.tree.leaves(models[0])), fisher
+  _check_result(out, models[0])
+
+
+@FAST
+@hypothesis.given(model_sets(ks=(2, 3)), st.sampled_from(
+    ('ok', 'zeros', 'nan', 'negative')))
+def test_rcp_merging(data, fisher):
+  _, models = data
+  prior = _statistics_like(models[:1], 'ok', seed=2)[0]
+  fishers = _statistics_like(models[1:] or models[:1], fisher, seed=0)
+  try:
+    out = mj.merge(mj.methods.rcp_merging(prior, fishers), models[0],
+                   models[1:] or models[:1])
   except CLEAN:
     return
   assert fisher in ('ok', 'zeros') or all(
@@ -684,6 +726,11 @@ BLOCKS: dict[str, Case] = {
     'wudi_reduce': Case(lambda h, k: T.wudi_reduce(steps=2, **h),
                         dict(solver=['adam', 'closed_form']),
                         dict(learning_rate=[NAN]), shapes=MATRIX_SHAPES),
+    'doge_reduce': Case(lambda h, k: T.doge_reduce(steps=2, **h),
+                        dict(projection=['gradient', 'update']),
+                        dict(learning_rate=[NAN], density=[NAN]),
+                        shapes=MATRIX_SHAPES),
+    'rcp_select': Case(lambda h, k: None),  # Fishers drawn per case
 }
 BLOCK_FUNCTIONS = ('kth_largest_magnitude', 'topk_mask', 'topk_masks',
                    'batched_topk_masks', 'della_probs', 'keep_count',
@@ -709,6 +756,8 @@ def _block_tx(name, h, models):
     return T.fisher_graft(_fishers_like(models), h.get('density', 0.5))
   if name == 'regmean_reduce':
     return T.regmean_reduce(_grams_like(models))
+  if name == 'rcp_select':
+    return T.rcp_select(_fishers_like(models)[0], _fishers_like(models))
   return case.make(dict(h), len(models))
 
 
@@ -751,6 +800,7 @@ def test_building_blocks_in_their_chain(name):
 
 # Public helpers that the building blocks above call on every fuzzed input.
 BLOCK_REACHED = {
+    'doge_delta': 'doge_reduce', 'rcp_mask': 'rcp_select',
     'batched_topk_masks': 'trim(scope="global") and the TIES family',
     'della_probs': 'della_prune', 'rescale_l1': 'dare, della_prune',
     'apply_mask': 'dare, della_prune', 'sign_agreement': 'elect_sign',

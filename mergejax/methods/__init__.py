@@ -87,6 +87,28 @@ from mergejax.methods._surgery import SurgeryResult
 from mergejax.methods._lora import lora_lego
 from mergejax.methods._lora import lora_svd
 from mergejax.methods._opcm import opcm
+# Dynamic, test-time and pool-scale merges.
+from mergejax.methods._wemoe import fit_wemoe
+from mergejax.methods._wemoe import PrunedTaskVectors
+from mergejax.methods._wemoe import WEMoERouter
+from mergejax.methods._wemoe import wemoe_apply
+from mergejax.methods._wemoe import wemoe_dense
+from mergejax.methods._wemoe import wemoe_gates
+from mergejax.methods._wemoe import wemoe_init
+from mergejax.methods._wemoe import WEMoEResult
+from mergejax.methods._wemoe import WEMoEState
+# (DOGE-TA, RCP-Merging)
+from mergejax.methods._doge import doge_ta
+from mergejax.methods._rcp import rcp_merging
+# (MWA)
+from mergejax.methods._mwa import mwa
+from mergejax.methods._mwa import mwa_optax
+from mergejax.methods._mwa import mwa_tracker
+from mergejax.methods._mwa import mwa_weights
+from mergejax.methods._mwa import MWAOptaxState
+from mergejax.methods._mwa import MWAState
+from mergejax.methods._mwa import MWATracker
+from mergejax.methods._mwa import MWATrackerState
 # pylint: enable=g-importing-member
 
 __all__ = (
@@ -108,4 +130,11 @@ __all__ = (
     'fit_surgery', 'surgery_apply', 'SurgeryResult',
     'fit_expert_merging', 'ExpertMergingResult', 'importance_chunks',
     'lora_lego', 'lora_svd', 'opcm',
+    'wemoe_init', 'wemoe_apply', 'wemoe_gates', 'wemoe_dense', 'fit_wemoe',
+    'WEMoEState', 'WEMoEResult', 'WEMoERouter', 'PrunedTaskVectors',
+    # (DOGE-TA, RCP-Merging)
+    'doge_ta', 'rcp_merging',
+    # (MWA)
+    'mwa', 'mwa_weights', 'mwa_tracker', 'mwa_optax', 'MWAState',
+    'MWATracker', 'MWATrackerState', 'MWAOptaxState',
 )
