@@ -59,6 +59,13 @@ KWARGS = {
         {p: x @ x.T + np.eye(x.shape[0], dtype=np.float32)
          for p, x in m.items() if x.ndim == 2 and p.startswith('model.layers')}
         for m in models]),
+    'rcp_merging': lambda base, models: dict(
+        reasoning_fisher=jax.tree.map(lambda x: np.abs(x) + 0.2, base),
+        domain_fishers=[jax.tree.map(lambda x: np.abs(x) + 0.1, m)
+                        for m in models]),
+    'mwa': lambda base, models: dict(metric=np.arange(1.0, len(models) + 1),
+                                     kind='step'),
+    'doge_ta': dict(steps=20),
 }
 
 
@@ -69,7 +76,9 @@ NOT_FACTORIES = {'reconstruct', 'twin_mix', 'twin_apply', 'twin_dense',
                  'prediction_entropy', 'fit_concrete', 'concrete_mask',
                  'fit_dam', 'fit_surgery', 'surgery_apply',
                  'fit_expert_merging', 'fit_concrete_adamerging',
-                 'importance_chunks'}
+                 'importance_chunks', 'wemoe_init', 'wemoe_apply',
+                 'wemoe_gates', 'wemoe_dense', 'fit_wemoe', 'mwa_weights',
+                 'mwa_tracker', 'mwa_optax'}
 
 
 def _method_names():
