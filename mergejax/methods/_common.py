@@ -69,6 +69,13 @@ def find_state(state):
   return None
 
 
+def subtree(tree, path: str):
+  """The sub-dict of a nested dict at a ``'/'``-separated path (``''``: itself)."""
+  for part in path.split('/') if path else ():
+    tree = tree[part]
+  return tree
+
+
 def take(tree, i):
   """Model ``i`` of a stacked tree (``i`` may be traced)."""
   return jax.tree.map(lambda x: jnp.take(x, i, axis=0), tree)

@@ -206,12 +206,6 @@ def twin_apply(apply_fn: Callable[[Any, jax.Array], jax.Array], state: Any,
   return jax.lax.map(one, (weights, inputs), batch_size=batch_size)
 
 
-def _get(tree, path):
-  for part in path.split('/'):
-    tree = tree[part]
-  return tree
-
-
 def twin_dense(x: jax.Array, weights: jax.Array, state: Any, path: str, *,
                kernel: str = 'kernel', bias: str | None = 'bias') -> jax.Array:
   """A dense layer of the per-input Twin mix, fused into the matmul.
@@ -239,7 +233,8 @@ def twin_dense(x: jax.Array, weights: jax.Array, state: Any, path: str, *,
       https://arxiv.org/abs/2406.15479
   """
   s = _twin_state(state)
-  layer, twins = _get(s.shared_model, path), _get(s.twins, path)
+  layer, twins = (common.subtree(s.shared_model, path),
+                  common.subtree(s.twins, path))
   k_star, v = layer[kernel], twins[kernel]
   x = x.astype(jnp.float32)
   weights = jnp.asarray(weights, jnp.float32)

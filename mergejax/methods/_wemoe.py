@@ -28,9 +28,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from mergejax._src import base as base_lib
 from mergejax._src import checks
+from mergejax._src import merge as merge_lib
 from mergejax._src import optim
 from mergejax._src import paths as paths_lib
+from mergejax.methods import _common as common
+from mergejax.transforms import _reduce as reduce
 
 
 class PrunedTaskVectors(NamedTuple):
@@ -78,12 +82,6 @@ class WEMoEState(NamedTuple):
   params: Any
   task_vectors: dict[str, dict[str, Any]]
   routers: dict[str, WEMoERouter]
-
-
-def _get(tree, path):
-  for part in path.split('/') if path else ():
-    tree = tree[part]
-  return tree
 
 
 def _under(leaf_path: str, layer: str) -> bool:
@@ -173,18 +171,20 @@ def wemoe_init(base_params: Any, models: Sequence[Any], *, key: jax.Array,
   f32 = lambda x: jnp.asarray(x, jnp.float32)
   taus = [jax.tree.map(lambda a, b: f32(a) - f32(b), m, base_params)
           for m in models]
-  merged = jax.tree.map(
-      lambda b, *ts: (f32(b) + lambda_ * sum(ts)).astype(b.dtype),
-      base_params, *taus)
+  # Task arithmetic, composed from its building blocks.
+  ta = base_lib.chain(reduce.task_vectors(), reduce.weighted_sum(None),
+                      reduce.scale(lambda_), reduce.apply_to_base())
+  merged = merge_lib.merge(ta, base_params, models)
   task_vectors, routers = {}, {}
   for path, rk in zip(routed, jax.random.split(key, len(routed))):
-    kern = jnp.stack([_get(t, path)['kernel'] for t in taus]).astype(dtype)
-    bias = jnp.stack([_get(t, path)['bias'] for t in taus]).astype(dtype)
+    layer_taus = [common.subtree(t, path) for t in taus]
+    kern = jnp.stack([t['kernel'] for t in layer_taus]).astype(dtype)
+    bias = jnp.stack([t['bias'] for t in layer_taus]).astype(dtype)
     if prune > 0:
       keep = max(1, int(round((1.0 - float(prune)) * kern[0].size)))
       kern = _prune(kern, keep)
     task_vectors[path] = {'kernel': kern, 'bias': bias}
-    m = _get(base_params, path)['kernel'].shape[0]
+    m = common.subtree(base_params, path)['kernel'].shape[0]
     h = m if hidden is None else int(hidden)
     k1, k2 = jax.random.split(rk)
     routers[path] = WEMoERouter(
