@@ -196,6 +196,10 @@ EXEMPT = {
     'MWAState': 'a NamedTuple state', 'MWATracker': 'a NamedTuple of functions',
     'MWATrackerState': 'a NamedTuple state',
     'MWAOptaxState': 'a NamedTuple state',
+    't3_apply': 'runs a user model at test time (tests/test_t3.py)',
+    't3_coefficients': 'coefficients from logits (tests/test_t3.py)',
+    'js_divergence': 'a divergence of logits (tests/test_t3.py)',
+    'T3Output': 'a NamedTuple of results',
 }
 DATA_CASES = ('fisher_merging', 'ota', 'regmean', 'adamerging',
               'prediction_entropy', 'lora_svd', 'lora_lego', 'concrete',

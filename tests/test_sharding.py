@@ -78,7 +78,8 @@ NOT_FACTORIES = {'reconstruct', 'twin_mix', 'twin_apply', 'twin_dense',
                  'fit_expert_merging', 'fit_concrete_adamerging',
                  'importance_chunks', 'wemoe_init', 'wemoe_apply',
                  'wemoe_gates', 'wemoe_dense', 'fit_wemoe', 'mwa_weights',
-                 'mwa_tracker', 'mwa_optax'}
+                 'mwa_tracker', 'mwa_optax', 't3_apply',
+                 't3_coefficients', 'js_divergence'}
 
 
 def _method_names():

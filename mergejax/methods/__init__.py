@@ -109,6 +109,11 @@ from mergejax.methods._mwa import MWAOptaxState
 from mergejax.methods._mwa import MWAState
 from mergejax.methods._mwa import MWATracker
 from mergejax.methods._mwa import MWATrackerState
+# (T3)
+from mergejax.methods._t3 import js_divergence
+from mergejax.methods._t3 import t3_apply
+from mergejax.methods._t3 import t3_coefficients
+from mergejax.methods._t3 import T3Output
 # pylint: enable=g-importing-member
 
 __all__ = (
@@ -137,4 +142,6 @@ __all__ = (
     # (MWA)
     'mwa', 'mwa_weights', 'mwa_tracker', 'mwa_optax', 'MWAState',
     'MWATracker', 'MWATrackerState', 'MWAOptaxState',
+    # (T3)
+    't3_apply', 't3_coefficients', 'T3Output', 'js_divergence',
 )
