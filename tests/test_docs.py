@@ -25,7 +25,8 @@ HELPERS = {'reconstruct', 'twin_mix', 'twin_apply', 'twin_dense', 'twin_route',
            'PrunedTaskVectors',  # methods/wemoe.md
            'mwa_weights', 'mwa_tracker', 'mwa_optax', 'MWAState',
            'MWATracker', 'MWATrackerState', 'MWAOptaxState',  # methods/mwa.md
-           't3_coefficients', 'js_divergence', 'T3Output'}  # methods/t3_apply.md
+           't3_coefficients', 'js_divergence', 'T3Output',  # methods/t3_apply.md
+           'FWResult', 'CandidatePool'}  # methods/fit_fw_merging.md
 
 
 def test_every_method_has_a_page_in_the_nav():

@@ -200,6 +200,9 @@ EXEMPT = {
     't3_coefficients': 'coefficients from logits (tests/test_t3.py)',
     'js_divergence': 'a divergence of logits (tests/test_t3.py)',
     'T3Output': 'a NamedTuple of results',
+    'fit_fw_merging': 'optimises through a user loss (tests/test_fw.py)',
+    'FWResult': 'a NamedTuple of results',
+    'CandidatePool': 'a NamedTuple of a size and a loader',
 }
 DATA_CASES = ('fisher_merging', 'ota', 'regmean', 'adamerging',
               'prediction_entropy', 'lora_svd', 'lora_lego', 'concrete',

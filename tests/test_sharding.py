@@ -79,7 +79,8 @@ NOT_FACTORIES = {'reconstruct', 'twin_mix', 'twin_apply', 'twin_dense',
                  'importance_chunks', 'wemoe_init', 'wemoe_apply',
                  'wemoe_gates', 'wemoe_dense', 'fit_wemoe', 'mwa_weights',
                  'mwa_tracker', 'mwa_optax', 't3_apply',
-                 't3_coefficients', 'js_divergence'}
+                 't3_coefficients', 'js_divergence',
+                 'fit_fw_merging'}
 
 
 def _method_names():

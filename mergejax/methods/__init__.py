@@ -109,6 +109,10 @@ from mergejax.methods._mwa import MWAOptaxState
 from mergejax.methods._mwa import MWAState
 from mergejax.methods._mwa import MWATracker
 from mergejax.methods._mwa import MWATrackerState
+# (FW-Merging)
+from mergejax.methods._fw import CandidatePool
+from mergejax.methods._fw import fit_fw_merging
+from mergejax.methods._fw import FWResult
 # (T3)
 from mergejax.methods._t3 import js_divergence
 from mergejax.methods._t3 import t3_apply
@@ -142,6 +146,8 @@ __all__ = (
     # (MWA)
     'mwa', 'mwa_weights', 'mwa_tracker', 'mwa_optax', 'MWAState',
     'MWATracker', 'MWATrackerState', 'MWAOptaxState',
+    # (FW-Merging)
+    'fit_fw_merging', 'FWResult', 'CandidatePool',
     # (T3)
     't3_apply', 't3_coefficients', 'T3Output', 'js_divergence',
 )
