@@ -294,3 +294,26 @@ def float_tree(tree: Any, what: str, *, fix: str = '') -> dict[str, Any]:
     raise ValueError(f'{what} must be a non-empty pytree of float arrays; '
                      f'non-float leaves: {bad}.' + (f' {fix}' if fix else ''))
   return leaves
+
+
+def nonnegative_tree(tree: Any, what: str, *, fix: str) -> Any:
+  """``tree`` as float32, its concrete leaves checked finite and ``>= 0``.
+
+  For statistics that are squares by construction (diagonal Fishers, Adam
+  second moments). Traced leaves pass unchecked (their values are unknown
+  until the computation runs).
+
+  Raises:
+    ValueError: naming the offending leaf, its shape, and ``fix``.
+  """
+  float_tree(tree, what, fix=fix)
+  out = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), tree)
+  for path, v in paths.flatten_to_dict(out).items():
+    if not is_concrete(v) or not v.size:
+      continue
+    with jax.ensure_compile_time_eval():
+      ok = bool(jnp.all(jnp.isfinite(v)) & jnp.all(v >= 0))
+    if not ok:
+      raise ValueError(f'{what} leaf {path!r} (shape {tuple(v.shape)}) holds '
+                       f'negative or NaN/Inf values. {fix}')
+  return out

@@ -54,14 +54,9 @@ def factored_second_moments(second_moments: Any) -> Any:
 
 
 def _check_second_moments(tree, what):
-  out = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), tree)
-  for path, v in paths.flatten_to_dict(out).items():
-    if checks.is_concrete(v) and v.size and not bool(
-        jnp.all(jnp.isfinite(v)) & jnp.all(v >= 0)):
-      raise ValueError(f'{what}[{path!r}] (shape {tuple(v.shape)}) has '
-                       'negative or NaN/Inf entries: Adam second moments are '
-                       'non-negative; pass the optimizer state nu.')
-  return out
+  return checks.nonnegative_tree(
+      tree, what, fix='Adam second moments are non-negative; pass the '
+                      'optimizer state nu.')
 
 
 def _stack(trees, what):

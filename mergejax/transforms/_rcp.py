@@ -131,18 +131,10 @@ def rcp_select(reasoning_fisher: Any, domain_fishers: Any, *,
 
 def _fisher_tree(tree, what):
   """``tree`` as float32 after checking dtypes and, if concrete, values."""
-  flat = checks.float_tree(
+  return checks.nonnegative_tree(
       tree, f'rcp_select: {what}',
-      fix='Pass diagonal Fishers, e.g. from mergejax.stats.fisher_diagonal.')
-  for p, x in flat.items():
-    if checks.is_concrete(x):
-      with jax.ensure_compile_time_eval():
-        bad = bool(jnp.any(~jnp.isfinite(x)) | jnp.any(x < 0))
-      if bad:
-        raise ValueError(
-            f'rcp_select: {what} leaf {p!r} holds negative or NaN/Inf values; '
-            'a diagonal Fisher is finite and >= 0 (squared gradients).')
-  return jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), tree)
+      fix='A diagonal Fisher is finite and >= 0 (squared gradients); pass '
+          'one, e.g. from mergejax.stats.fisher_diagonal.')
 
 
 def _check_shapes(fishers, params, what, *, stacked):
