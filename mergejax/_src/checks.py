@@ -317,3 +317,26 @@ def nonnegative_tree(tree: Any, what: str, *, fix: str) -> Any:
       raise ValueError(f'{what} leaf {path!r} (shape {tuple(v.shape)}) holds '
                        f'negative or NaN/Inf values. {fix}')
   return out
+
+
+def one_of(value: Any, name: str, choices: Any, *, owner: str) -> str:
+  """``value`` if it is one of ``choices``, else a ValueError listing them.
+
+  ``choices`` is a sequence of names or a ``{name: meaning}`` mapping, whose
+  meanings the message shows.
+
+  Example:
+    >>> one_of('b', 'per', {'a': 'per item', 'b': 'per batch'}, owner='f')
+    'b'
+    >>> one_of('c', 'per', ('a', 'b'), owner='f')
+    Traceback (most recent call last):
+    ...
+    ValueError: f: per must be 'a' or 'b', got 'c'.
+  """
+  if isinstance(value, str) and value in choices:
+    return value
+  names = [f'{c!r}' + (f' ({choices[c]})' if isinstance(choices, dict)
+                       else '') for c in choices]
+  listed = ' or '.join(names) if len(names) < 3 else (
+      ', '.join(names[:-1]) + ' or ' + names[-1])
+  raise ValueError(f'{owner}: {name} must be {listed}, got {value!r}.')

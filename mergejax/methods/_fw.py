@@ -295,9 +295,7 @@ def fit_fw_merging(loss_fn: Callable[[Any, Any], jax.Array], base_params: Any,
   for name, value, allowed in (('variant', variant, _VARIANTS),
                                ('granularity', granularity, _GRANULARITIES),
                                ('lmo', lmo, _LMOS), ('init', init, _INITS)):
-    if value not in allowed:
-      raise ValueError(f'fit_fw_merging: {name} must be one of {allowed}, '
-                       f'got {value!r}.')
+    checks.one_of(value, name, allowed, owner='fit_fw_merging')
   steps = checks.static_int(steps, 'steps', owner='fit_fw_merging', low=1)
   step_size = checks.hparam(step_size, 'step_size', low=0.0)
   scaling_factor = checks.hparam(scaling_factor, 'scaling_factor')

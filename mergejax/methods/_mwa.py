@@ -34,23 +34,17 @@ from mergejax._src import checks
 from mergejax._src import modelaxis
 from mergejax.transforms import _lora as lora_lib
 
-KINDS = ('step', 'loss')
-LORA_MODES = ('delta', 'factors')
-
 
 def _check_kind(kind: Any, owner: str) -> str:
-  if kind not in KINDS:
-    raise ValueError(f"{owner}: kind must be 'step' (weights step^penalty) or "
-                     f"'loss' (weights loss^-penalty), got {kind!r}.")
-  return kind
+  return checks.one_of(kind, 'kind', {'step': 'weights step^penalty',
+                                      'loss': 'weights loss^-penalty'},
+                       owner=owner)
 
 
 def _check_lora(lora: Any, owner: str) -> str:
-  if lora not in LORA_MODES:
-    raise ValueError(f"{owner}: lora must be 'delta' (average the adapters' "
-                     "products a @ b, exact) or 'factors' (average a and b "
-                     f"separately), got {lora!r}.")
-  return lora
+  return checks.one_of(
+      lora, 'lora', {'delta': "average the adapters' products a @ b, exact",
+                     'factors': 'average a and b separately'}, owner=owner)
 
 
 def _metric(metric: Any, kind: str, owner: str) -> jax.Array:

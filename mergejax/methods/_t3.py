@@ -105,8 +105,7 @@ def t3_coefficients(logits_pt: jax.Array, logits_ft: jax.Array, *,
 
 
 def _settings(per, lambda_min, lambda_max, gamma):
-  if per not in _PER:
-    raise ValueError(f"t3: per must be 'sample' or 'batch', got {per!r}.")
+  checks.one_of(per, 'per', _PER, owner='t3')
   return (checks.hparam(lambda_min, 'lambda_min'),
           checks.hparam(lambda_max, 'lambda_max'),
           checks.hparam(gamma, 'gamma', low=0.0))
@@ -185,9 +184,7 @@ def t3_apply(apply_fn: Callable[[Any, jax.Array], jax.Array], pretrained: Any,
     Imam et al., "T3: Test-Time Model Merging in VLMs for Zero-Shot Medical
       Imaging Analysis", 2025. https://arxiv.org/abs/2510.27265
   """
-  if weight_on not in _WEIGHT_ON:
-    raise ValueError(f"t3: weight_on must be 'pretrained' or 'finetuned', "
-                     f'got {weight_on!r}.')
+  checks.one_of(weight_on, 'weight_on', _WEIGHT_ON, owner='t3')
   if chunk is not None:
     chunk = checks.static_int(chunk, 'chunk', owner='t3_apply', low=1)
   hparams = _settings(per, lambda_min, lambda_max, gamma)
