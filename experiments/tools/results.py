@@ -209,6 +209,12 @@ def render(result: Mapping[str, Any], title: str | None = None) -> str:
       parts += [result['description'], '']
     if result.get('command'):
       parts += ['```bash', result['command'], '```', '']
+    if isinstance(result.get('tables'), dict):
+      # Several titled tables: the notes summarise them, so they come first.
+      parts += [*[f'* {n}' for n in result.get('notes', ())], '']
+      for heading, rows in result['tables'].items():
+        parts += [f'## {heading}', '', markdown_table(rows), '']
+      return '\n'.join(parts).rstrip() + '\n'
     for key in ('rows', 'cases', 'results'):
       if isinstance(result.get(key), list) and result[key] and isinstance(
           result[key][0], dict):

@@ -243,7 +243,7 @@ def wemoe_dense(x: jax.Array, gates: jax.Array, kernel: jax.Array,
   The per-input merge is fused into the matmuls, so the cost is K small
   matmuls per layer and no kernel ``[B, m, n]`` of per-input merged weights
   is ever formed; pruned task vectors (`PrunedTaskVectors`) are stored
-  compactly and densified for the duration of the layer's call.
+  compactly and densified one task at a time during the layer's call.
 
   Args:
     x: ``[B, ..., m]`` inputs.
@@ -273,13 +273,18 @@ def wemoe_dense(x: jax.Array, gates: jax.Array, kernel: jax.Array,
   y = y + bias.astype(jnp.float32).reshape((1,) * (y.ndim - 1) + (n,))
   tv = task_vectors['kernel']
   if isinstance(tv, PrunedTaskVectors):
-    # Densified per layer inside the forward: a scatter of K * nnz entries
-    # per call, instead of a gather and scatter of B * K * nnz per input.
-    k = tv.values.shape[0]
-    tv = jnp.zeros((k, m * n), jnp.float32).at[
-        jnp.arange(k)[:, None], tv.index].set(
-            tv.values.astype(jnp.float32)).reshape(k, m, n)
-  y = y + jnp.einsum('...m,kmn,...k->...n', x, tv.astype(jnp.float32), g)
+    # One task at a time: its kept entries scattered into one dense [m, n]
+    # kernel (a scatter of nnz entries per call rather than B * nnz per
+    # input), so the layer's temporary memory is one kernel, not K.
+    def one_task(acc, task):
+      index, values, gk = task
+      dense = jnp.zeros((m * n,), jnp.float32).at[index].set(
+          values.astype(jnp.float32)).reshape(m, n)
+      return acc + (x @ dense) * gk[..., None], None
+    y, _ = jax.lax.scan(one_task, y, (tv.index, tv.values,
+                                      jnp.moveaxis(g, -1, 0)))
+  else:
+    y = y + jnp.einsum('...m,kmn,...k->...n', x, tv.astype(jnp.float32), g)
   y = y + jnp.einsum('...k,kn->...n', g, task_vectors['bias'].astype(
       jnp.float32))
   return y.astype(out_dtype)
