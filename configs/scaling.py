@@ -1,4 +1,4 @@
-r"""Scaling with the number of merged models, K = 2..8 (issue 6, item 2 e).
+r"""Scaling with the number of merged models, K = 2..8.
 
 Each method merges the first K fine-tunes of the default digits zoo; the
 average normalized test accuracy on those K tasks is reported, with the

@@ -1,4 +1,4 @@
-r"""TIES ablations on the default digits zoo (issue 6, item 2 b).
+r"""TIES ablations on the default digits zoo.
 
 Task arithmetic vs trim only vs sign election only vs full TIES; a density
 sweep per structural variant (one vmapped call each); global vs per-tensor trim;

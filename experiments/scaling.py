@@ -1,4 +1,4 @@
-"""Scaling with the number of merged models (issue 6, item 2 e).
+"""Scaling with the number of merged models.
 
 Launch with ``python -m experiments.main --config=configs/scaling.py
 --workdir=/tmp/exp_work`` (see ``configs/scaling.py``). Writes

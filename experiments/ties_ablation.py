@@ -1,4 +1,4 @@
-"""TIES ablations on the default digits zoo (issue 6, item 2 b).
+"""TIES ablations on the default digits zoo.
 
 Launch with ``python -m experiments.main --config=configs/ties_ablation.py
 --workdir=/tmp/exp_work`` (see ``configs/ties_ablation.py``). Writes

@@ -1,4 +1,4 @@
-"""Tests of the TIES ablation and scaling experiments (issue 6, item 2 b, e)."""
+"""Tests of the TIES ablation and scaling experiments."""
 
 import json
 import os

@@ -21,7 +21,7 @@ both tools on each YAML as subprocesses, in one run, measuring
 The checkpoint files are read once before the runs so that both tools start
 from the page cache (the bandwidth figures assume that).
 
-Run (issue 5's size: ~0.57B parameters per model, 3 fine-tunes + base):
+Run (~0.57B parameters per model, 3 fine-tunes + base):
   /work/venv/bin/python experiments/benchmarks/vs_mergekit.py \
       --workdir /tmp/mergejax_vs_mergekit --preset 0.5b
 """
