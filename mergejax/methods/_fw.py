@@ -169,12 +169,7 @@ class _Pool:
   def task_arithmetic(self, base_params, lambda_):
     """``theta_0 + lambda sum_i tau_i`` over the pool (streamed if need be)."""
     if not self.streamed:
-      models = [jax.tree.map(lambda x, i=i: x[i], self.stacked)
-                for i in range(self.size)]
-      return _f32(merge_lib.merge(base_lib.chain(
-          reduce.task_vectors(), reduce.weighted_sum(None), reduce.scale(
-              lambda_), reduce.apply_to_base()), base_params, models,
-          check_finite=False))
+      return _stacked_task_arithmetic(base_params, self.stacked, lambda_)
     acc = jax.tree.map(lambda b: jnp.zeros(b.shape, F32), base_params)
     for i in range(self.size):
       acc = _add_tv(acc, jax.device_put(self.load(i)), base_params)
@@ -183,6 +178,15 @@ class _Pool:
 
 def _f32(tree):
   return jax.tree.map(lambda x: jnp.asarray(x, F32), tree)
+
+
+@jax.jit
+def _stacked_task_arithmetic(base_params, stacked, lambda_):
+  # One fused reduction over the stacked pool: no per-model copies.
+  def one(b, s):
+    b = b.astype(F32)
+    return b + lambda_ * jnp.sum(s.astype(F32) - b[None], axis=0)
+  return jax.tree.map(one, base_params, stacked)
 
 
 @jax.jit
