@@ -191,6 +191,21 @@ def _default_body(r: Mapping[str, Any]) -> str:
       '```',
       r['table'],
       '```',
+      '',
+      '## Merges that are not one backbone',
+      '',
+      'Dynamic merges (WEMoE routes every input; T3 interpolates per input '
+      'between the base and one fine-tune), FW-Merging over pools that grow '
+      'with irrelevant and broken checkpoints, and merges inside training '
+      'runs are compared on their own pages. WEMoE, T3 and FW-Merging run on '
+      'this zoo and recompute the task-arithmetic and fine-tuned references '
+      'there (the zoo is retrained from its config where it is not cached):',
+      '',
+      '* [dynamic and pool-scale merges](dynamic.md): WEMoE (and E-WEMoE), '
+      'T3 / T3_B, FW-Merging hard and soft, peak memory against the number '
+      'of models;',
+      '* [MWA over one fine-tuning run](mwa.md);',
+      '* [decentralized training and one global merge](decentralized.md).',
   ])
 
 
