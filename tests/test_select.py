@@ -5,6 +5,7 @@ from hypothesis import strategies as st
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from mergejax.transforms import _select as select
 
@@ -69,3 +70,54 @@ def test_unrolled_and_vmapped_model_map_agree(monkeypatch):
   monkeypatch.setattr(select.modelaxis, 'UNROLL_MAX', 1)  # ...and model_map's vmap
   vmapped = select.batched_topk_masks([x], ks)[0]
   np.testing.assert_array_equal(unrolled, vmapped)
+
+
+# k traced: one compilation per input shape.
+_TOPK = jax.jit(lambda a, k: select.topk_masks([a], k)[0])
+
+
+def _check_exact(x, k):
+  got = _TOPK(x, k)
+  np.testing.assert_array_equal(np.asarray(got), _reference([x], k)[0])
+  assert int(np.sum(got)) == k
+
+
+@pytest.mark.parametrize('kind', ['random', 'bf16_ties', 'all_equal',
+                                  'all_zero', 'signed_zeros'])
+@pytest.mark.parametrize('n', [1, 5, 4097, 70_000])
+def test_exact_k_and_ties_against_a_sort_on_edge_inputs(kind, n):
+  rng = np.random.default_rng(n)
+  if kind == 'random':
+    x = rng.standard_normal(n).astype(np.float32)
+  elif kind == 'bf16_ties':  # bf16 has 256 mantissa steps: many exact ties
+    x = np.asarray(jnp.asarray(rng.standard_normal(n), jnp.bfloat16))
+  elif kind == 'all_equal':
+    x = np.full(n, -0.75, np.float32)
+  elif kind == 'all_zero':
+    x = np.zeros(n, np.float32)
+  else:  # -0.0 and 0.0 have the same magnitude
+    x = np.where(rng.random(n) < 0.5, -0.0, 0.0).astype(np.float32)
+  for k in sorted({0, 1, n // 3, n - 1, n} - {-1}):
+    _check_exact(x, k)
+  if kind == 'bf16_ties':
+    # The bf16 input itself (not upcast by the caller) selects the same.
+    got = jax.jit(select.topk_mask)(jnp.asarray(x, jnp.bfloat16), n // 3)
+    np.testing.assert_array_equal(np.asarray(got),
+                                  _reference([x], n // 3)[0])
+
+
+@pytest.mark.slow
+def test_exact_k_on_a_2_pow_27_tensor():
+  n = 1 << 27
+  x = jax.random.normal(jax.random.key(0), (n,), jnp.bfloat16)
+  k = n // 5
+  mask = jax.jit(lambda a: select.topk_mask(a, k))(x)
+  assert int(jnp.sum(mask)) == k
+  # Everything kept is at least the largest dropped magnitude, and the ties
+  # at the threshold are kept lowest index first.
+  mag = jnp.abs(x.astype(jnp.float32))
+  t = float(jnp.min(jnp.where(mask, mag, jnp.inf)))
+  assert float(jnp.max(jnp.where(mask, -jnp.inf, mag))) <= t
+  at = np.flatnonzero(np.asarray(mag == t))
+  kept = np.asarray(mask)[at]
+  assert kept.all() or (np.all(kept[:kept.sum()]) and not kept[kept.sum():].any())
