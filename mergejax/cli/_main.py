@@ -152,9 +152,10 @@ def build_jobs(cfg, *, out_dtype=None, compute_dtype=None, seed=None,
   import numpy as np  # pylint: disable=g-import-not-at-top
   from mergejax.cli import _mergekit_config as mc  # pylint: disable=g-import-not-at-top
   from mergejax.parallel import _stream as stream  # pylint: disable=g-import-not-at-top
+  from mergejax.io import _lora as lora_io  # pylint: disable=g-import-not-at-top
   from mergejax.io import _safetensors as st  # pylint: disable=g-import-not-at-top
 
-  readers = {m: st.CheckpointReader(m) for m in cfg.referenced_models()}
+  readers = {m: lora_io.open_checkpoint(m) for m in cfg.referenced_models()}
   configs = {m: r.config() for m, r in readers.items()}
   label = {}
   for s in (cfg.models or []) + [x for sl in cfg.slices or [] for x in sl.sources]:
@@ -302,14 +303,18 @@ def run_merge(config: str | dict, out_dir: str, *, out_shard_size: int | str =
   from mergejax.cli import _mergekit_config as mc  # pylint: disable=g-import-not-at-top
   from mergejax.parallel import _stream as stream  # pylint: disable=g-import-not-at-top
   from mergejax.io import _atomic as atomic  # pylint: disable=g-import-not-at-top
+  from mergejax.io import _lora as lora_io  # pylint: disable=g-import-not-at-top
   from mergejax.io import _safetensors as st  # pylint: disable=g-import-not-at-top
   cfg = mc.load_config(config)
   # Before any work: a dangerous output path (empty, '.', a parent of an
   # input, ...) is refused rather than replaced.
-  atomic.check_output_path(out_dir, inputs=cfg.referenced_models())
-  for m in cfg.referenced_models():
+  inputs = [p for m in cfg.referenced_models()
+            for p in lora_io.split_reference(m)]
+  atomic.check_output_path(out_dir, inputs=inputs)
+  for m in inputs:
     if verify and os.path.isdir(m):
       st.verify_checkpoint(m)
+  for m in (lora_io.split_reference(r)[0] for r in cfg.referenced_models()):
     if os.path.isdir(m) and not os.path.exists(os.path.join(m, st.CONFIG_NAME)):
       warnings.warn(f'{m} has no {st.CONFIG_NAME}: its architecture cannot be '
                     'checked against the other models, and the output has no '
@@ -374,6 +379,21 @@ def _parser() -> argparse.ArgumentParser:
       description='Model merging in JAX. `mergejax merge CONFIG.yml OUT_DIR` '
       'reads mergekit YAML configs.')
   sub = p.add_subparsers(dest='command', required=True)
+  e = sub.add_parser('extract-lora', help='extract a PEFT LoRA adapter from '
+                     'a fine-tune (truncated SVD of its delta)')
+  e.add_argument('base', help='base model checkpoint directory')
+  e.add_argument('finetuned', help='fine-tuned checkpoint directory')
+  e.add_argument('out_dir', help='adapter directory (written atomically)')
+  e.add_argument('--rank', type=int, required=True, help='adapter rank')
+  e.add_argument('--include', nargs='*', default=None,
+                 help='fnmatch patterns of module names to adapt (default: '
+                 'every linear layer)')
+  e.add_argument('--embeddings', action='store_true',
+                 help='adapt embedding and output-head matrices too')
+  e.add_argument('--dtype', default=None, help='factor dtype (default: the '
+                 "base's)")
+  e.add_argument('--overwrite', action='store_true',
+                 help='replace an existing adapter directory')
   m = sub.add_parser('merge', help='merge checkpoints from a mergekit YAML')
   m.add_argument('config', help='mergekit YAML file')
   m.add_argument('out_dir', help='output directory (written atomically)')
@@ -435,8 +455,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   """Entry point of the ``mergejax`` command."""
   args = _parser().parse_args(argv)
   logging.basicConfig(
-      level=logging.WARNING - 10 * min(args.verbose, 2),
+      level=logging.WARNING - 10 * min(getattr(args, 'verbose', 0), 2),
       format='%(levelname)s %(name)s: %(message)s')
+  if args.command == 'extract-lora':
+    return _extract_lora(args)
   _configure_devices(args)
   t0 = time.perf_counter()
   try:
@@ -465,6 +487,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         'written_GB': round(stats.bytes_written / 1e9, 3),
         'merge_s': round(stats.seconds, 2),
         'total_s': round(time.perf_counter() - t0, 2)}), file=sys.stderr)
+  return 0
+
+
+def _extract_lora(args) -> int:
+  from mergejax.io import _lora as lora_io  # pylint: disable=g-import-not-at-top
+  try:
+    res = lora_io.extract_lora(args.base, args.finetuned, args.out_dir,
+                               rank=args.rank, include=args.include,
+                               embeddings=args.embeddings, dtype=args.dtype,
+                               overwrite=args.overwrite)
+  except (ValueError, FileNotFoundError, FileExistsError) as e:
+    print(f'mergejax: error: {e}', file=sys.stderr)
+    return 2
+  print(json.dumps({
+      'modules': len(res.modules),
+      'max_relative_error': round(max(res.errors.values()), 6),
+      'not_carried': res.skipped}), file=sys.stderr)
   return 0
 
 

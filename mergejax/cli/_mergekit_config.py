@@ -166,15 +166,20 @@ class MergeConfig:
 
 def _resolve_model(ref: Any, base_dir: str | None) -> tuple[str, str]:
   if isinstance(ref, Mapping):
-    if ref.get('lora'):
-      raise ValueError(f'Model {ref!r}: LoRA inputs are not supported; merge '
-                       'the adapter into the model first.')
-    ref = ref['model']
+    if ref.get('lora'):  # {model: ..., lora: ...}, the same as "model+lora"
+      lora = ref['lora']
+      lora = lora.get('path', lora) if isinstance(lora, Mapping) else lora
+      ref = f"{ref['model']}+{lora}"
+    else:
+      ref = ref['model']
   if not isinstance(ref, str):
     raise ValueError(f'Model reference {ref!r} is not a string.')
-  if '+' in ref:
-    raise ValueError(f'Model {ref!r}: "model+lora" references are not '
-                     'supported; merge the adapter into the model first.')
+  if '+' in ref and not os.path.exists(ref):
+    # A LoRA adapter merged into the model before the merge, as mergekit does.
+    model, adapter = ref.rsplit('+', 1)
+    model_path, _ = _resolve_model(model, base_dir)
+    adapter_path, _ = _resolve_model(adapter, base_dir)
+    return f'{model_path}+{adapter_path}', ref
   if '@' in ref and not os.path.exists(ref):
     raise ValueError(f'Model {ref!r}: revisions ("path@rev") need the Hugging '
                      'Face hub; download the revision and give its local path.')

@@ -15,6 +15,11 @@ from mergejax.io._layout import GENERIC_RULES
 from mergejax.io._layout import hf_to_flax
 from mergejax.io._layout import LLAMA_RULES
 from mergejax.io._layout import NameRule
+from mergejax.io._lora import extract_lora
+from mergejax.io._lora import LoraCheckpointReader
+from mergejax.io._lora import LoraExtraction
+from mergejax.io._lora import open_checkpoint
+from mergejax.io._lora import read_lora
 from mergejax.io._orbax import load_orbax
 from mergejax.io._orbax import save_orbax
 from mergejax.io._safetensors import CheckpointReader
@@ -28,7 +33,8 @@ from mergejax.io._safetensors import verify_checkpoint
 
 __all__ = (
     'atomic_output_dir', 'CheckpointReader', 'DEFAULT_SHARD_SIZE',
-    'flax_to_hf', 'GENERIC_RULES', 'hf_to_flax', 'LLAMA_RULES',
+    'extract_lora', 'flax_to_hf', 'GENERIC_RULES', 'hf_to_flax', 'LLAMA_RULES',
+    'LoraCheckpointReader', 'LoraExtraction', 'open_checkpoint', 'read_lora',
     'load_checkpoint', 'load_orbax', 'NameRule', 'parse_dtype',
     'remove_stale_tmp_dirs', 'save_checkpoint', 'save_orbax', 'ShardedWriter',
     'TensorSpec', 'verify_checkpoint',

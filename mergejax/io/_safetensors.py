@@ -236,6 +236,10 @@ class CheckpointReader:
   def read_all(self) -> dict[str, np.ndarray]:
     return {k: self.read(k) for k in self.tensors}
 
+  def source_files(self) -> list[str]:
+    """The files the tensors are read from."""
+    return checkpoint_files(self.path)
+
   def config(self) -> dict[str, Any] | None:
     """The checkpoint's ``config.json`` as a dict, or None."""
     p = os.path.join(self.path, CONFIG_NAME)
@@ -322,7 +326,8 @@ class ShardedWriter:
   def __init__(self, out_dir: str, specs: Sequence[TensorSpec], *,
                max_shard_size: int = DEFAULT_SHARD_SIZE,
                metadata: Mapping[str, str] | None = None,
-               on_shard: Callable[[str, str], None] | None = None):
+               on_shard: Callable[[str, str], None] | None = None,
+               file_name: str | None = None):
     self.out_dir = out_dir
     # SHA-256 of every finished file, recorded in the output's marker so a
     # reader can tell a complete checkpoint from a corrupted or changed one.
@@ -338,6 +343,11 @@ class ShardedWriter:
         raise ValueError(f'Cannot write {s.name!r} with dtype {s.dtype}.')
     self.shards = plan_shards(self.specs, max_shard_size)
     self.files = shard_names(len(self.shards))
+    if file_name is not None:  # e.g. a PEFT adapter's adapter_model.safetensors
+      if len(self.shards) != 1:
+        raise ValueError(f'file_name={file_name!r} needs one shard; raise '
+                         'max_shard_size.')
+      self.files = [file_name]
     self.metadata = {'format': 'pt', **(metadata or {})}
     self._order = [(i, s) for i, shard in enumerate(self.shards) for s in shard]
     self._next = 0

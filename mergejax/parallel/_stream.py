@@ -475,7 +475,7 @@ def _run_key(user_key, jobs, specs, max_shard_size, metadata, config,
   modification time: a run resumes only on exactly the inputs it started on.
   """
   files = sorted({f for j in jobs for r, _ in j.inputs
-                  for f in st.checkpoint_files(r.path)} | set(copy_files))
+                  for f in r.source_files()} | set(copy_files))
   stat = [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]
   blob = json.dumps(dict(
       key=user_key, shard=max_shard_size, metadata=metadata, config=config,
