@@ -6,6 +6,7 @@ import os
 import numpy as np
 import pytest
 from mergejax import io as mio
+from mergejax import testing
 from mergejax.cli import _main as cli
 from mergejax.io import _synthetic as synthetic
 
@@ -76,6 +77,13 @@ def test_adapter_files_follow_peft(pair, tmp_path):
   config, factors = mio.read_lora(out)
   assert set(factors) == set(res.modules)
   assert all(s == 1.0 for _, _, s in factors.values())
+  # Singular values at most sv_epsilon are dropped (the delta has rank 8,
+  # its spectrum decays like i^-1.5).
+  small = mio.extract_lora(pair['base'], pair['ft'], str(tmp_path / 'eps'),
+                           rank=8, sv_epsilon=1e9)
+  _, f1 = mio.read_lora(str(tmp_path / 'eps'))
+  assert all(a.shape[0] == 1 for a, _, _ in f1.values())
+  assert max(small.errors.values()) > 0.1
 
 
 def test_alpha_rslora_and_fan_in_fan_out(tmp_path):
@@ -158,3 +166,47 @@ def test_cli_extract_lora(pair, tmp_path, capsys):
   # A second run refuses to replace it without --overwrite.
   assert cli.main(['extract-lora', pair['base'], pair['ft'], out,
                    '--rank', '2']) == 2
+
+
+@pytest.mark.peer
+def test_extract_lora_matches_mergekit(pair, tmp_path):
+  """The same products B A, ranks and config as ``mergekit-extract-lora``."""
+  testing.require_peer('mergekit')
+  from mergekit.scripts import extract_lora as mk  # pylint: disable=g-import-not-at-top
+  os.environ.setdefault('HF_HUB_OFFLINE', '1')
+  theirs, ours = str(tmp_path / 'mergekit'), str(tmp_path / 'ours')
+  mk.main.main(['--model', pair['ft'], '--base-model', pair['base'],
+                '--out-path', theirs, '--max-rank', '4'],
+               standalone_mode=False)
+  res = mio.extract_lora(pair['base'], pair['ft'], ours, rank=4)
+  cfg_t = json.load(open(os.path.join(theirs, 'adapter_config.json')))
+  cfg_o = json.load(open(os.path.join(ours, 'adapter_config.json')))
+  for key in ('r', 'lora_alpha', 'use_rslora'):
+    assert cfg_o[key] == cfg_t[key], key
+  assert set(cfg_o['target_modules']) <= set(cfg_t['target_modules'])
+  t = mio.CheckpointReader(theirs)
+  for m in res.modules:
+    a = t.read(f'base_model.model.{m}.lora_A.weight').astype(np.float32)
+    b = t.read(f'base_model.model.{m}.lora_B.weight').astype(np.float32)
+    _, fo = mio.read_lora(ours)
+    a2, b2, _ = fo[m]
+    np.testing.assert_allclose(b2 @ a2, b @ a, atol=1e-5, err_msg=m)
+
+
+@pytest.mark.peer
+def test_peft_merges_our_adapter_to_what_we_read(pair, tmp_path):
+  """PEFT's merge_and_unload of the adapter equals LoraCheckpointReader."""
+  testing.require_peer('peft')
+  import peft  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  adapter = str(tmp_path / 'a')
+  res = mio.extract_lora(pair['base'], pair['ft'], adapter, rank=3)
+  model = transformers.AutoModelForCausalLM.from_pretrained(
+      pair['base'], torch_dtype=torch.float32)
+  merged = peft.PeftModel.from_pretrained(model, adapter).merge_and_unload()
+  state = {k: v.detach().numpy() for k, v in merged.state_dict().items()}
+  ours = mio.LoraCheckpointReader(pair['base'], adapter)
+  for m in res.modules:
+    np.testing.assert_allclose(state[m + '.weight'], ours.read(m + '.weight'),
+                               atol=1e-6, err_msg=m)

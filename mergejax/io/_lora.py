@@ -51,8 +51,9 @@ class LoraExtraction(NamedTuple):
 
 def extract_lora(base: str, finetuned: str, out_dir: str, *, rank: int,
                  include: Sequence[str] | None = None,
-                 embeddings: bool = False, dtype: Any = None,
-                 overwrite: bool = False) -> LoraExtraction:
+                 embeddings: bool = False, sv_epsilon: float = 0.0,
+                 dtype: Any = None, overwrite: bool = False
+                 ) -> LoraExtraction:
   """Extracts a rank-``rank`` LoRA adapter from a fine-tune (PEFT format).
 
   Every 2-D ``<module>.weight`` that differs between the two checkpoints
@@ -60,8 +61,12 @@ def extract_lora(base: str, finetuned: str, out_dir: str, *, rank: int,
   singular values split evenly) of its delta ``W_ft - W_base`` (the factorisation of
   `mergejax.transforms.lora_from_delta`, in PEFT's orientation), with
   ``lora_alpha = r`` so the scale is 1.
-  Matrices smaller than the rank keep their full rank. The directory is
-  written atomically, like every checkpoint.
+  Matrices smaller than the rank keep their full rank, and singular values
+  at most ``sv_epsilon`` are dropped. As ``mergekit-extract-lora`` does, the
+  config's ``r`` and ``lora_alpha`` are the largest rank written, and
+  ``rank_pattern`` / ``alpha_pattern`` list the modules of other ranks (so
+  every module's scale is 1). The directory is written atomically, like
+  every checkpoint.
 
   Args:
     base: the base model's checkpoint directory.
@@ -70,6 +75,8 @@ def extract_lora(base: str, finetuned: str, out_dir: str, *, rank: int,
     rank: the adapter's rank (at most each matrix's smaller side).
     include: ``fnmatch`` patterns of module names to adapt (None: all).
     embeddings: adapt embedding and output-head matrices too.
+    sv_epsilon: drop singular values at most this (mergekit's
+      ``--sv-epsilon``).
     dtype: the factors' dtype (None: the base's).
     overwrite: replace an existing ``out_dir``.
 
@@ -121,6 +128,8 @@ def extract_lora(base: str, finetuned: str, out_dir: str, *, rank: int,
     # Eckart-Young: the truncated SVD is the best rank-r approximation; the
     # singular values are split evenly between the factors.
     u, s, vh = np.linalg.svd(delta, full_matrices=False)
+    if sv_epsilon > 0:
+      r = max(1, min(r, int(np.sum(s > sv_epsilon))))
     sq = np.sqrt(s[:r])
     lora_b = u[:, :r] * sq[None]  # [out, r]
     lora_a = sq[:, None] * vh[:r]  # [r, in]
@@ -135,14 +144,15 @@ def extract_lora(base: str, finetuned: str, out_dir: str, *, rank: int,
                      f'{finetuned}; there is nothing to extract.')
   ranks = {m: int(tensors[f'{_PREFIX}{m}.lora_A.weight'].shape[0])
            for m in modules}
+  top = max(ranks.values())
   config = {
-      'peft_type': 'LORA', 'task_type': 'CAUSAL_LM', 'r': int(rank),
-      'lora_alpha': int(rank), 'lora_dropout': 0.0, 'bias': 'none',
+      'peft_type': 'LORA', 'task_type': 'CAUSAL_LM', 'r': top,
+      'lora_alpha': top, 'lora_dropout': 0.0, 'bias': 'none',
       'fan_in_fan_out': False, 'use_rslora': False,
       'target_modules': sorted({m.rsplit('.', 1)[-1] for m in modules}),
-      # Matrices smaller than the rank: their own rank, and alpha = r.
-      'rank_pattern': {m: r for m, r in ranks.items() if r != rank},
-      'alpha_pattern': {m: r for m, r in ranks.items() if r != rank},
+      # Modules of another rank: their own rank, and alpha = that rank.
+      'rank_pattern': {m: r for m, r in ranks.items() if r != top},
+      'alpha_pattern': {m: r for m, r in ranks.items() if r != top},
       'base_model_name_or_path': os.path.abspath(base),
   }
   specs = [st.TensorSpec(k, v.shape, v.dtype) for k, v in tensors.items()]
