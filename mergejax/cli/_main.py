@@ -390,6 +390,8 @@ def _parser() -> argparse.ArgumentParser:
                  'every linear layer)')
   e.add_argument('--embeddings', action='store_true',
                  help='adapt embedding and output-head matrices too')
+  e.add_argument('--sv-epsilon', type=float, default=0.0,
+                 help='drop singular values at most this (as mergekit)')
   e.add_argument('--dtype', default=None, help='factor dtype (default: the '
                  "base's)")
   e.add_argument('--overwrite', action='store_true',
@@ -495,7 +497,8 @@ def _extract_lora(args) -> int:
   try:
     res = lora_io.extract_lora(args.base, args.finetuned, args.out_dir,
                                rank=args.rank, include=args.include,
-                               embeddings=args.embeddings, dtype=args.dtype,
+                               embeddings=args.embeddings,
+                               sv_epsilon=args.sv_epsilon, dtype=args.dtype,
                                overwrite=args.overwrite)
   except (ValueError, FileNotFoundError, FileExistsError) as e:
     print(f'mergejax: error: {e}', file=sys.stderr)
