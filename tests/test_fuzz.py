@@ -82,6 +82,8 @@ CASES: dict[str, Case] = {
     'linear': Case(lambda h, k: mj.methods.linear(h.get('weight', [1.0] * k)),
                    invalid=dict(weight=['zeros', 'nan']), base=False),
     'task_arithmetic': Case(_m('task_arithmetic'), LAM, BAD_LAM, ('lambda_',)),
+    'passthrough': Case(_m('passthrough'), dict(scale=[0.5, 1.0, 2.0]),
+                        dict(scale=[NAN]), ('scale',), k=(1,), base=False),
     'arcee_fusion': Case(_m('arcee_fusion'), k=(1,)),
     'karcher': Case(_m('karcher'), dict(max_iter=[1, 10]), base=False),
     'model_stock': Case(_m('model_stock'), dict(filter_wise=[False, True]),

@@ -25,6 +25,7 @@ definition for; it is exact for Llama-style names.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import os
@@ -444,8 +445,9 @@ def split_layer_name(name: str) -> tuple[str, int, str] | None:
 
 
 def num_layers(names: Sequence[str], config: Mapping[str, Any] | None) -> int:
-  if config and isinstance(config.get('num_hidden_layers'), int):
-    return config['num_hidden_layers']
+  for key in LAYER_COUNT_KEYS:
+    if config and isinstance(config.get(key), int):
+      return config[key]
   idx = [s[1] for s in map(split_layer_name, names) if s is not None]
   return max(idx) + 1 if idx else 0
 
@@ -622,6 +624,10 @@ def plan(cfg: MergeConfig, tensor_names: Callable[[str], Sequence[str]],
   return tasks, offset
 
 
+# The config keys that hold the number of transformer layers.
+LAYER_COUNT_KEYS = ('num_hidden_layers', 'n_layer', 'num_layers', 'n_layers')
+
+
 def output_config(cfg: MergeConfig, model_configs: Callable[[str], Any],
                   n_layers: int, out_dtype: str | None) -> dict[str, Any] | None:
   """``config.json`` for the output: the base's (else the first model's), with
@@ -630,11 +636,17 @@ def output_config(cfg: MergeConfig, model_configs: Callable[[str], Any],
   conf = model_configs(ref)
   if conf is None:
     return None
-  conf = dict(conf)
+  conf = copy.deepcopy(dict(conf))
   if out_dtype is not None:
     conf['torch_dtype'] = out_dtype
     if 'dtype' in conf:  # transformers >= 4.56 spelling
       conf['dtype'] = out_dtype
-  if cfg.slices is not None and 'num_hidden_layers' in conf:
-    conf['num_hidden_layers'] = n_layers
+  if cfg.slices is not None:
+    # Every spelling of the layer count (GPT-2's n_layer, ...), so a stacked
+    # model's config describes the tensors written; also in nested configs
+    # (text_config of multimodal models).
+    for c in [conf] + [v for v in conf.values() if isinstance(v, dict)]:
+      for key in LAYER_COUNT_KEYS:
+        if isinstance(c.get(key), int):
+          c[key] = n_layers
   return conf

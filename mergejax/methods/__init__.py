@@ -16,6 +16,7 @@ Array([ 2., -2.], dtype=float32)
 # Classic averaging and task arithmetic.
 from mergejax.methods._classic import average
 from mergejax.methods._classic import linear
+from mergejax.methods._classic import passthrough
 from mergejax.methods._classic import task_arithmetic
 # Interpolation (slerp, nuslerp, multislerp, karcher, model stock, ...).
 from mergejax.methods._interp import arcee_fusion
@@ -121,7 +122,7 @@ from mergejax.methods._t3 import T3Output
 # pylint: enable=g-importing-member
 
 __all__ = (
-    'average', 'linear', 'task_arithmetic',
+    'average', 'linear', 'passthrough', 'task_arithmetic',
     'arcee_fusion', 'karcher', 'model_stock', 'multislerp', 'nearswap',
     'nuslerp', 'slerp',
     'breadcrumbs', 'breadcrumbs_ties', 'dare_linear', 'dare_ties', 'della',

@@ -46,6 +46,43 @@ def linear(weight: Weights = None, *, normalize: bool = True
   return reduce.weighted_sum(weight, normalize=normalize)
 
 
+def passthrough(scale: float | jax.Array | None = None
+                ) -> base.MergeTransformation:
+  """mergekit ``passthrough``: the one model's tensor, times ``scale`` if given.
+
+  What layer stacking ("frankenmerges") and model copies are made of: each
+  output tensor comes from exactly one input. The base model plays no part.
+
+  Args:
+    scale: a factor (or a one-element list, as the command line passes
+      per-model parameters); None leaves the tensor as it is.
+
+  Raises:
+    ValueError: at merge time, when more than one model is given.
+
+  Example:
+    >>> import jax.numpy as jnp, mergejax as mj
+    >>> mj.merge(mj.methods.passthrough(0.5), None, [{'w': jnp.array([4.])}])['w']
+    Array([2.], dtype=float32)
+
+  References:
+    mergekit (``passthrough``). https://github.com/arcee-ai/mergekit
+  """
+  return base.chain(base.MergeTransformation(
+      base.init_empty_state, base.static_fn.of(_exactly_one)),
+                    reduce.weighted_sum(1.0 if scale is None else scale))
+
+
+def _exactly_one(updates, state, params=None, *, key=None):
+  del params, key
+  k = jax.tree.leaves(updates)[0].shape[0]
+  if k != 1:
+    raise ValueError(f'passthrough takes exactly one model per tensor, got {k}; '
+                     'give one source per slice (layer stacking) or use a '
+                     'merge method that combines models.')
+  return updates, state
+
+
 def average() -> base.MergeTransformation:
   """Uniform average of the models (FusionBench ``simple_average``)."""
   return reduce.mean()
