@@ -447,33 +447,32 @@ def _memory(config, s):
 
 # --- Report -----------------------------------------------------------------
 
-def _plots(out_dir, fw_rows, mem_rows, one_mib):
+def _line_plot(path, rows, x, y, *, xlabel, ylabel, log2_x=False):
+  """One line per ``method`` of ``rows``: ``y`` against ``x``."""
   plt = plotting._plt()  # pylint: disable=protected-access
   fig, ax = plt.subplots(figsize=(5.6, 3.8))
-  for method in dict.fromkeys(r['method'] for r in fw_rows):
-    pts = [(r['pool_size'], r['test_accuracy']) for r in fw_rows
-           if r['method'] == method]
+  for method in dict.fromkeys(r['method'] for r in rows):
+    pts = [(r[x], r[y]) for r in rows if r['method'] == method]
     ax.plot(*zip(*pts), marker='o', ms=3, label=method,
             color=plotting.color(method))
-  ax.set_xlabel('pool size (relevant first, then irrelevant / noise)')
-  ax.set_ylabel('mean test accuracy, evaluated tasks')
+  if log2_x:
+    ax.set_xscale('log', base=2)
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
   ax.legend(fontsize=7)
   fig.tight_layout()
-  fig.savefig(os.path.join(out_dir, 'fw_pool.png'), dpi=120)
+  fig.savefig(path, dpi=120)
   plt.close(fig)
-  fig, ax = plt.subplots(figsize=(5.6, 3.8))
-  for method in dict.fromkeys(r['method'] for r in mem_rows):
-    pts = [(r['models'], r['peak_mib']) for r in mem_rows
-           if r['method'] == method]
-    ax.plot(*zip(*pts), marker='o', ms=3, label=method,
-            color=plotting.color(method))
-  ax.set_xscale('log', base=2)
-  ax.set_xlabel('number of models')
-  ax.set_ylabel(f'peak MiB (one model: {one_mib:.1f} MiB)')
-  ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(os.path.join(out_dir, 'memory.png'), dpi=120)
-  plt.close(fig)
+
+
+def _plots(out_dir, fw_rows, mem_rows, one_mib):
+  _line_plot(os.path.join(out_dir, 'fw_pool.png'), fw_rows, 'pool_size',
+             'test_accuracy', xlabel='pool size (relevant first, then '
+             'irrelevant, noise and random-label checkpoints)',
+             ylabel='mean test accuracy, evaluated tasks')
+  _line_plot(os.path.join(out_dir, 'memory.png'), mem_rows, 'models',
+             'peak_mib', xlabel='number of models',
+             ylabel=f'peak MiB (one model: {one_mib:.1f} MiB)', log2_x=True)
 
 
 def main(config, workdir: str) -> dict[str, Any]:
