@@ -1329,6 +1329,14 @@ COVERAGE = {
         'ShardedWriter': 'the writer behind save_checkpoint and stream_merge '
                          '(tests/test_io.py)',
         'TensorSpec': 'a dataclass of ShardedWriter (tests/test_io.py)',
+        'extract_lora': 'ranks, errors and PEFT files, parity with '
+                        'mergekit-extract-lora (tests/test_lora_io.py)',
+        'LoraCheckpointReader': 'equal to the dense fine-tune and to PEFT '
+                                '(tests/test_lora_io.py)',
+        'LoraExtraction': 'a NamedTuple of results',
+        'open_checkpoint': 'model+lora references through a merge '
+                           '(tests/test_lora_io.py)',
+        'read_lora': 'alpha, rslora, fan_in_fan_out (tests/test_lora_io.py)',
     },
     'mergejax.parallel': {
         'DEFAULT_RULES': test_param_specs_and_fsdp_spec,
