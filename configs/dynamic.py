@@ -30,7 +30,7 @@ def get_config(arg=None):
   # the validation split; the 'test inputs' row trains on the unlabeled test
   # inputs instead, FusionBench's protocol.
   config.wemoe = ml_collections.ConfigDict(dict(
-      steps=20 if smoke else 1000, learning_rate=1e-4, batch_size=16,
+      steps=10 if smoke else 1000, learning_rate=1e-4, batch_size=16,
       unlabeled=32 if smoke else 64, prune=0.9, init_lambda=0.3))
 
   # T3: between the base and each fine-tune, on a stream mixing untransformed
@@ -48,10 +48,10 @@ def get_config(arg=None):
   # mean task vector's norm per leaf) and fine-tunes on random labels, in
   # turn.
   config.fw = ml_collections.ConfigDict(dict(
-      irrelevant=('identity', 'shift') if smoke else
+      irrelevant=('identity',) if smoke else
       ('identity', 'shift', 'noise', 'quadrants'),
-      noisy=2 if smoke else 8, random_labels=1 if smoke else 4,
-      pool_sizes=(3, 6) if smoke else (8, 12, 16, 20, 24),
+      noisy=1 if smoke else 8, random_labels=1 if smoke else 4,
+      pool_sizes=(5,) if smoke else (8, 12, 16, 20, 24),
       steps=2 if smoke else 10, step_size=0.1, scaling_factor=0.3,
       examples=20 if smoke else 100,  # labeled training examples per task
       ada_steps=5 if smoke else 500,
