@@ -79,6 +79,8 @@ the merge whose update ``lines`` rescales).
 
 import ml_collections
 
+from experiments.tools import config_files
+
 # Methods in the order of the results table. Names not (yet) in
 # `mergejax.methods` are skipped with a note at run time.
 METHODS = (
@@ -108,10 +110,7 @@ TASKS = ('rot90', 'rot180', 'rot270', 'hflip', 'vflip', 'transpose', 'invert',
 
 def get_config(arg=None):
   """Returns the config; ``arg`` is a variant: None/'default' or 'smoke'."""
-  variant = arg or 'default'
-  if variant not in ('default', 'smoke'):
-    raise ValueError(f"Unknown variant {variant!r}: use 'default' or 'smoke'.")
-  smoke = variant == 'smoke'
+  smoke = config_files.is_smoke(arg)
   config = ml_collections.ConfigDict()
   config.experiment = 'default'  # the module experiments.<experiment>
   config.seed = 0

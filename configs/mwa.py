@@ -16,13 +16,12 @@ Tiny variant (seconds; used by the tests):
 
 import ml_collections
 
+from experiments.tools import config_files
+
 
 def get_config(arg=None):
   """Returns the config; ``arg`` is a variant: None/'default' or 'smoke'."""
-  variant = arg or 'default'
-  if variant not in ('default', 'smoke'):
-    raise ValueError(f"Unknown variant {variant!r}: use 'default' or 'smoke'.")
-  smoke = variant == 'smoke'
+  smoke = config_files.is_smoke(arg)
   config = ml_collections.ConfigDict()
   config.experiment = 'mwa'
   config.seed = 0

@@ -38,6 +38,7 @@ References:
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -154,10 +155,9 @@ def _t3(config, s, digits):
     return jax.lax.map(one, static)
 
   def t3_acc(ft, xs, ys, gamma, per, weight_on, centered):
-    return float(_t3_stream(apply_fn, pt, ft, xs, ys, gamma, per=per,
-                            weight_on=weight_on, centered=centered))
+    return float(_t3_accuracy(apply_fn, pt, ft, xs, ys, gamma, per, weight_on,
+                              centered))
 
-  variants = {}
   rows = []
   for t, name in enumerate(s['names']):
     ft = {'backbone': s['fts'][t], 'head': _take(s['heads'], t)}
@@ -178,35 +178,21 @@ def _t3(config, s, digits):
       r[f'T3 {per}, centred'] = t3_acc(ft, *test, g, per, side, True)
       r[f'T3 {per}, centred choice'] = f'gamma {g:g}, {side}'
     rows.append(r)
-    variants = [k for k in r if k.startswith('T3') and 'choice' not in k]
+  variants = [k for k in rows[0] if k.startswith('T3') and 'choice' not in k]
   timing = _t3_timing(apply_fn, pt, {'backbone': s['fts'][0],
                                      'head': _take(s['heads'], 0)},
                       stream(0, 'test')[0][0], tc.timing_repeats)
   return rows, variants, timing
 
 
-def _t3_stream(apply_fn, pt, ft, xs, ys, gamma, *, per, weight_on, centered):
-  return _t3_stream_jit(apply_fn, pt, ft, xs, ys, jnp.float32(gamma), per,
-                        weight_on, centered)
-
-
-def _t3_batches(apply_fn, pt, ft, xs, gamma, per, weight_on, centered):
-  return jax.lax.map(lambda x: M.t3_apply(
+@functools.partial(jax.jit, static_argnums=(0, 6, 7, 8))
+def _t3_accuracy(apply_fn, pt, ft, xs, ys, gamma, per, weight_on, centered):
+  """T3's accuracy on a stream of batches ``xs [N, B, 64]``, ``ys [N, B]``
+  (``gamma`` traced: one compilation per setting of the static options)."""
+  logits = jax.lax.map(lambda x: M.t3_apply(
       apply_fn, pt, ft, x, gamma=gamma, per=per, weight_on=weight_on,
       centered=centered).outputs, xs)
-
-
-_t3_batches_jit = jax.jit(_t3_batches, static_argnums=(0, 5, 6, 7))
-
-
-@jax.jit
-def _correct(logits, ys):
   return jnp.mean(jnp.argmax(logits, -1) == ys)
-
-
-def _t3_stream_jit(apply_fn, pt, ft, xs, ys, gamma, per, weight_on, centered):
-  return _correct(_t3_batches_jit(apply_fn, pt, ft, xs, gamma, per, weight_on,
-                                  centered), ys)
 
 
 def _t3_timing(apply_fn, pt, ft, x, repeats):
@@ -411,7 +397,7 @@ print(status('VmHWM'), before, r.streamed)
 '''
 
 
-def _memory(config, s):
+def _memory(config):
   mc = config.memory
   width = mc.width
   backbone = zoo.Backbone(width, 2)
@@ -479,7 +465,6 @@ def main(config, workdir: str) -> dict[str, Any]:
   t_start = time.perf_counter()
   out_dir = os.path.join(workdir, 'dynamic')
   os.makedirs(out_dir, exist_ok=True)
-  os.makedirs(workdir, exist_ok=True)
   digits, tasks, model, z, zoo_info = default_exp.build_zoo(config, workdir)
   names = [t.name for t in tasks]
   heads = z.finetuned['head']
@@ -530,7 +515,7 @@ def main(config, workdir: str) -> dict[str, Any]:
   seconds['fw'] = time.perf_counter() - t0
 
   t0 = time.perf_counter()
-  mem_rows, one_mib = _memory(config, s)
+  mem_rows, one_mib = _memory(config)
   seconds['memory'] = time.perf_counter() - t0
   _plots(out_dir, fw_rows, mem_rows, one_mib)
 

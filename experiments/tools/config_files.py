@@ -10,6 +10,7 @@ from types import ModuleType
 
 __all__ = (
     'load_sibling',
+    'is_smoke',
     'default_variant',
 )
 
@@ -37,6 +38,23 @@ def load_sibling(anchor: str, name: str) -> ModuleType:
   return module
 
 
+def is_smoke(arg: str | None) -> bool:
+  """Whether a config's variant ``arg`` (None/``'default'`` or ``'smoke'``) is
+  the smoke one.
+
+  Raises:
+    ValueError: for any other variant.
+
+  Example:
+    >>> is_smoke(None), is_smoke('smoke')
+    (False, True)
+  """
+  variant = arg or 'default'
+  if variant not in ('default', 'smoke'):
+    raise ValueError(f"Unknown variant {variant!r}: use 'default' or 'smoke'.")
+  return variant == 'smoke'
+
+
 def default_variant(anchor: str, arg: str | None, experiment: str):
   """The default experiment's config for an experiment built on its zoo.
 
@@ -53,9 +71,8 @@ def default_variant(anchor: str, arg: str | None, experiment: str):
   Raises:
     ValueError: for any other variant.
   """
-  variant = arg or 'default'
-  if variant not in ('default', 'smoke'):
-    raise ValueError(f"Unknown variant {variant!r}: use 'default' or 'smoke'.")
-  config = load_sibling(anchor, 'default.py').get_config(variant)
+  smoke = is_smoke(arg)
+  config = load_sibling(anchor, 'default.py').get_config(
+      'smoke' if smoke else 'default')
   config.experiment = experiment
-  return config, variant == 'smoke'
+  return config, smoke

@@ -105,7 +105,7 @@ def extract_lora(base: str, finetuned: str, out_dir: str, *, rank: int,
     raise ValueError(f'extract_lora: {base} and {finetuned} hold different '
                      f'tensors (e.g. {missing[:3]}); a LoRA adapts the same '
                      'architecture.')
-  tensors, modules, errors, skipped = {}, [], {}, []
+  tensors, modules, errors, ranks, skipped = {}, [], {}, {}, []
   for name in rb.keys():
     if rb.shape(name) != rf.shape(name):
       raise ValueError(f'extract_lora: tensor {name!r} is {rb.shape(name)} in '
@@ -138,12 +138,11 @@ def extract_lora(base: str, finetuned: str, out_dir: str, *, rank: int,
     tensors[f'{_PREFIX}{module}.lora_A.weight'] = lora_a.astype(out_dtype)
     tensors[f'{_PREFIX}{module}.lora_B.weight'] = lora_b.astype(out_dtype)
     modules.append(module)
+    ranks[module] = r
     errors[module] = float(err)
   if not modules:
     raise ValueError(f'extract_lora: no 2-D weight differs between {base} and '
                      f'{finetuned}; there is nothing to extract.')
-  ranks = {m: int(tensors[f'{_PREFIX}{m}.lora_A.weight'].shape[0])
-           for m in modules}
   top = max(ranks.values())
   config = {
       'peft_type': 'LORA', 'task_type': 'CAUSAL_LM', 'r': top,
