@@ -12,10 +12,10 @@ LAP per group, stop after a sweep without progress), with the same group order:
 * ``mergejax``: ``mergejax.permute.weight_matching`` (host path): cost terms
   are cached and updated by low-rank corrections over the units that moved,
   a group whose inputs did not change since its last solve is skipped, and
-  BLAS runs single-threaded between the LAPs. Timed with both host LAP
-  solvers: ``solver='scipy'`` (the port's LAP) and ``solver='lapjv'`` (the
-  optional ``lap`` package's C++ LAPJV on row-reduced costs; ``'auto'``, the
-  default, picks it when installed).
+  BLAS runs single-threaded between the LAPs. Timed with the default
+  ``solver='auto'`` (the ``lap`` package's C++ LAPJV on row-reduced costs;
+  ``lap`` and ``threadpoolctl`` are dependencies) and with
+  ``solver='scipy'`` (the port's own LAP).
 
 Wall time and process CPU time (all threads) are both reported: on a shared
 machine the wall time mostly measures the neighbours. With ``--reps=R`` each
@@ -24,10 +24,11 @@ R >= 3 that excludes the port's first call, which compiles its jnp ops; the
 first calls are listed separately). All
 runs report the final objective ``sum <A, perm(B)>``; the table shows the
 time ratio at (numerically) equal objective and whether the permutations are
-identical. Writes ``weight_matching.json`` and ``weight_matching.md`` into the
-workdir.
+identical. Writes ``weight_matching.json`` into the workdir (rendered by
+``python -m experiments.tools.results``).
 
-  python experiments/benchmarks/weight_matching.py --workdir=/tmp/wm_bench
+  python experiments/benchmarks/weight_matching.py --workdir=/tmp/wm_bench \
+      --reps=3
   python experiments/benchmarks/weight_matching.py --workdir=/tmp/wm_bench \
       --widths=4096 --no_resnet --reps=1
 """
@@ -37,8 +38,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import common  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -157,13 +162,13 @@ def main():
   ap.add_argument('--widths', default='512,1024,2048')
   ap.add_argument('--no_resnet', action='store_true')
   ap.add_argument('--reps', type=int, default=1)
-  ap.add_argument('--solvers', default='scipy,lapjv')
+  ap.add_argument('--solvers', default='auto,scipy')
   args = ap.parse_args()
   os.makedirs(args.workdir, exist_ok=True)
   solvers = tuple(args.solvers.split(','))
   if 'lapjv' in solvers and not solvers_lib.have_lapjv():
-    raise SystemExit("solver 'lapjv' needs the `lap` package: "
-                     'pip install mergejax[fast]')
+    raise SystemExit("solver 'lapjv' needs the `lap` package (a dependency "
+                     'of mergejax; pip install lap)')
   cases = [(f'MLP 3x{w}', (lambda k, w=int(w): _mlp(w, k)))
            for w in args.widths.split(',') if w]
   if not args.no_resnet:
@@ -173,37 +178,62 @@ def main():
     row = run_case(name, make, reps=args.reps, solvers=solvers)
     print(json.dumps(row), flush=True)
     rows.append(row)
-  head = ['model', 'params', 'port: wall / CPU (s)']
-  for s in solvers:
-    head += [f'mergejax ({s}): wall / CPU (s)', f'speedup ({s}) wall / CPU']
-  head += ['sweeps', 'objective: port / mergejax', 'same perms']
-  lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+  summary, first = [], []
   for r in rows:
-    cells = [r['case'], f"{r['params'] / 1e6:.2f}M",
-             f"{r['gitrebasin_s']:.2f} / {r['gitrebasin_cpu_s']:.2f}"]
+    cells = {'model': r['case'], 'params': f"{r['params'] / 1e6:.2f}M",
+             'port: wall / CPU (s)':
+                 f"{r['gitrebasin_s']:.2f} / {r['gitrebasin_cpu_s']:.2f}"}
     for s in solvers:
-      cells += [f"{r[f'{s}_s']:.2f} / {r[f'{s}_cpu_s']:.2f}",
-                f"{r[f'{s}_speedup']:.1f}x / {r[f'{s}_speedup_cpu']:.1f}x"]
-    cells += [str(r[f'{solvers[0]}_sweeps']),
-              f"{r['gitrebasin_objective']:.6g} / " + ' / '.join(
-                  f"{r[f'{s}_objective']:.6g}" for s in solvers),
-              str(all(r[f'{s}_same_permutations'] for s in solvers))]
-    lines.append('| ' + ' | '.join(cells) + ' |')
-  if any(r['reps'] > 1 for r in rows):
-    lines += ['', 'First call of each (the port compiles its jnp ops for every new '
-              'shape): wall / CPU (s)', '',
-              '| model | port | ' + ' | '.join(f'mergejax ({s})' for s in solvers) + ' |',
-              '|' + '---|' * (2 + len(solvers))]
-    for r in rows:
-      first = r['all_runs']
-      lines.append(f"| {r['case']} | " + ' | '.join(
-          f'{first[s][0][0]:.2f} / {first[s][0][1]:.2f}' for s in ('port',) + solvers) + ' |')
-  table = '\n'.join(lines)
-  print(table)
-  with open(os.path.join(args.workdir, 'weight_matching.md'), 'w') as f:
-    f.write(table + '\n')
-  with open(os.path.join(args.workdir, 'weight_matching.json'), 'w') as f:
-    json.dump(rows, f, indent=1)
+      cells[f'mergejax ({s}): wall / CPU (s)'] = (
+          f"{r[f'{s}_s']:.2f} / {r[f'{s}_cpu_s']:.2f}")
+      cells[f'speedup ({s}): wall / CPU'] = (
+          f"{r[f'{s}_speedup']:.1f}x / {r[f'{s}_speedup_cpu']:.1f}x")
+    cells['sweeps'] = r[f'{solvers[0]}_sweeps']
+    cells['objective: port / mergejax'] = (
+        f"{r['gitrebasin_objective']:.6g} / " + ' / '.join(
+            f"{r[f'{s}_objective']:.6g}" for s in solvers))
+    cells['same permutations'] = all(
+        r[f'{s}_same_permutations'] for s in solvers)
+    summary.append(cells)
+    first.append({'model': r['case'], **{
+        f'{s}: wall / CPU (s)': f'{r["all_runs"][s][0][0]:.2f} / '
+                                f'{r["all_runs"][s][0][1]:.2f}'
+        for s in ('port',) + solvers}})
+  tables = {'Time at equal objective (median over reps)': summary}
+  if args.reps > 1:
+    tables['First call of each (the port compiles its jnp ops per shape)'] = first
+  for heading, t in tables.items():
+    print(f'\n{heading}\n')
+    common.print_table(t, list(t[0]))
+  notes = [
+      f"`lap` (C++ LAPJV) importable: {solvers_lib.have_lapjv()}; "
+      f"`threadpoolctl` importable: {_have_threadpoolctl()} (both are "
+      'dependencies of `pip install mergejax`; `auto` is the default solver).',
+      f'{args.reps} interleaved repetition(s) per implementation; the port '
+      'runs its jnp ops with the process\'s default threads.',
+  ]
+  print('wrote', common.write_json(args.workdir, 'weight_matching.json', dict(
+      title='Benchmark: weight matching against a plain SciPy Git Re-Basin port',
+      description=_description(),
+      command=('python experiments/benchmarks/weight_matching.py '
+               f'--workdir=DIR --reps={args.reps} --widths={args.widths}'
+               + (' --no_resnet' if args.no_resnet else '')),
+      tables=tables, notes=notes, raw=rows)))
+
+
+def _description():
+  # The module docstring's prose (not its command lines), one paragraph each.
+  paras = __doc__.split('\n\n')[1:-1]
+  return '\n\n'.join(' '.join(x.split()) if not x.lstrip().startswith('*')
+                       else x for x in paras)
+
+
+def _have_threadpoolctl():
+  try:
+    import threadpoolctl  # pylint: disable=g-import-not-at-top,unused-import
+    return True
+  except ImportError:
+    return False
 
 
 if __name__ == '__main__':

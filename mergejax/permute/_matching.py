@@ -17,7 +17,7 @@ Two implementations of the same algorithm:
   (late sweeps move few units), and it skips a group whose inputs have not
   changed since it was last solved (its answer is known). BLAS runs on one
   thread between the sequential LAPs (`_Blas`). ``'auto'`` uses the ``lap``
-  package's C++ LAPJV when installed (~3x faster than SciPy on these nearly
+  package's C++ LAPJV (a dependency) (~3x faster than SciPy on these nearly
   solved problems, see `solvers.lapjv_lap`), else SciPy. Same trajectory as
   the plain algorithm, far fewer flops.
 * **jax** (``solver='hungarian'`` or ``'sinkhorn'``): pure JAX; the whole loop
@@ -146,7 +146,7 @@ def _nested_value(xp, c_plain, inner, perm, kid_perms):
 # Host implementation.
 # --------------------------------------------------------------------------- #
 class _Blas:
-  """Host BLAS thread policy (needs the optional ``threadpoolctl``).
+  """Host BLAS thread policy (through ``threadpoolctl``; a no-op without it).
 
   The host loop alternates small rank-|S| products with a sequential LAP.
   Multi-threaded BLAS gains nothing on those products, and its worker threads
@@ -164,7 +164,7 @@ class _Blas:
       try:
         import threadpoolctl  # pylint: disable=g-import-not-at-top
         cls._controller = threadpoolctl.ThreadpoolController()
-      except Exception:  # pylint: disable=broad-except  # optional dependency
+      except Exception:  # pylint: disable=broad-except  # a broken install: no thread policy
         cls._controller = False
     return cls._controller
 

@@ -7,12 +7,12 @@ returns ``perm`` (int32, ``perm[i]`` = column matched to row ``i``).
   Inside ``jit`` it runs through ``jax.pure_callback`` (blocks on the host;
   not differentiable).
 * ``'lapjv'``: exact, on the host: the C++ Jonker-Volgenant solver of the
-  optional ``lap`` package (``pip install mergejax[fast]``) on row-reduced
-  costs. Its column-reduction and augmenting-row-reduction phases assign most
+  ``lap`` package (a dependency) on row-reduced costs. Its column-reduction and augmenting-row-reduction phases assign most
   rows of a nearly solved problem (the late sweeps of weight matching) before
   any shortest-path search, so it is ~3x faster than SciPy there. Falls back
-  to SciPy when ``lap`` is missing or the costs are not finite.
-* ``'auto'``: ``'lapjv'`` when ``lap`` is installed, else ``'scipy'``.
+  to SciPy when ``lap`` cannot be imported (a platform without its wheel)
+  or the costs are not finite.
+* ``'auto'``: ``'lapjv'`` when ``lap`` imports, else ``'scipy'``.
 * ``'hungarian'``: exact, pure JAX (``optax.assignment.hungarian_algorithm``);
   runs inside ``jit``/``vmap`` and on accelerators, sequential O(n^3).
 * ``'sinkhorn'``: entropic soft assignment (`sinkhorn`) rounded to a
@@ -34,14 +34,14 @@ from scipy import optimize
 SOLVERS = ('auto', 'scipy', 'lapjv', 'hungarian', 'sinkhorn')
 HOST_SOLVERS = ('auto', 'scipy', 'lapjv')
 
-try:  # Optional C++ LAPJV (`pip install lap`); SciPy is the fallback.
+try:  # C++ LAPJV, a dependency; SciPy stands in where it has no wheel.
   import lap as _lap  # pylint: disable=g-import-not-at-top
 except ImportError:  # pragma: no cover - depends on the environment
   _lap = None
 
 
 def have_lapjv() -> bool:
-  """Whether the optional ``lap`` package (C++ LAPJV) is importable."""
+  """Whether the ``lap`` package (C++ LAPJV) is importable."""
   return _lap is not None
 
 
@@ -80,7 +80,7 @@ def host_lap(cost: np.ndarray, solver: str = 'auto') -> np.ndarray:
 
   Args:
     cost: scores, batched over leading axes.
-    solver: ``'auto'`` (LAPJV when ``lap`` is installed, else SciPy),
+    solver: ``'auto'`` (LAPJV when ``lap`` imports, else SciPy),
       ``'scipy'`` or ``'lapjv'``.
   """
   if solver not in HOST_SOLVERS:
