@@ -36,6 +36,7 @@ identical. Writes ``weight_matching.json`` into the workdir (rendered by
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -229,11 +230,7 @@ def _description():
 
 
 def _have_threadpoolctl():
-  try:
-    import threadpoolctl  # pylint: disable=g-import-not-at-top,unused-import
-    return True
-  except ImportError:
-    return False
+  return importlib.util.find_spec('threadpoolctl') is not None
 
 
 if __name__ == '__main__':
